@@ -1,0 +1,334 @@
+"""
+The proxy's view of its files: per-model profiles in the config directory, and the TabbyAPI
+checkout (its ``config.yml`` and ``api_tokens.yml``) that runs them.
+
+A profile ``config/<id>.yml`` holds TabbyAPI sections (``model``, ``draft_model``, ``sampling``,
+...) that are handed to TabbyAPI as they are, plus two things of the proxy's own that never reach
+TabbyAPI: ``model.unload_timer`` (the idle time) and the ``template`` section (request defaults and
+the system prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import yaml
+from attrs import field, frozen
+
+from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
+
+_PROXY_ONLY_SECTIONS = frozenset({"template"})
+_PROXY_ONLY_MODEL_KEYS = frozenset({"unload_timer"})
+
+
+class ConfigError(Exception):
+    """
+    A file the proxy needs is missing or wrong; the message names the file and the problem.
+    """
+
+
+@frozen
+class Profile:
+    """
+    One model the proxy can start: the contents of C{config/<id>.yml}.
+
+    @ivar id: the file's path under the config directory without C{.yml}, C{/}-separated.
+    @ivar tabby: the sections passed to TabbyAPI, without the proxy's own keys.
+    @ivar template: request defaults (sampler values, C{system}, C{system_time}).
+    @ivar unloadTimer: the profile's idle time in seconds, or C{None} to use the global one.
+    """
+
+    id: str
+    path: Path
+    tabby: Mapping[str, Any]
+    template: Mapping[str, Any]
+    unloadTimer: float | None
+
+    @property
+    def modelName(self) -> str:
+        return str(self.tabby["model"]["model_name"])
+
+    @property
+    def modelSection(self) -> Mapping[str, Any]:
+        section: Mapping[str, Any] = self.tabby["model"]
+        return section
+
+
+def _readYAML(path: Path) -> Any:
+    try:
+        with path.open("rb") as stream:
+            return yaml.safe_load(stream)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror}") from e
+
+
+def loadProfile(configDir: Path, path: Path) -> Profile:
+    """
+    Read and check one profile file.
+
+    @raise ConfigError: when the file is not valid YAML, lacks C{model.model_name}, or lies
+        outside C{configDir} once symbolic links are resolved.
+    """
+    root = configDir.resolve()
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ConfigError(f"{path}: resolves to {resolved}, outside the config directory {root}")
+    profileId = path.relative_to(configDir).with_suffix("").as_posix()
+    if ".." in profileId.split("/") or "\0" in profileId:
+        raise ConfigError(f"{path}: the id {profileId!r} would escape the config directory")
+
+    document = _readYAML(path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, found {_kind(document)}")
+    model = document.get("model")
+    if not isinstance(model, dict) or not model.get("model_name"):
+        raise ConfigError(f"{path}: model.model_name is missing (which model folder to load?)")
+    template = document.get("template") or {}
+    if not isinstance(template, dict):
+        raise ConfigError(f"{path}: template must be a mapping, found {_kind(template)}")
+
+    unloadTimer: float | None = None
+    if model.get("unload_timer") is not None:
+        try:
+            unloadTimer = parseKeepAlive(model["unload_timer"])
+        except KeepAliveError as e:
+            raise ConfigError(f"{path}: model.unload_timer: {e}") from e
+
+    tabby = {
+        section: value
+        for section, value in document.items()
+        if section not in _PROXY_ONLY_SECTIONS
+    }
+    tabby["model"] = {
+        key: value for key, value in model.items() if key not in _PROXY_ONLY_MODEL_KEYS
+    }
+    return Profile(
+        id=profileId,
+        path=path,
+        tabby=tabby,
+        template=template,
+        unloadTimer=unloadTimer,
+    )
+
+
+def _kind(value: object) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__}"
+
+
+def _profilePaths(configDir: Path) -> Iterator[Path]:
+    for directory, subdirectories, files in os.walk(configDir, followlinks=True):
+        subdirectories.sort()
+        for name in sorted(files):
+            if name.endswith(".yml") and not name.startswith("."):
+                yield Path(directory) / name
+
+
+@frozen
+class Catalog:
+    """
+    Every profile, by id, and the rules that turn a client's model name into one.
+    """
+
+    profiles: Mapping[str, Profile]
+
+    @classmethod
+    def load(cls, configDir: Path) -> Catalog:
+        """
+        Read every C{*.yml} under C{configDir}, recursively.
+
+        @raise ConfigError: for the first broken profile, or a missing directory.
+        """
+        if not configDir.is_dir():
+            raise ConfigError(f"{configDir}: the config directory does not exist")
+        profiles = {}
+        for path in _profilePaths(configDir):
+            profile = loadProfile(configDir, path)
+            profiles[profile.id] = profile
+        return cls(profiles=profiles)
+
+    def resolve(self, name: object) -> Profile | None:
+        """
+        The profile a client means by C{name}: its id, or its id with an Ollama tag
+        (C{"id:latest"}, or C{"id:tag"} when a profile is named C{id:tag}).
+        """
+        if not isinstance(name, str) or not name:
+            return None
+        found = self.profiles.get(name)
+        if found is None and name.endswith(":latest"):
+            found = self.profiles.get(name[: -len(":latest")])
+        return found
+
+    def __iter__(self) -> Iterator[Profile]:
+        return iter(self.profiles.values())
+
+
+@frozen
+class Keys:
+    """
+    TabbyAPI's keys from C{api_tokens.yml}: the proxy checks clients against them and uses the
+    admin key itself to talk to TabbyAPI.  C{enabled} is false when TabbyAPI's auth is disabled.
+    """
+
+    enabled: bool
+    apiKeys: tuple[str, ...] = ()
+    adminKey: str = field(default="", repr=False)
+
+    @property
+    def upstreamHeaders(self) -> Mapping[bytes, list[bytes]]:
+        if not self.enabled:
+            return {}
+        return {b"Authorization": [b"Bearer " + self.adminKey.encode("utf-8")]}
+
+
+def readKeys(path: Path) -> tuple[tuple[str, ...], str]:
+    """
+    The API keys (a string or a list in the file) and the admin key in C{api_tokens.yml}.
+    """
+    document = _readYAML(path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected api_key and admin_key, found {_kind(document)}")
+    apiKey = document.get("api_key")
+    adminKey = document.get("admin_key")
+    apiKeys = tuple(str(key) for key in apiKey) if isinstance(apiKey, list) else (str(apiKey),)
+    if not adminKey or not all(apiKeys) or apiKey is None:
+        raise ConfigError(f"{path}: needs both api_key and admin_key")
+    return apiKeys, str(adminKey)
+
+
+def writeNewKeys(path: Path) -> None:
+    """
+    Create C{api_tokens.yml} with fresh keys, as TabbyAPI does on its first start, readable by
+    its owner only.
+    """
+    document = {"api_key": secrets.token_hex(16), "admin_key": secrets.token_hex(16)}
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        yaml.safe_dump(document, stream)
+
+
+@frozen
+class TabbyInstall:
+    """
+    A TabbyAPI checkout (or the simulator's private stand-in) and how to run it.
+
+    @ivar directory: the working directory of the child; holds C{config.yml}.
+    @ivar command: the program and leading arguments; C{--config FILE} is appended.
+    @ivar baseConfig: TabbyAPI's own C{config.yml}, which it merges under the proxy's file.
+    """
+
+    directory: Path
+    command: tuple[str, ...]
+    baseConfig: Mapping[str, Any]
+    keys: Keys
+    modelDirOverride: str | None = None
+
+    @classmethod
+    def fromCheckout(cls, directory: Path, python: str | None) -> TabbyInstall:
+        """
+        Inspect a TabbyAPI checkout: C{main.py}, C{config.yml} and C{api_tokens.yml}.
+
+        @param python: the interpreter to run TabbyAPI with; by default the checkout's
+            C{venv/bin/python} when it exists, else the proxy's own.
+        @raise ConfigError: when the checkout or one of its files is unusable.
+        """
+        if not directory.is_dir():
+            raise ConfigError(f"{directory}: the TabbyAPI directory does not exist")
+        if not (directory / "main.py").is_file():
+            raise ConfigError(f"{directory}: no main.py here; is this a TabbyAPI checkout?")
+        if python is None:
+            venvPython = directory / "venv" / "bin" / "python"
+            python = str(venvPython) if venvPython.exists() else sys.executable
+        baseConfig = cls._readBaseConfig(directory)
+        return cls(
+            directory=directory,
+            command=(python, "main.py"),
+            baseConfig=baseConfig,
+            keys=cls._keysFor(directory, baseConfig),
+        )
+
+    @staticmethod
+    def _readBaseConfig(directory: Path) -> Mapping[str, Any]:
+        path = directory / "config.yml"
+        if not path.exists():
+            return {}
+        document = _readYAML(path) or {}
+        if not isinstance(document, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, found {_kind(document)}")
+        return document
+
+    @staticmethod
+    def _keysFor(directory: Path, baseConfig: Mapping[str, Any]) -> Keys:
+        network = baseConfig.get("network") or {}
+        if network.get("disable_auth") is True:
+            return Keys(enabled=False)
+        path = directory / "api_tokens.yml"
+        if not path.exists():
+            writeNewKeys(path)
+        apiKeys, adminKey = readKeys(path)
+        return Keys(enabled=True, apiKeys=apiKeys, adminKey=adminKey)
+
+    def modelDirectory(self, profile: Profile) -> Path:
+        """
+        Where TabbyAPI will look for the profile's model folder.
+        """
+        baseModel = self.baseConfig.get("model") or {}
+        modelDir = (
+            self.modelDirOverride
+            or profile.modelSection.get("model_dir")
+            or baseModel.get("model_dir")
+            or "models"
+        )
+        return self.directory / str(modelDir) / profile.modelName
+
+    @classmethod
+    def simulated(cls, directory: Path, catalog: Catalog, auth: bool) -> TabbyInstall:
+        """
+        A private working directory for the project's TabbyAPI simulator: a C{config.yml}, and a
+        model folder with a C{config.json} for every profile, so any profile can be loaded.
+
+        @param auth: whether the simulator (and so the proxy) asks clients for keys; the keys are
+            then written to C{api_tokens.yml} in C{directory}.
+        """
+        baseConfig = {
+            "network": {"host": "127.0.0.1", "disable_auth": not auth},
+            "model": {"model_dir": "models"},
+        }
+        (directory / "config.yml").write_text(yaml.safe_dump(baseConfig))
+        for profile in catalog:
+            modelFolder = directory / "models" / profile.modelName
+            modelFolder.mkdir(parents=True, exist_ok=True)
+            maxSeqLen = profile.modelSection.get("max_seq_len") or 8192
+            (modelFolder / "config.json").write_text(
+                json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                            "max_position_embeddings": maxSeqLen})
+            )
+        return cls(
+            directory=directory,
+            command=(sys.executable, "-m", "tabbyproxy.simulator"),
+            baseConfig=baseConfig,
+            keys=cls._keysFor(directory, baseConfig),
+            modelDirOverride="models",
+        )
+
+    def childConfig(self, profile: Profile, port: int) -> dict[str, Any]:
+        """
+        The file the proxy hands TabbyAPI as C{--config}: the profile's TabbyAPI sections and the
+        loopback address the proxy chose.  TabbyAPI merges it over its own C{config.yml}.
+        """
+        document: dict[str, Any] = {
+            section: dict(value) if isinstance(value, Mapping) else value
+            for section, value in profile.tabby.items()
+        }
+        network = dict(document.get("network") or {})
+        network.update(host="127.0.0.1", port=port)
+        document["network"] = network
+        if self.modelDirOverride is not None:
+            document["model"]["model_dir"] = self.modelDirOverride
+        return document

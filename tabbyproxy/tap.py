@@ -1,0 +1,167 @@
+"""
+The twistd plugin's glue: the command-line options of C{twistd tabbyproxy} and the service they
+build (the web site, the TabbyAPI supervisor, and the private runtime directory).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.python import usage
+from twisted.web.server import Site
+
+from tabbyproxy.admin import AdminRoutes
+from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
+from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
+from tabbyproxy.openai import OpenAIRoutes
+from tabbyproxy.supervisor import Supervisor, SupervisorSettings
+from tabbyproxy.upstream import Upstream, makeHTTPClient
+from tabbyproxy.web import DEFAULT_MAX_BODY, ProxyState, Router
+
+
+def _duration(text: str) -> float:
+    try:
+        return parseKeepAlive(text)
+    except KeepAliveError as e:
+        raise ValueError(str(e)) from e
+
+
+def _positiveSeconds(text: str) -> float:
+    seconds = float(text)
+    if not seconds > 0:
+        raise ValueError(f"{text} is not a positive number of seconds")
+    return seconds
+
+
+def _positiveInt(text: str) -> int:
+    number = int(text)
+    if number <= 0:
+        raise ValueError(f"{text} is not a positive whole number")
+    return number
+
+
+_duration.coerceDoc = "Seconds, or a duration like 15m; negative means never."  # type: ignore[attr-defined]
+_positiveSeconds.coerceDoc = "Seconds."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run TabbyAPI models on demand behind one OpenAI- and Ollama-compatible endpoint. "
+        "A request naming a model (a profile in the config directory) starts TabbyAPI with it, "
+        "another model swaps in once the running one is idle, and an idle model is unloaded "
+        "after its keep-alive time."
+    )
+
+    optParameters = [
+        ["listen", "l", "tcp:9000:interface=127.0.0.1", "Endpoint to listen on (an endpoint string)."],
+        ["tabby-dir", "t", None, "The TabbyAPI checkout (holds main.py, config.yml, api_tokens.yml)."],
+        ["python", None, None,
+         "Interpreter that runs TabbyAPI [default: TABBY-DIR/venv/bin/python if it exists, else this one]."],
+        ["config-dir", "c", "config", "Directory of model profiles: DIR/<id>.yml, searched recursively."],
+        ["unload-timer", None, 900.0,
+         "Idle time before a model is unloaded, when neither the request's keep_alive nor the "
+         "profile's model.unload_timer says otherwise.", _duration],
+        ["load-timeout", None, 600.0, "How long a model start may take before it is abandoned.", _positiveSeconds],
+        ["stop-grace", None, 10.0, "How long TabbyAPI has to exit after SIGTERM before SIGKILL.", _positiveSeconds],
+        ["max-waiting", None, 512, "How many requests may wait for a model; more get a 503.", _positiveInt],
+        ["max-body-size", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes; larger gets a 413.",
+         _positiveInt],
+    ]
+    optFlags = [
+        ["simulate", None,
+         "Run the bundled TabbyAPI simulator instead of TabbyAPI (no GPU needed); auth is off."],
+        ["simulate-auth", None, "With --simulate: turn auth on, with keys in the private directory's api_tokens.yml."],
+    ]
+
+    catalog: Catalog
+    install: TabbyInstall | None
+
+    def postOptions(self) -> None:
+        try:
+            self.catalog = Catalog.load(Path(self["config-dir"]))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from e
+        if not self.catalog.profiles:
+            raise usage.UsageError(f"{self['config-dir']}: no model profiles (*.yml) found")
+        if self["simulate-auth"] and not self["simulate"]:
+            raise usage.UsageError("--simulate-auth only makes sense with --simulate")
+        if self["simulate"]:
+            if self["tabby-dir"]:
+                raise usage.UsageError("give either --tabby-dir or --simulate, not both")
+            self.install = None
+            return
+        if not self["tabby-dir"]:
+            raise usage.UsageError(
+                "--tabby-dir is required (the TabbyAPI checkout), or --simulate to try the proxy without one"
+            )
+        try:
+            self.install = TabbyInstall.fromCheckout(Path(self["tabby-dir"]).absolute(), self["python"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from e
+
+
+class _RuntimeDirectory(Service):
+    """
+    The private directory for generated TabbyAPI configs (and the simulator's working
+    directory), removed when the proxy stops.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def stopService(self) -> None:
+        super().stopService()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    runtime = Path(tempfile.mkdtemp(prefix="tabbyproxy-"))
+    top = MultiService()
+    _RuntimeDirectory(runtime).setServiceParent(top)
+
+    install = options.install
+    if install is None:
+        simulatorDirectory = runtime / "tabby"
+        simulatorDirectory.mkdir(mode=0o700)
+        install = TabbyInstall.simulated(simulatorDirectory, options.catalog, auth=options["simulate-auth"])
+
+    http = makeHTTPClient(reactor)
+    supervisor = Supervisor(
+        install,
+        reactor,
+        http,
+        runtime,
+        SupervisorSettings(
+            unloadTimer=options["unload-timer"],
+            loadTimeout=options["load-timeout"],
+            stopGrace=options["stop-grace"],
+            maxWaiting=options["max-waiting"],
+        ),
+    )
+    supervisor.setServiceParent(top)
+
+    catalog = options.catalog
+    state = ProxyState(
+        catalog=lambda: catalog,
+        keys=install.keys,
+        supervisor=supervisor,
+        upstream=Upstream(http, reactor, install.keys.upstreamHeaders),
+        clock=reactor,
+        maxBodySize=options["max-body-size"],
+    )
+    admin = AdminRoutes(state).app.resource()
+    root = Router(openai=OpenAIRoutes(state).app.resource(), ollama=admin, admin=admin)
+    site = Site(root)
+    site.displayTracebacks = False
+    strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
+    return top

@@ -1,0 +1,159 @@
+"""
+Talking to the TabbyAPI child: sending one request and streaming its answer back.
+
+The body of an upstream response is pumped into the client's request as it arrives, through a
+small body protocol whose transport is registered as the request's producer: a slow client pauses
+the upstream read instead of growing the proxy's memory, and a client that leaves stops it, which
+closes the connection to TabbyAPI so it stops generating.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, Callable, Mapping
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IRequest, IResponse
+
+from tabbyproxy.supervisor import Lease
+
+# Headers of TabbyAPI's answer worth passing on; hop-by-hop and framing headers are the proxy's.
+RELAYED_HEADERS = (b"content-type", b"cache-control", b"x-accel-buffering")
+
+
+class UpstreamBroken(Exception):
+    """
+    The connection to TabbyAPI ended before its answer was complete.
+    """
+
+
+def makeHTTPClient(reactor: Any) -> Any:
+    """
+    A treq client for talking to TabbyAPI: persistent connections, no redirects followed, and a
+    cookie jar that never stores anything, so no client's cookies reach another.
+    """
+    import treq.client
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 256
+    pool.retryAutomatically = False
+    return treq.client.HTTPClient(
+        Agent(reactor, pool=pool),
+        cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+    )
+
+
+class _BodyPump(Protocol):
+    """
+    Hands each piece of an upstream body to C{sink} and reports how the body ended.
+    """
+
+    transport: IPushProducer  # type: ignore[assignment]
+
+    def __init__(self, request: IRequest, sink: Callable[[bytes], None], done: Deferred[None]) -> None:
+        self.request = request
+        self.sink = sink
+        self.done = done
+        self.producing = False
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self.producing = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sink(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self.producing:
+            self.producing = False
+            self.request.unregisterProducer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(UpstreamBroken(f"the connection to TabbyAPI broke: {reason.getErrorMessage()}"))
+
+    def stop(self) -> None:
+        if self.producing:
+            self.transport.stopProducing()
+
+
+class Upstream:
+    """
+    Sends requests to the leased TabbyAPI child.
+    """
+
+    log = Logger()
+
+    def __init__(self, http: Any, reactor: Any, headers: Mapping[bytes, list[bytes]]) -> None:
+        """
+        @param http: a treq C{HTTPClient} (or C{StubTreq} in tests).
+        @param headers: sent with every request: TabbyAPI's key, when auth is on.
+        """
+        self.http = http
+        self.reactor = reactor
+        self.headers = headers
+
+    def send(self, lease: Lease, method: str, path: str, body: bytes | None = None) -> Deferred[IResponse]:
+        """
+        Start one request to the child; the answer's body is not read yet.
+        """
+        headers = dict(self.headers)
+        if body is not None:
+            headers[b"Content-Type"] = [b"application/json"]
+        d: Deferred[IResponse] = self.http.request(
+            method,
+            lease.baseURL + path,
+            data=body,
+            headers=headers,
+            unbuffered=True,
+            allow_redirects=False,
+            reactor=self.reactor,
+        )
+        return d
+
+    @staticmethod
+    def copyHeaders(response: IResponse, request: IRequest) -> None:
+        """
+        Give the client TabbyAPI's status and the headers that describe the body.
+        """
+        request.setResponseCode(response.code)
+        for name in RELAYED_HEADERS:
+            values = response.headers.getRawHeaders(name)
+            if values:
+                request.responseHeaders.setRawHeaders(name, values)
+
+    @staticmethod
+    def pipe(response: IResponse, request: IRequest, sink: Callable[[bytes], None]) -> Deferred[None]:
+        """
+        Feed the body of C{response} to C{sink} as it arrives, paced by C{request}'s consumer.
+
+        @return: fires when the body is complete, fails with L{UpstreamBroken} when the
+            connection to TabbyAPI broke, and stops the download when cancelled.
+        """
+        pump: _BodyPump
+
+        def cancel(d: Deferred[None]) -> None:
+            pump.stop()
+
+        done: Deferred[None] = Deferred(cancel)
+        pump = _BodyPump(request, sink, done)
+        response.deliverBody(pump)
+        return done
+
+    @staticmethod
+    async def read(response: IResponse) -> bytes:
+        """
+        The whole body of a small answer (an error, a model card).
+        """
+        import treq
+
+        body: bytes = await treq.content(response)
+        return body
