@@ -22,18 +22,18 @@ class Permission(IntEnum):
     ADMIN = 2
 
 
-def presentedKey(request: IRequest) -> str | None:
+def presentedKey(request: IRequest) -> bytes | None:
     """
     The key a client sent: C{x-admin-key}, C{x-api-key}, or C{Authorization: Bearer}.
     """
     for name in _KEY_HEADERS:
         value = request.getHeader(name)
         if value:
-            return value.strip()
+            return bytes(value).strip()
     authorization = request.getHeader(b"authorization")
     if authorization:
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
+        scheme, _, token = bytes(authorization).strip().partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
             return token.strip()
     return None
 
@@ -48,10 +48,9 @@ def permissionOf(request: IRequest, keys: Keys) -> Permission:
     """
     if not keys.enabled:
         return Permission.ADMIN
-    key = presentedKey(request)
-    if key is None:
+    presented = presentedKey(request)
+    if presented is None:
         return Permission.NONE
-    presented = key.encode("utf-8")
     # Every key is compared, whatever matched first, so timing says nothing about which one did.
     isAdmin = _matches(presented, keys.adminKey)
     isAPI = False

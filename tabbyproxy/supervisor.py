@@ -625,7 +625,12 @@ def _chain(ended: Deferred[None]) -> Deferred[None]:
     if ended.called:
         return succeed(None)
     follower: Deferred[None] = Deferred()
-    ended.addBoth(lambda result: (follower.callback(None), result)[1])
+
+    def passOn(result: object) -> object:
+        follower.callback(None)
+        return result
+
+    ended.addBoth(passOn)
     return follower
 
 

@@ -10,7 +10,7 @@ closes the connection to TabbyAPI so it stops generating.
 from __future__ import annotations
 
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IRequest, IResponse
+from twisted.web.server import Request
 
 from tabbyproxy.supervisor import Lease
 
@@ -45,7 +46,7 @@ def makeHTTPClient(reactor: Any) -> Any:
     pool.retryAutomatically = False
     return treq.client.HTTPClient(
         Agent(reactor, pool=pool),
-        cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        cookiejar=cast(Any, CookieJar(DefaultCookiePolicy(allowed_domains=[]))),
     )
 
 
@@ -56,7 +57,7 @@ class _BodyPump(Protocol):
 
     transport: IPushProducer  # type: ignore[assignment]
 
-    def __init__(self, request: IRequest, sink: Callable[[bytes], None], done: Deferred[None]) -> None:
+    def __init__(self, request: Request, sink: Callable[[bytes], None], done: Deferred[None]) -> None:
         self.request = request
         self.sink = sink
         self.done = done
@@ -144,7 +145,8 @@ class Upstream:
             pump.stop()
 
         done: Deferred[None] = Deferred(cancel)
-        pump = _BodyPump(request, sink, done)
+        # Every request twisted.web hands a route is a Request, which takes producers.
+        pump = _BodyPump(cast(Request, request), sink, done)
         response.deliverBody(pump)
         return done
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from treq.testing import StubTreq
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
@@ -17,7 +18,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from tabbyproxy.admin import AdminRoutes
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.openai import OpenAIRoutes
+from tabbyproxy.supervisor import Supervisor, SupervisorSettings
+from tabbyproxy.upstream import Upstream
+from tabbyproxy.web import DEFAULT_MAX_BODY, ProxyState, Router
 
 
 class FakeProcess:
@@ -78,7 +84,7 @@ class FakeProcessReactor(MemoryReactorClock):
                      usePTY: bool = False, childFDs: Any = None) -> FakeProcess:
         process = FakeProcess(processProtocol, list(args), path or "", 1000 + len(self.spawned))
         self.spawned.append(process)
-        processProtocol.makeConnection(process)  # type: ignore[arg-type]
+        processProtocol.makeConnection(process)
         return process
 
     @property
@@ -145,3 +151,43 @@ def fakeInstall(directory: Path, keys: Keys = Keys(enabled=False)) -> TabbyInsta
     """
     directory.mkdir(parents=True, exist_ok=True)
     return TabbyInstall(directory=directory, command=("python", "main.py"), baseConfig={}, keys=keys)
+
+
+class InMemoryProxy:
+    """
+    The whole proxy wired in memory: its routes behind C{client} (a StubTreq), the supervisor on a
+    fake process reactor, and L{FakeTabby} as every child's HTTP server.
+    """
+
+    def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
+                 settings: SupervisorSettings = SupervisorSettings(), maxBodySize: int = DEFAULT_MAX_BODY) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.catalog = writeProfiles(directory / "config", profiles)
+        self.reactor = FakeProcessReactor()
+        self.tabby = FakeTabby()
+        self.tabbyClient: Any = StubTreq(self.tabby)
+        tabbyClient = self.tabbyClient
+        runtime = directory / "runtime"
+        runtime.mkdir()
+        ports = iter(range(7001, 8000))
+        self.supervisor = Supervisor(fakeInstall(directory / "tabby", keys), self.reactor, tabbyClient, runtime,
+                                     settings, pickPort=lambda: next(ports))
+        self.supervisor.startService()
+        self.state = ProxyState(
+            catalog=lambda: self.catalog,
+            keys=keys,
+            supervisor=self.supervisor,
+            upstream=Upstream(tabbyClient, self.reactor, keys.upstreamHeaders),
+            clock=self.reactor,
+            maxBodySize=maxBodySize,
+        )
+        admin = AdminRoutes(self.state).app.resource()
+        self.root = Router(openai=OpenAIRoutes(self.state).app.resource(), ollama=admin, admin=admin)
+        self.client: Any = StubTreq(self.root)
+
+    def flush(self) -> None:
+        """
+        Deliver everything written on either side: the proxy's client and TabbyAPI's.
+        """
+        self.tabbyClient.flush()
+        self.client.flush()

@@ -1,0 +1,233 @@
+"""
+The OpenAI routes, end to end in memory: a StubTreq client against the proxy's resource, and a
+StubTreq TabbyAPI stand-in as the upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from treq import content, json_content
+from twisted.trial.unittest import SynchronousTestCase
+
+from tabbyproxy.config import Keys
+from tabbyproxy.supervisor import SupervisorSettings
+from tests.fakes import InMemoryProxy
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "qwen": {
+        "model": {"model_name": "Qwen", "unload_timer": 60},
+        "template": {"temperature": 0.6, "top_k": 20, "system": "Be brief."},
+    },
+    "llama": {"model": {"model_name": "Llama"}},
+}
+KEYS = Keys(enabled=True, apiKeys=("api-key",), adminKey="admin-key")
+
+
+class OpenAIRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+
+    def post(self, path: str, body: object, headers: dict[str, str] | None = None) -> Any:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.successResultOf(self.proxy.client.post(
+            "http://proxy" + path, data=raw, headers={"Content-Type": "application/json", **(headers or {})}
+        ))
+
+    def jsonOf(self, response: Any) -> Any:
+        return self.successResultOf(json_content(response))
+
+    def assertOpenAIError(self, response: Any, status: int, fragment: str) -> None:
+        self.assertEqual(response.code, status)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
+        error = self.jsonOf(response)["error"]
+        self.assertIn(fragment, error["message"])
+        self.assertEqual(set(error), {"message", "type", "code"})
+
+    def test_chatIsForwardedWithTemplateDefaults(self) -> None:
+        """
+        A chat request starts its model and reaches TabbyAPI without the proxy's fields (model,
+        keep_alive), with the profile's defaults where the request set nothing and the profile's
+        system prompt in front; the request's own values win.
+        """
+        response = self.post("/v1/chat/completions", {
+            "model": "qwen", "keep_alive": "5m", "temperature": 0.1,
+            "messages": [{"role": "user", "content": "hi"}],
+        })
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.jsonOf(response)["path"], "/v1/chat/completions")
+        [(path, body, _)] = self.proxy.tabby.requests
+        self.assertEqual(path, "/v1/chat/completions")
+        self.assertEqual(body, {
+            "temperature": 0.1, "top_k": 20,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        })
+        self.assertEqual(self.proxy.supervisor.status()["unload"]["fires_in_seconds"], 300)
+        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+
+    def test_streamIsRelayedUntouched(self) -> None:
+        """
+        A streaming answer reaches the client byte for byte, as an event stream.
+        """
+        response = self.post("/v1/chat/completions", {
+            "model": "llama", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+        })
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+        self.assertEqual(self.successResultOf(content(response)), b"".join(self.proxy.tabby.chunks))
+
+    def test_completionsTakeModelAndDefaults(self) -> None:
+        """
+        /v1/completions accepts an Ollama-style tagged name and gets sampler defaults, but no
+        system prompt.
+        """
+        response = self.post("/v1/completions", {"model": "qwen:latest", "prompt": "Once"})
+        self.assertEqual(response.code, 200)
+        [(path, body, _)] = self.proxy.tabby.requests
+        self.assertEqual((path, body), ("/v1/completions", {"prompt": "Once", "temperature": 0.6, "top_k": 20}))
+
+    def test_unknownModel(self) -> None:
+        """
+        An unknown model is a 404 that says where to find the ids, and starts nothing.
+        """
+        response = self.post("/v1/chat/completions", {"model": "gpt-4", "messages": []})
+        self.assertOpenAIError(response, 404, "model 'gpt-4' not found: GET /v1/models")
+        self.assertEqual(self.proxy.reactor.spawned, [])
+
+    def test_badInput(self) -> None:
+        """
+        Malformed JSON, a body that is not an object, a bad keep_alive, missing messages and a
+        path-like model each get a 400 that says what was wrong, and start nothing.
+        """
+        cases: list[tuple[object, int, str]] = [
+            (b'{"messages": [', 400, "not valid JSON"),
+            ([1, 2], 400, "must be a JSON object"),
+            (b"", 400, "missing request body"),
+            ({"model": "qwen", "keep_alive": "5 minutes", "messages": []}, 400, "keep_alive '5 minutes'"),
+            ({"model": "qwen", "messages": "hi"}, 400, "messages must be a list"),
+            ({"model": "../etc/passwd", "messages": []}, 404, "not found"),
+            ({"model": ["qwen"], "messages": []}, 404, "not found"),
+        ]
+        for body, status, fragment in cases:
+            self.assertOpenAIError(self.post("/v1/chat/completions", body), status, fragment)
+        self.assertEqual(self.proxy.reactor.spawned, [])
+
+    def test_bodyOverLimit(self) -> None:
+        """
+        A body over the size limit is a 413.
+        """
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, maxBodySize=100)
+        self.proxy = proxy
+        response = self.post("/v1/chat/completions", {"model": "qwen", "messages": [{"content": "x" * 200}]})
+        self.assertOpenAIError(response, 413, "over the limit of 100 bytes")
+
+    def test_upstreamErrorsBecomeOpenAIErrors(self) -> None:
+        """
+        TabbyAPI's FastAPI errors (C{{"detail": ...}}) reach the client in OpenAI's shape, with
+        TabbyAPI's status.
+        """
+        self.proxy.tabby.hold = True
+        d = self.proxy.client.post("http://proxy/v1/chat/completions", json={"model": "qwen", "messages": []})
+        [pending] = self.proxy.tabby.pending
+        pending.setResponseCode(422)
+        pending.write(json.dumps({"detail": [{"loc": ["body", "presence_penalty"],
+                                              "msg": "Input should be greater than or equal to 0"}]}).encode())
+        pending.finish()
+        self.proxy.flush()
+        self.assertOpenAIError(self.successResultOf(d), 422, "presence_penalty: Input should be greater")
+
+    def test_queueFullIs503(self) -> None:
+        """
+        When too many requests wait for a model, the next one gets a 503 in OpenAI's shape.
+        """
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
+        self.proxy.tabby.healthy = False
+        self.proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "a"})
+        self.assertOpenAIError(self.post("/v1/completions", {"model": "qwen", "prompt": "b"}), 503, "server busy")
+
+    def test_failedStartIs503WithChildOutput(self) -> None:
+        """
+        A model that fails to load answers the waiting request with the exit status and the
+        child's last lines.
+        """
+        self.proxy.tabby.healthy = False
+        d = self.proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "a"})
+        [process] = self.proxy.reactor.spawned
+        process.print("ValueError: Failed to load config.json\n")
+        process.exit(1)
+        self.proxy.flush()
+        self.assertOpenAIError(self.successResultOf(d), 503, "exited with status 1")
+
+    def test_modelsList(self) -> None:
+        """
+        /v1/models lists every profile in OpenAI's shape, saying which one is loaded.
+        """
+        self.post("/v1/completions", {"model": "qwen", "prompt": "a"})
+        response = self.successResultOf(self.proxy.client.get("http://proxy/v1/models"))
+        document = self.jsonOf(response)
+        self.assertEqual(document["object"], "list")
+        self.assertEqual(
+            sorted((m["id"], m["object"], m["owned_by"], m["loaded"]) for m in document["data"]),
+            [("llama", "model", "tabbyproxy", False), ("qwen", "model", "tabbyproxy", True)],
+        )
+
+    def test_passThroughToRunningModel(self) -> None:
+        """
+        /v1/token/encode goes to the running model; with nothing running it is a 503 that says
+        how to start one.
+        """
+        self.assertOpenAIError(self.post("/v1/token/encode", {"text": "hi"}), 503, "no model is loaded")
+        self.post("/v1/completions", {"model": "qwen", "prompt": "a"})
+        self.assertEqual(self.post("/v1/token/encode", {"text": "hi"}).code, 200)
+        self.assertEqual(self.proxy.tabby.requests[-1][:2], ("/v1/token/encode", {"text": "hi"}))
+
+    def test_unknownRouteIsJSON404(self) -> None:
+        """
+        Unknown routes under /v1 are 404s in OpenAI's shape.
+        """
+        response = self.successResultOf(self.proxy.client.get("http://proxy/v1/nothing"))
+        self.assertOpenAIError(response, 404, "/v1/nothing")
+
+
+class AuthTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=KEYS)
+
+    def get(self, path: str, key: str | None = None, header: str = "Authorization") -> Any:
+        headers = {} if key is None else {header: f"Bearer {key}" if header == "Authorization" else key}
+        return self.successResultOf(self.proxy.client.get("http://proxy" + path, headers=headers))
+
+    def test_keysRequired(self) -> None:
+        """
+        With auth on, /v1 routes need an API key (Bearer or x-api-key) and answer 401 in OpenAI's
+        shape without one.
+        """
+        for key in (None, "wrong"):
+            response = self.get("/v1/models", key)
+            self.assertEqual(response.code, 401)
+            self.assertIn("error", self.successResultOf(json_content(response)))
+        self.assertEqual(self.get("/v1/models", "api-key").code, 200)
+        self.assertEqual(self.get("/v1/models", "api-key", header="x-api-key").code, 200)
+        self.assertEqual(self.get("/v1/models", "admin-key").code, 200)
+
+    def test_unloadNeedsAdminKey(self) -> None:
+        """
+        /unload refuses API keys and accepts the admin key; /status is open.
+        """
+        self.assertEqual(self.get("/unload", "api-key").code, 401)
+        self.assertEqual(self.get("/unload", "admin-key").code, 200)
+        self.assertEqual(self.get("/status").code, 200)
+
+    def test_proxyAuthenticatesToTabby(self) -> None:
+        """
+        The proxy sends TabbyAPI's admin key with each request it forwards.
+        """
+        response = self.successResultOf(self.proxy.client.post(
+            "http://proxy/v1/completions", json={"model": "qwen", "prompt": "a"},
+            headers={"Authorization": "Bearer api-key"},
+        ))
+        self.assertEqual(response.code, 200)
+        [(_, _, headers)] = self.proxy.tabby.requests
+        self.assertEqual(headers["authorization"], ["Bearer admin-key"])
