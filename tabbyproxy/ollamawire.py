@@ -1,0 +1,1191 @@
+"""
+The Ollama wire format and its translation to and from TabbyAPI's OpenAI-style API, as pure
+functions: Ollama request bodies become TabbyAPI request bodies, TabbyAPI's streamed chunks become
+Ollama's NDJSON objects, and a profile with its model folder becomes the model descriptions of
+C{/api/tags}, C{/api/show} and C{/api/ps}.  Nothing here does network I/O; the only files read
+are a model folder's JSON and template files and a profile file's bytes (for its digest).
+
+Choices made where Ollama and TabbyAPI do not line up one to one:
+  - C{think} becomes C{template_vars: {"enable_thinking": bool}} (a level string means C{True}).
+    TabbyAPI reads C{template_vars} in both generations; C{chat_template_kwargs} is only an alias.
+  - Negative C{presence_penalty}/C{frequency_penalty} (allowed by Ollama, refused by TabbyAPI with
+    422) are clamped to C{0.0}, the nearest value TabbyAPI accepts.
+  - C{/api/generate} goes to C{/v1/completions}, which takes the prompt as raw text.  A C{system}
+    text is prepended to the prompt, separated by a blank line, unless C{raw} is set (Ollama
+    ignores C{system} in raw mode too).  C{template} (a Go template) cannot be applied and is
+    ignored.  A generate request with C{images} goes to C{/v1/chat/completions} instead, as one
+    user message (plus a system message), because only the chat endpoint takes images.
+  - Tool call ids are made up from the call itself: C{call_} and 8 hex digits of a SHA-256 of the
+    call's position, name and arguments.  The same call gets the same id in the reply and when the
+    client sends it back in the history, with or without the id, so no state is kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import os
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+from attrs import define, field, frozen
+
+from tabbyproxy.config import Profile
+from tabbyproxy.keepalive import FOREVER
+
+What = Literal["chat", "generate"]
+Clock = Callable[[], float]
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+FOREVER_EXPIRES_AT = (datetime(2318, 1, 1, tzinfo=timezone.utc) - _EPOCH).total_seconds()
+"""
+What C{/api/ps} shows as C{expires_at} for a model kept loaded forever: Ollama shows now plus
+the longest Go duration (about 292 years), so a date in the 2300s is what clients have seen.
+"""
+
+DEFAULT_CONTEXT_LENGTH = 8192
+
+
+class OllamaRequestError(ValueError):
+    """
+    An Ollama request body that cannot be translated; the message is fit for the client (HTTP 400).
+    """
+
+
+class UpstreamError(Exception):
+    """
+    TabbyAPI reported an error in the middle of a stream; the message is TabbyAPI's.  The route
+    writes L{errorLine} of it as the last NDJSON line.
+    """
+
+
+def ollamaTimestamp(seconds: float) -> str:
+    """
+    Seconds since the epoch as Ollama writes times: RFC 3339 in UTC with up to nine fractional
+    digits, trailing zeros trimmed, and C{Z}, e.g. C{"2023-08-04T19:22:45.499127Z"}.
+    """
+    whole = math.floor(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos >= 1_000_000_000:
+        whole += 1
+        nanos -= 1_000_000_000
+    moment = _EPOCH + timedelta(seconds=whole)
+    fraction = f"{nanos:09d}".rstrip("0")
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + ("." + fraction if fraction else "") + "Z"
+
+
+def errorLine(message: str) -> dict[str, Any]:
+    """
+    Ollama's error object: the whole body before a stream starts, the last line after.
+    """
+    return {"error": message}
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+_FLOAT, _INT, _BOOL, _STRINGS = "float", "integer", "boolean", "array of strings"
+
+_OPTION_TYPES: Mapping[str, str] = {
+    # mapped to TabbyAPI
+    "temperature": _FLOAT,
+    "top_k": _INT,
+    "top_p": _FLOAT,
+    "min_p": _FLOAT,
+    "typical_p": _FLOAT,
+    "num_predict": _INT,
+    "stop": _STRINGS,
+    "seed": _INT,
+    "repeat_penalty": _FLOAT,
+    "repeat_last_n": _INT,
+    "presence_penalty": _FLOAT,
+    "frequency_penalty": _FLOAT,
+    "mirostat": _INT,
+    "mirostat_tau": _FLOAT,
+    "mirostat_eta": _FLOAT,
+    "tfs_z": _FLOAT,
+    # runner options with no per-request TabbyAPI equivalent
+    "num_ctx": _INT,
+    "num_batch": _INT,
+    "num_gpu": _INT,
+    "main_gpu": _INT,
+    "num_thread": _INT,
+    "num_keep": _INT,
+    "use_mmap": _BOOL,
+    "use_mlock": _BOOL,
+    "numa": _BOOL,
+    "low_vram": _BOOL,
+    "f16_kv": _BOOL,
+    "vocab_only": _BOOL,
+    "logits_all": _BOOL,
+    "embedding_only": _BOOL,
+    "penalize_newline": _BOOL,
+    "rope_frequency_base": _FLOAT,
+    "rope_frequency_scale": _FLOAT,
+}
+
+SAMPLER_NAMES: Mapping[str, str] = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "typical_p": "typical",
+    "num_predict": "max_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "penalty_range",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "mirostat": "mirostat_mode",
+    "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
+    "tfs_z": "tfs",
+}
+"""
+Each Ollama option that TabbyAPI understands, and TabbyAPI's name for it.
+"""
+
+
+@frozen
+class MappedOptions:
+    """
+    An Ollama C{options} object split in two.
+
+    @ivar sampler: TabbyAPI sampler fields to put in the upstream body.
+    @ivar ignored: the options that are not forwarded, as the client sent them: runner options
+        (C{num_ctx}, C{num_gpu}, ...), unknown keys, and values TabbyAPI has no use for
+        (C{seed} < 0, C{repeat_penalty} <= 0).  For the route's debug log.
+    """
+
+    sampler: dict[str, Any]
+    ignored: dict[str, Any]
+
+
+def _optionValue(key: str, value: object, kind: str) -> Any:
+    wrongType = OllamaRequestError(f'option "{key}" must be of type {kind}')
+    if kind == _BOOL:
+        if not isinstance(value, bool):
+            raise wrongType
+        return value
+    if kind == _STRINGS:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise wrongType
+        return list(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise wrongType
+    try:
+        number = float(value)
+    except OverflowError:
+        raise OllamaRequestError(f'option "{key}" is out of range') from None
+    if not math.isfinite(number):
+        raise OllamaRequestError(f'option "{key}" must be a finite number')
+    if kind == _INT:
+        return int(value)
+    return number
+
+
+def mapOptions(options: object) -> MappedOptions:
+    """
+    Translate Ollama's C{options} into TabbyAPI sampler fields.
+
+    Renamed on the way: C{num_predict} -> C{max_tokens} (left out when <= 0, Ollama's "no
+    limit"), C{repeat_penalty} -> C{repetition_penalty} (dropped when <= 0), C{repeat_last_n} ->
+    C{penalty_range} (negative means the whole context in both), C{tfs_z} -> C{tfs},
+    C{typical_p} -> C{typical}, C{mirostat} -> C{mirostat_mode}.  Clamped into TabbyAPI's ranges,
+    which would otherwise answer 422: negative C{presence_penalty}/C{frequency_penalty} become
+    C{0.0}, C{temperature} is kept within 0-10, C{top_p} and C{min_p} within 0-1, negative
+    C{top_k} becomes 0 (off).  C{seed} is forwarded when >= 0 (Ollama's -1 means random).  A
+    C{null} value counts as absent; C{stop} may also be one string.
+
+    @raise OllamaRequestError: when C{options} is not an object or a known option (forwarded or
+        not) has the wrong type, with Ollama's message C{option "x" must be of type ...}.
+    """
+    if options is None:
+        return MappedOptions(sampler={}, ignored={})
+    if not isinstance(options, dict):
+        raise OllamaRequestError("options must be an object")
+    sampler: dict[str, Any] = {}
+    ignored: dict[str, Any] = {}
+    for key, raw in options.items():
+        if raw is None:
+            continue
+        kind = _OPTION_TYPES.get(key)
+        value = raw if kind is None else _optionValue(key, raw, kind)
+        if key not in SAMPLER_NAMES:
+            ignored[key] = raw
+            continue
+        if key == "num_predict" and value <= 0:
+            continue
+        if (key == "seed" and value < 0) or (key == "repeat_penalty" and value <= 0):
+            ignored[key] = raw
+            continue
+        if key in ("presence_penalty", "frequency_penalty", "mirostat_tau", "mirostat_eta"):
+            value = max(0.0, value)
+        elif key == "temperature":
+            value = min(10.0, max(0.0, value))
+        elif key in ("top_p", "min_p", "typical_p", "tfs_z"):
+            value = min(1.0, max(0.0, value))
+        elif key in ("top_k", "mirostat"):
+            value = max(0, value)
+        elif key == "repeat_last_n" and value < 0:
+            value = -1
+        sampler[SAMPLER_NAMES[key]] = value
+    return MappedOptions(sampler=sampler, ignored=ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+@frozen
+class UpstreamRequest:
+    """
+    What to send TabbyAPI for one Ollama request.
+
+    @ivar path: C{/v1/chat/completions} or C{/v1/completions}.
+    @ivar body: the JSON body, always streaming with usage; without C{model}, profile defaults
+        or C{keep_alive}, which the route adds or handles.  The route may add to it.
+    @ivar ignoredOptions: L{MappedOptions.ignored}, for the route's debug log.
+    """
+
+    path: str
+    body: dict[str, Any]
+    ignoredOptions: Mapping[str, Any]
+
+
+def isEmptyRequest(what: What, body: Mapping[str, Any]) -> bool:
+    """
+    Whether an Ollama request only asks to load (or, with C{keep_alive: 0}, unload) the model:
+    C{messages} empty or absent on chat, C{prompt} empty or absent on generate.
+    """
+    if what == "chat":
+        return not body.get("messages")
+    return not body.get("prompt")
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _string(body: Mapping[str, Any], key: str, where: str = "") -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise OllamaRequestError(f"{where}{key} must be a string, not {_describe(value)}")
+    return value
+
+
+def _flag(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise OllamaRequestError(f"{key} must be a boolean, not {_describe(value)}")
+    return value
+
+
+def _list(value: object, name: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise OllamaRequestError(f"{name} must be an array, not {_describe(value)}")
+    return value
+
+
+_IMAGE_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+def imageDataURI(image: object, name: str = "image") -> str:
+    """
+    An Ollama image (base64 without a header) as a C{data:} URI for an OpenAI C{image_url} part.
+    The type is sniffed from the decoded bytes (PNG, JPEG, GIF, WebP), JPEG when unknown.  A
+    value that is already a C{data:} URI is kept.
+
+    @raise OllamaRequestError: when the value is not a base64 string.
+    """
+    if not isinstance(image, str) or not image:
+        raise OllamaRequestError(f"{name} must be a base64 string, not {_describe(image)}")
+    if image.startswith("data:"):
+        return image
+    cleaned = "".join(image.split())
+    try:
+        decoded = base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError):
+        raise OllamaRequestError(f"{name} is not valid base64") from None
+    mediaType = "image/jpeg"
+    for signature, candidate in _IMAGE_SIGNATURES:
+        if decoded.startswith(signature):
+            mediaType = candidate
+            break
+    else:
+        if decoded[:4] == b"RIFF" and decoded[8:12] == b"WEBP":
+            mediaType = "image/webp"
+    return f"data:{mediaType};base64,{cleaned}"
+
+
+def _content(text: str, images: list[Any], where: str) -> str | list[dict[str, Any]]:
+    if not images:
+        return text
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    for index, image in enumerate(images):
+        url = imageDataURI(image, f"{where}images[{index}]")
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return parts
+
+
+def toolCallId(index: int, name: str, arguments: object) -> str:
+    """
+    The id this proxy gives a tool call: C{call_} and 8 hex digits derived from the call's
+    position in its message, its name and its arguments (key order does not matter), so the id in
+    a reply and the id recomputed from the history the client sends back agree.
+    """
+    canonical = json.dumps([index, name, arguments], sort_keys=True, ensure_ascii=False)
+    return "call_" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:8]
+
+
+def _requestToolCalls(calls: list[Any], where: str) -> list[dict[str, Any]]:
+    result = []
+    for position, call in enumerate(calls):
+        here = f"{where}tool_calls[{position}]"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise OllamaRequestError(f"{here} must be an object with a function")
+        function = call["function"]
+        name = function.get("name")
+        if not isinstance(name, str):
+            raise OllamaRequestError(f"{here}.function.name must be a string")
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = {}
+        index = function.get("index")
+        if isinstance(index, bool) or not isinstance(index, int):
+            index = position
+        if isinstance(arguments, str):
+            argumentsText = arguments
+            try:
+                identity: object = json.loads(arguments)
+            except ValueError:
+                identity = arguments
+        else:
+            argumentsText = json.dumps(arguments, ensure_ascii=False)
+            identity = arguments
+        callId = call.get("id")
+        if not isinstance(callId, str) or not callId:
+            callId = toolCallId(index, name, identity)
+        result.append(
+            {
+                "id": callId,
+                "type": "function",
+                "function": {"name": name, "arguments": argumentsText},
+            }
+        )
+    return result
+
+
+def _chatMessages(messages: list[Any]) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = []
+    # (id, name) of the latest assistant tool calls that no tool message has answered yet
+    pending: list[tuple[str, str]] = []
+    for position, message in enumerate(messages):
+        where = f"messages[{position}]."
+        if not isinstance(message, dict):
+            raise OllamaRequestError(f"messages[{position}] must be an object")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise OllamaRequestError(f"{where}role must be a string")
+        role = role.lower()
+        text = _string(message, "content", where)
+        images = _list(message.get("images"), f"{where}images")
+        converted: dict[str, Any] = {"role": role, "content": _content(text, images, where)}
+        thinking = _string(message, "thinking", where)
+        if thinking and role == "assistant":
+            converted["reasoning_content"] = thinking
+        calls = _list(message.get("tool_calls"), f"{where}tool_calls")
+        if calls:
+            converted["tool_calls"] = _requestToolCalls(calls, where)
+            pending = [(c["id"], c["function"]["name"]) for c in converted["tool_calls"]]
+        if role == "tool":
+            converted["tool_call_id"] = _answeredCall(
+                pending,
+                _string(message, "tool_call_id", where),
+                _string(message, "tool_name", where),
+                position,
+            )
+        result.append(converted)
+    return result
+
+
+def _answeredCall(pending: list[tuple[str, str]], callId: str, name: str, position: int) -> str:
+    """
+    The id of the call a tool message answers, and forget that call: the given id, else the
+    oldest unanswered call of that name (of any name when none is given).
+    """
+    for index, (candidateId, candidateName) in enumerate(pending):
+        if (callId and candidateId == callId) or (
+            not callId and (not name or candidateName == name)
+        ):
+            del pending[index]
+            return candidateId
+    return callId or toolCallId(position, name, None)
+
+
+def _format(body: Mapping[str, Any]) -> dict[str, Any]:
+    value = body.get("format")
+    if value is None or value == "":
+        return {}
+    if value == "json":
+        return {"response_format": {"type": "json"}}
+    if isinstance(value, dict):
+        return {"json_schema": value}
+    raise OllamaRequestError('format must be "json" or a JSON schema object')
+
+
+def _think(body: Mapping[str, Any]) -> dict[str, Any]:
+    value = body.get("think")
+    if value is None:
+        return {}
+    if isinstance(value, bool):
+        enabled = value
+    elif value in ("low", "medium", "high", "max"):
+        enabled = True
+    else:
+        raise OllamaRequestError('think must be true, false, "low", "medium" or "high"')
+    return {"template_vars": {"enable_thinking": enabled}}
+
+
+def _tools(value: object) -> list[dict[str, Any]]:
+    tools = []
+    for index, tool in enumerate(_list(value, "tools")):
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+            raise OllamaRequestError(f"tools[{index}] must be an object with a function")
+        if not isinstance(tool["function"].get("name"), str):
+            raise OllamaRequestError(f"tools[{index}].function.name must be a string")
+        tools.append({**tool, "type": tool.get("type") or "function"})
+    return tools
+
+
+def _common(body: Mapping[str, Any]) -> tuple[dict[str, Any], MappedOptions]:
+    if not isinstance(body, Mapping):
+        raise OllamaRequestError("the request body must be a JSON object")
+    options = mapOptions(body.get("options"))
+    upstream: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+    upstream.update(options.sampler)
+    upstream.update(_format(body))
+    return upstream, options
+
+
+def chatRequest(body: Mapping[str, Any]) -> UpstreamRequest:
+    """
+    An Ollama C{/api/chat} body as a TabbyAPI C{/v1/chat/completions} request: messages (images
+    as data URI parts, tool calls with string arguments and ids, tool results with the
+    C{tool_call_id} of the call they answer, C{thinking} as C{reasoning_content}), C{tools},
+    C{options}, C{format} and C{think}.
+
+    @raise OllamaRequestError: for fields of the wrong type or bad values.
+    """
+    upstream, options = _common(body)
+    upstream["messages"] = _chatMessages(_list(body.get("messages"), "messages"))
+    tools = _tools(body.get("tools"))
+    if tools:
+        upstream["tools"] = tools
+    upstream.update(_think(body))
+    return UpstreamRequest(path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored)
+
+
+def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
+    """
+    An Ollama C{/api/generate} body as a TabbyAPI C{/v1/completions} request: the prompt, with
+    C{system} and a blank line before it unless C{raw}; C{suffix}; C{options}, C{format},
+    C{think}.  C{template} is checked but ignored (TabbyAPI takes the prompt as it is).  With
+    C{images}, a C{/v1/chat/completions} request instead: C{system} as a system message, the
+    prompt and images as one user message.
+
+    @raise OllamaRequestError: for fields of the wrong type or bad values.
+    """
+    upstream, options = _common(body)
+    prompt = _string(body, "prompt")
+    system = _string(body, "system")
+    suffix = _string(body, "suffix")
+    _string(body, "template")
+    raw = _flag(body, "raw")
+    images = _list(body.get("images"), "images")
+    upstream.update(_think(body))
+    if images:
+        messages: list[dict[str, Any]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": _content(prompt, images, "")})
+        upstream["messages"] = messages
+        return UpstreamRequest(path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored)
+    upstream["prompt"] = f"{system}\n\n{prompt}" if system and not raw else prompt
+    if suffix:
+        upstream["suffix"] = suffix
+    return UpstreamRequest(path=COMPLETIONS_PATH, body=upstream, ignoredOptions=options.ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def _emptyReply(what: What, modelName: str, clock: Clock, reason: str) -> dict[str, Any]:
+    reply: dict[str, Any] = {"model": modelName, "created_at": ollamaTimestamp(clock())}
+    if what == "chat":
+        reply["message"] = {"role": "assistant", "content": ""}
+        reply["done_reason"] = reason
+        reply["done"] = True
+    else:
+        reply["response"] = ""
+        reply["done"] = True
+        reply["done_reason"] = reason
+    return reply
+
+
+def loadReply(what: What, modelName: str, clock: Clock) -> dict[str, Any]:
+    """
+    The one object answering an empty request that loaded the model (C{done_reason: "load"}).
+    """
+    return _emptyReply(what, modelName, clock, "load")
+
+
+def unloadReply(what: What, modelName: str, clock: Clock) -> dict[str, Any]:
+    """
+    The one object answering an empty request with C{keep_alive: 0} (C{done_reason: "unload"}).
+    """
+    return _emptyReply(what, modelName, clock, "unload")
+
+
+def _nanoseconds(seconds: float) -> int:
+    return max(0, int(round(seconds * 1e9)))
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+@define
+class _ToolCall:
+    name: str = ""
+    arguments: str = ""
+    emitted: bool = False
+
+    def parsedArguments(self) -> dict[str, Any] | None:
+        """
+        The arguments as the object Ollama sends, or C{None} while they are incomplete JSON.
+        """
+        if not self.arguments.strip():
+            return None
+        try:
+            parsed = json.loads(self.arguments)
+        except ValueError:
+            return None
+        return parsed if isinstance(parsed, dict) else {"value": parsed}
+
+    def finalArguments(self) -> dict[str, Any]:
+        """
+        The arguments at the end of the stream: empty or unparsable text is kept as best we can.
+        """
+        parsed = self.parsedArguments()
+        if parsed is not None:
+            return parsed
+        return {"value": self.arguments} if self.arguments.strip() else {}
+
+
+@define
+class StreamTranslator:
+    """
+    Turns TabbyAPI's streamed chunks (parsed SSE C{data:} objects, either generation's shape,
+    chat or completions) into Ollama's NDJSON objects for one request.
+
+    Feed every chunk to L{feed} and write what it returns; end with L{finish} for a stream, or
+    ignore L{feed}'s output and answer L{aggregate} for C{stream: false}.
+
+    @ivar what: C{"chat"} (objects carry C{message}) or C{"generate"} (objects carry C{response}).
+    @ivar modelName: the model name the client sent, echoed exactly.
+    @ivar clock: returns the time in seconds, like C{time.time} or C{reactor.seconds}.
+    @ivar startedAt: when the request arrived, by C{clock}.
+    @ivar loadDuration: seconds the request waited for the model to load.
+    """
+
+    what: What
+    modelName: str
+    clock: Clock
+    startedAt: float
+    loadDuration: float = 0.0
+    _content: list[str] = field(factory=list, init=False)
+    _thinking: list[str] = field(factory=list, init=False)
+    _toolCalls: dict[int, _ToolCall] = field(factory=dict, init=False)
+    _finishReason: str | None = field(default=None, init=False)
+    _usage: dict[str, Any] = field(factory=dict, init=False)
+    _chunks: int = field(default=0, init=False)
+    _firstOutputAt: float | None = field(default=None, init=False)
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """
+        One upstream chunk in, the Ollama objects to write now out (none for empty deltas and
+        usage-only chunks).
+
+        @raise UpstreamError: when the chunk is TabbyAPI's mid-stream C{{"error": ...}}.
+        """
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise UpstreamError(str(message or "TabbyAPI reported an error"))
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            return self._toolCallLines(flush=isinstance(usage, dict))
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            self._finishReason = reason
+        delta: Any = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice.get("message")
+        if not isinstance(delta, dict):
+            delta = {}
+        text = delta.get("content")
+        if not isinstance(text, str):
+            text = choice.get("text")
+        thinking = delta.get("reasoning_content")
+        lines: list[dict[str, Any]] = []
+        text = text if isinstance(text, str) else ""
+        thinking = thinking if isinstance(thinking, str) else ""
+        if text or thinking:
+            lines.append(self._textLine(text, thinking))
+        toolCalls = delta.get("tool_calls")
+        if isinstance(toolCalls, list):
+            self._collectToolCalls(toolCalls)
+        lines.extend(self._toolCallLines(flush=bool(reason) or isinstance(usage, dict)))
+        return lines
+
+    def _stamp(self) -> dict[str, Any]:
+        return {"model": self.modelName, "created_at": ollamaTimestamp(self.clock())}
+
+    def _textLine(self, text: str, thinking: str) -> dict[str, Any]:
+        if self._firstOutputAt is None:
+            self._firstOutputAt = self.clock()
+        self._chunks += 1
+        self._content.append(text)
+        self._thinking.append(thinking)
+        line = self._stamp()
+        if self.what == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            line["message"] = message
+        else:
+            line["response"] = text
+            if thinking:
+                line["thinking"] = thinking
+        line["done"] = False
+        return line
+
+    def _collectToolCalls(self, toolCalls: list[Any]) -> None:
+        for fragment in toolCalls:
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index")
+            if isinstance(index, bool) or not isinstance(index, int):
+                index = len(self._toolCalls)
+            call = self._toolCalls.setdefault(index, _ToolCall())
+            function = fragment.get("function")
+            if not isinstance(function, dict):
+                continue
+            if isinstance(function.get("name"), str) and function["name"]:
+                call.name = function["name"]
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                call.arguments += arguments
+            elif isinstance(arguments, dict):
+                call.arguments = json.dumps(arguments)
+
+    def _ollamaToolCall(self, index: int, call: _ToolCall) -> dict[str, Any]:
+        arguments = call.finalArguments()
+        return {
+            "id": toolCallId(index, call.name, arguments),
+            "function": {"index": index, "name": call.name, "arguments": arguments},
+        }
+
+    def _toolCallLines(self, flush: bool) -> list[dict[str, Any]]:
+        """
+        A non-final line with the tool calls complete so far (JSON arguments that parse), or all
+        of them when C{flush}.
+        """
+        ready = []
+        for index in sorted(self._toolCalls):
+            call = self._toolCalls[index]
+            if call.emitted or not (flush or (call.name and call.parsedArguments() is not None)):
+                continue
+            call.emitted = True
+            ready.append(self._ollamaToolCall(index, call))
+        if not ready or self.what != "chat":
+            return []
+        if self._firstOutputAt is None:
+            self._firstOutputAt = self.clock()
+        self._chunks += 1
+        line = self._stamp()
+        line["message"] = {"role": "assistant", "content": "", "tool_calls": ready}
+        line["done"] = False
+        return [line]
+
+    def _final(self, message: dict[str, Any], response: str, thinking: str) -> dict[str, Any]:
+        now = self.clock()
+        usage = self._usage
+        promptTokens = _number(usage.get("prompt_tokens"))
+        completionTokens = _number(usage.get("completion_tokens"))
+        promptTime = _number(usage.get("prompt_time"))
+        completionTime = _number(usage.get("completion_time"))
+        generationStart = self.startedAt + self.loadDuration
+        firstOutput = self._firstOutputAt if self._firstOutputAt is not None else now
+        reason = self._finishReason
+        line = self._stamp()
+        if self.what == "chat":
+            line["message"] = message
+            line["done_reason"] = "length" if reason == "length" else "stop"
+            line["done"] = True
+        else:
+            line["response"] = response
+            if thinking:
+                line["thinking"] = thinking
+            line["done"] = True
+            line["done_reason"] = "length" if reason == "length" else "stop"
+        line.update(
+            total_duration=_nanoseconds(now - self.startedAt),
+            load_duration=_nanoseconds(self.loadDuration),
+            prompt_eval_count=int(promptTokens) if promptTokens is not None else 0,
+            prompt_eval_duration=_nanoseconds(
+                promptTime if promptTime is not None else firstOutput - generationStart
+            ),
+            eval_count=int(completionTokens) if completionTokens is not None else self._chunks,
+            eval_duration=_nanoseconds(
+                completionTime if completionTime is not None else now - firstOutput
+            ),
+        )
+        return line
+
+    def finish(self) -> dict[str, Any]:
+        """
+        The last line of a stream: C{done: true}, C{done_reason} (C{"length"} or C{"stop"}, tool
+        calls count as C{"stop"}), an empty message or response, and the durations in
+        nanoseconds, from TabbyAPI's usage when it sent one, else from the clock (and the
+        number of lines written as C{eval_count}).  Tool calls never completed before the end are
+        included in its message.
+        """
+        message: dict[str, Any] = {"role": "assistant", "content": ""}
+        leftover = [
+            self._ollamaToolCall(index, call)
+            for index, call in sorted(self._toolCalls.items())
+            if not call.emitted
+        ]
+        if leftover and self.what == "chat":
+            message["tool_calls"] = leftover
+        return self._final(message, "", "")
+
+    def aggregate(self) -> dict[str, Any]:
+        """
+        The single answer for C{stream: false}: L{finish}'s object with the whole content,
+        thinking and tool calls.
+        """
+        content = "".join(self._content)
+        thinking = "".join(self._thinking)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        calls = [
+            self._ollamaToolCall(index, call) for index, call in sorted(self._toolCalls.items())
+        ]
+        if calls:
+            message["tool_calls"] = calls
+        return self._final(message, content, thinking)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model metadata
+
+
+def _readJSON(path: Path) -> Any:
+    try:
+        with path.open("rb") as stream:
+            return json.load(stream)
+    except (OSError, ValueError):
+        return None
+
+
+@frozen
+class _ModelFolder:
+    """
+    What a model folder says about itself, read once per description.
+    """
+
+    config: Mapping[str, Any]
+    quantization: Mapping[str, Any]
+    chatTemplate: str | None
+
+    @classmethod
+    def read(cls, folder: Path) -> _ModelFolder:
+        config: Any = _readJSON(folder / "config.json")
+        if not isinstance(config, dict):
+            config = {}
+        quantization: Any = config.get("quantization_config")
+        if not isinstance(quantization, dict):
+            quantization = _readJSON(folder / "quantization_config.json")
+        if not isinstance(quantization, dict):
+            quantization = {}
+        return cls(config=config, quantization=quantization, chatTemplate=_chatTemplate(folder))
+
+
+def _chatTemplate(folder: Path) -> str | None:
+    """
+    The model's chat template, looked up where TabbyAPI looks in a model folder.
+    """
+    for name in ("tabby_template.jinja", "chat_template.jinja"):
+        try:
+            return (folder / name).read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            pass
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        document = _readJSON(folder / name)
+        template = document.get("chat_template") if isinstance(document, dict) else None
+        if isinstance(template, str):
+            return template
+        if isinstance(template, list):
+            named = {
+                entry.get("name"): entry.get("template")
+                for entry in template
+                if isinstance(entry, dict)
+            }
+            chosen = named.get("default") or next(iter(named.values()), None)
+            if isinstance(chosen, str):
+                return chosen
+    return None
+
+
+_GENERIC_TEMPLATE = "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
+_SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BbMm])(?![A-Za-z0-9])")
+_BPW_IN_NAME = re.compile(r"(\d+(?:[._]\d+)?)\s*bpw", re.IGNORECASE)
+
+
+def _textConfig(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
+def _family(config: Mapping[str, Any]) -> str:
+    modelType = config.get("model_type")
+    if isinstance(modelType, str) and modelType:
+        return modelType
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        name = re.sub(r"For(CausalLM|ConditionalGeneration)$", "", architectures[0])
+        return name.lower() or "unknown"
+    return "unknown"
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def _estimatedParameters(config: Mapping[str, Any]) -> int | None:
+    """
+    A rough parameter count from a transformer's sizes: attention, (gated) MLP per layer,
+    experts included, and the embeddings.
+    """
+    text = _textConfig(config)
+    hidden = _int(text.get("hidden_size"))
+    layers = _int(text.get("num_hidden_layers"))
+    vocab = _int(text.get("vocab_size"))
+    intermediate = _int(text.get("intermediate_size"))
+    if not (hidden and layers and vocab and intermediate):
+        return None
+    heads = _int(text.get("num_attention_heads")) or 1
+    kvHeads = _int(text.get("num_key_value_heads")) or heads
+    headDim = _int(text.get("head_dim")) or hidden // heads
+    experts = _int(text.get("num_local_experts")) or _int(text.get("num_experts")) or 1
+    if experts > 1:
+        intermediate = _int(text.get("moe_intermediate_size")) or intermediate
+    attention = 2 * hidden * heads * headDim + 2 * hidden * kvHeads * headDim
+    mlp = 3 * hidden * intermediate * experts
+    embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def _humanCount(count: int) -> str:
+    if count >= 1_000_000_000:
+        return f"{count / 1e9:.1f}B"
+    return f"{count / 1e6:.0f}M"
+
+
+def _parameters(profile: Profile, model: _ModelFolder) -> tuple[str, int | None]:
+    """
+    The parameter size as Ollama prints it and as a count (or C{None}): from the model's name
+    (C{"7B"}) when it says, else estimated from its config.
+    """
+    estimate = _estimatedParameters(model.config)
+    match = _SIZE_IN_NAME.search(profile.modelName) or _SIZE_IN_NAME.search(profile.id)
+    if match:
+        number, unit = match.group(1), match.group(2).upper()
+        count = estimate or int(float(number) * (1e9 if unit == "B" else 1e6))
+        return number + unit, count
+    if estimate:
+        return _humanCount(estimate), estimate
+    return "unknown", None
+
+
+def _quantizationLevel(profile: Profile, model: _ModelFolder) -> str:
+    bits = _number(model.quantization.get("bits"))
+    if bits is not None and bits > 0:
+        text = f"{bits:.2f}".rstrip("0")
+        return (text + "0" if text.endswith(".") else text) + "bpw"
+    match = _BPW_IN_NAME.search(profile.modelName)
+    if match:
+        return match.group(1).replace("_", ".") + "bpw"
+    return "unknown"
+
+
+def _details(profile: Profile, model: _ModelFolder) -> dict[str, Any]:
+    method = model.quantization.get("quant_method")
+    method = method.lower() if isinstance(method, str) else ""
+    family = _family(model.config)
+    if family == "unknown":
+        family = _family(_textConfig(model.config))
+    return {
+        "parent_model": "",
+        "format": method if method in ("exl2", "exl3") else "exl3",
+        "family": family,
+        "families": [family],
+        "parameter_size": _parameters(profile, model)[0],
+        "quantization_level": _quantizationLevel(profile, model),
+    }
+
+
+def modelDetails(profile: Profile, folder: Path) -> dict[str, Any]:
+    """
+    Ollama's C{details} for a profile: every field a string (C{families} a list), C{"unknown"}
+    where the model folder does not say.
+    """
+    return _details(profile, _ModelFolder.read(folder))
+
+
+def contextLength(profile: Profile, folder: Path) -> int:
+    """
+    The context a profile loads with: its C{max_seq_len}, else the model's
+    C{max_position_embeddings}, else 8192 (TabbyAPI's fallback).
+    """
+    return _contextLength(profile, _ModelFolder.read(folder))
+
+
+def _contextLength(profile: Profile, model: _ModelFolder) -> int:
+    configured = _int(profile.modelSection.get("max_seq_len"))
+    if configured and configured > 0:
+        return configured
+    native = _int(_textConfig(model.config).get("max_position_embeddings"))
+    return native if native and native > 0 else DEFAULT_CONTEXT_LENGTH
+
+
+def folderSize(folder: Path) -> int:
+    """
+    The bytes of every file under C{folder} (links followed), 0 when it does not exist.
+    """
+    total = 0
+    for directory, _, files in os.walk(folder, followlinks=True):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def ollamaName(profile: Profile) -> str:
+    """
+    A profile's name in Ollama's lists: its id with C{:latest} unless it already has a tag.
+    """
+    return profile.id if ":" in profile.id else profile.id + ":latest"
+
+
+def _digest(profile: Profile) -> str:
+    try:
+        content = profile.path.read_bytes()
+    except OSError:
+        content = b""
+    return hashlib.sha256(profile.id.encode("utf-8") + b"\0" + content).hexdigest()
+
+
+def _modifiedAt(profile: Profile) -> str:
+    try:
+        return ollamaTimestamp(profile.path.stat().st_mtime_ns / 1e9)
+    except OSError:
+        return ollamaTimestamp(0)
+
+
+def tagsEntry(profile: Profile, folder: Path) -> dict[str, Any]:
+    """
+    One entry of C{/api/tags}: C{name} and C{model} (L{ollamaName}), C{modified_at} (the profile
+    file's), C{size} (the model folder's bytes), C{digest} (SHA-256 of the id and the profile
+    file), C{details}.
+    """
+    name = ollamaName(profile)
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": _modifiedAt(profile),
+        "size": folderSize(folder),
+        "digest": _digest(profile),
+        "details": modelDetails(profile, folder),
+    }
+
+
+def _parameterValue(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return None
+
+
+_TEMPLATE_TO_OLLAMA: Mapping[str, str] = {
+    **{tabby: ollama for ollama, tabby in SAMPLER_NAMES.items()},
+    **{ollama: ollama for ollama in SAMPLER_NAMES},
+    "rep_pen": "repeat_penalty",
+}
+
+
+def showParameters(profile: Profile, folder: Path) -> str:
+    """
+    The C{parameters} text of C{/api/show}: C{num_ctx} and the profile's sampler defaults under
+    Ollama's names, one C{key value} per line with strings quoted, as Ollama writes them.
+    """
+    return _showParameters(profile, _contextLength(profile, _ModelFolder.read(folder)))
+
+
+def _showParameters(profile: Profile, context: int) -> str:
+    lines = [("num_ctx", str(context))]
+    for key, value in profile.template.items():
+        name = _TEMPLATE_TO_OLLAMA.get(key)
+        if name is None or name == "num_ctx":
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            text = _parameterValue(item)
+            if text is not None:
+                lines.append((name, text))
+    return "\n".join(f"{name:<30} {text}" for name, text in lines)
+
+
+def _capabilities(model: _ModelFolder) -> list[str]:
+    template = model.chatTemplate or ""
+    capabilities = ["completion"]
+    if "tools" in template:
+        capabilities.append("tools")
+    if "enable_thinking" in template or "<think>" in template:
+        capabilities.append("thinking")
+    if isinstance(model.config.get("vision_config"), dict):
+        capabilities.append("vision")
+    return capabilities
+
+
+def showReply(profile: Profile, folder: Path) -> dict[str, Any]:
+    """
+    The answer to C{/api/show}: C{modelfile}, C{parameters}, C{template} (the model's chat
+    template, else a generic Go template), C{system} (the profile's system prompt),
+    C{details}, C{model_info} (never null: architecture, parameter count when known,
+    C{<arch>.context_length}), C{capabilities} and C{modified_at}.
+    """
+    model = _ModelFolder.read(folder)
+    details = _details(profile, model)
+    context = _contextLength(profile, model)
+    system = profile.template.get("system")
+    system = system if isinstance(system, str) else ""
+    template = model.chatTemplate or _GENERIC_TEMPLATE
+    parameters = _showParameters(profile, context)
+    architecture = details["family"]
+    modelInfo: dict[str, Any] = {"general.architecture": architecture}
+    count = _parameters(profile, model)[1]
+    if count is not None:
+        modelInfo["general.parameter_count"] = count
+    modelInfo[f"{architecture}.context_length"] = context
+    hidden = _int(_textConfig(model.config).get("hidden_size"))
+    if hidden:
+        modelInfo[f"{architecture}.embedding_length"] = hidden
+    modelfile = [
+        '# Modelfile generated by "ollama show"',
+        "# To build a new Modelfile based on this, replace FROM with:",
+        f"# FROM {ollamaName(profile)}",
+        "",
+        f"FROM {folder}",
+        f'TEMPLATE """{template}"""',
+    ]
+    if system:
+        modelfile.append(f'SYSTEM """{system}"""')
+    modelfile.extend(f"PARAMETER {line}" for line in parameters.splitlines())
+    return {
+        "modelfile": "\n".join(modelfile) + "\n",
+        "parameters": parameters,
+        "template": template,
+        "system": system,
+        "details": details,
+        "model_info": modelInfo,
+        "capabilities": _capabilities(model),
+        "modified_at": _modifiedAt(profile),
+    }
+
+
+def psEntry(
+    profile: Profile, folder: Path, expiresAt: float | None, name: str | None = None
+) -> dict[str, Any]:
+    """
+    One entry of C{/api/ps} for the loaded profile.
+
+    @param expiresAt: when the idle timer fires, in epoch seconds; C{None} or L{FOREVER} for
+        never, shown as L{FOREVER_EXPIRES_AT}.
+    @param name: the name to show; L{ollamaName} by default.
+    """
+    model = _ModelFolder.read(folder)
+    shown = name or ollamaName(profile)
+    size = folderSize(folder)
+    if expiresAt is None or expiresAt == FOREVER:
+        expiresAt = FOREVER_EXPIRES_AT
+    return {
+        "name": shown,
+        "model": shown,
+        "size": size,
+        "digest": _digest(profile),
+        "details": _details(profile, model),
+        "expires_at": ollamaTimestamp(expiresAt),
+        "size_vram": size,
+        "context_length": _contextLength(profile, model),
+    }

@@ -1,0 +1,1252 @@
+"""
+Tests for L{tabbyproxy.ollamawire}: Ollama requests to TabbyAPI bodies, TabbyAPI's streamed chunks
+(both the HEAD and the 2025-02 shapes) to Ollama's NDJSON objects, and model descriptions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tabbyproxy.config import Profile
+from tabbyproxy.keepalive import FOREVER
+from tabbyproxy.ollamawire import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    SAMPLER_NAMES,
+    OllamaRequestError,
+    StreamTranslator,
+    UpstreamError,
+    chatRequest,
+    contextLength,
+    errorLine,
+    generateRequest,
+    imageDataURI,
+    isEmptyRequest,
+    loadReply,
+    mapOptions,
+    modelDetails,
+    ollamaTimestamp,
+    psEntry,
+    showReply,
+    tagsEntry,
+    toolCallId,
+    unloadReply,
+)
+
+deterministic = settings(derandomize=True, max_examples=200, deadline=None, database=None)
+
+STARTED = 1691176960.0
+"""2023-08-04T19:22:40Z, when the requests in these tests arrive."""
+
+
+def sseEvents(stream: bytes) -> list[dict[str, Any]]:
+    """
+    The JSON objects of a recorded SSE stream, as the route hands them over.
+    """
+    events = []
+    for line in stream.decode("utf-8").splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+HEAD_CHAT = (
+    b'data: {"id":"chatcmpl-5f2a","object":"chat.completion.chunk","created":1755100000,'
+    b'"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}],"model":"Qwen3-8B"}'
+    b"\r\n\r\n"
+    b'data: {"id":"chatcmpl-5f2a","object":"chat.completion.chunk","created":1755100000,'
+    b'"choices":[{"index":0,"delta":{"content":"lo"}}],"model":"Qwen3-8B"}\r\n\r\n'
+    b'data: {"id":"chatcmpl-5f2a","object":"chat.completion.chunk","created":1755100000,'
+    b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":26,'
+    b'"prompt_time":0.125,"prompt_tokens_per_sec":208.0,"completion_tokens":2,'
+    b'"completion_time":0.5,"completion_tokens_per_sec":"Indeterminate","total_tokens":28,'
+    b'"total_time":0.625},"model":"Qwen3-8B"}\r\n\r\n'
+    b"data: [DONE]\r\n\r\n"
+)
+
+OLD_CHAT = (
+    b'data: {"id":"chatcmpl-9c1","choices":[{"index":0,"finish_reason":null,"delta":'
+    b'{"role":"assistant","content":"Hel","tool_calls":null,"tool_calls_json":null},'
+    b'"logprobs":null}],"created":1740300000,"model":"Llama-3-8B-exl2","object":'
+    b'"chat.completion.chunk","usage":null}\r\n\r\n'
+    b'data: {"id":"chatcmpl-9c1","choices":[{"index":0,"finish_reason":null,"delta":'
+    b'{"role":"assistant","content":"lo","tool_calls":null,"tool_calls_json":null},'
+    b'"logprobs":null}],"created":1740300000,"model":"Llama-3-8B-exl2","object":'
+    b'"chat.completion.chunk","usage":null}\r\n\r\n'
+    b'data: {"id":"chatcmpl-9c1","choices":[{"index":0,"finish_reason":"length","delta":{},'
+    b'"logprobs":null}],"created":1740300000,"model":"Llama-3-8B-exl2","object":'
+    b'"chat.completion.chunk","usage":null}\r\n\r\n'
+    b'data: {"id":"chatcmpl-9c1","choices":[],"created":1740300000,"model":"Llama-3-8B-exl2",'
+    b'"object":"chat.completion.chunk","usage":{"prompt_tokens":26,"completion_tokens":2,'
+    b'"total_tokens":28}}\r\n\r\n'
+    b"data: [DONE]\r\n\r\n"
+)
+
+HEAD_COMPLETIONS = (
+    b'data: {"id":"chatcmpl-77","object":"text_completion","choices":[{"index":0,"text":"Once",'
+    b'"finish_reason":null}],"created":1755100000,"model_name":"Qwen3-8B"}\r\n\r\n'
+    b'data: {"id":"chatcmpl-77","object":"text_completion","choices":[{"index":0,'
+    b'"text":" upon","finish_reason":null}],"created":1755100000,"model_name":"Qwen3-8B"}\r\n\r\n'
+    b'data: {"id":"chatcmpl-77","object":"text_completion","choices":[{"index":0,"text":"",'
+    b'"finish_reason":"length"}],"created":1755100000,"model_name":"Qwen3-8B","usage":'
+    b'{"prompt_tokens":4,"prompt_time":0.25,"completion_tokens":2,"completion_time":0.75,'
+    b'"total_tokens":6,"total_time":1.0}}\r\n\r\n'
+    b"data: [DONE]\r\n\r\n"
+)
+
+OLD_COMPLETIONS = (
+    b'data: {"id":"cmpl-1","choices":[{"index":0,"finish_reason":null,"logprobs":null,'
+    b'"text":"Once"}],"created":1740300000,"model":"Llama-3-8B-exl2","object":"text_completion",'
+    b'"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}\r\n\r\n'
+    b'data: {"id":"cmpl-1","choices":[{"index":0,"finish_reason":"stop","logprobs":null,'
+    b'"text":" upon"}],"created":1740300000,"model":"Llama-3-8B-exl2","object":"text_completion",'
+    b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\r\n\r\n'
+    b"data: [DONE]\r\n\r\n"
+)
+
+HEAD_REASONING = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"choices":[{"index":0,'
+    b'"delta":{"reasoning_content":"Think"},"finish_reason":null}],"model":"m"}\r\n\r\n'
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"choices":[{"index":0,'
+    b'"delta":{"reasoning_content":"ing."},"finish_reason":null}],"model":"m"}\r\n\r\n'
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"choices":[{"index":0,'
+    b'"delta":{"content":"Hi"},"finish_reason":"stop"}],"model":"m"}\r\n\r\n'
+    b"data: [DONE]\r\n\r\n"
+)
+
+HEAD_TOOLS = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"choices":[{"index":0,'
+    b'"delta":{"tool_calls":[{"id":"call_upstream1","type":"function","function":{"name":'
+    b'"get_weather","arguments":"{\\"city\\": \\"Tokyo\\"}"}},{"id":"call_upstream2","type":'
+    b'"function","function":{"name":"get_time","arguments":"{\\"zone\\": \\"JST\\"}"}}]}}],'
+    b'"model":"m"}\r\n\r\n'
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"choices":[{"index":0,'
+    b'"delta":{},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":50,"prompt_time":0.5,'
+    b'"completion_tokens":20,"completion_time":1.0,"total_tokens":70,"total_time":1.5},'
+    b'"model":"m"}\r\n\r\n'
+    b"data: [DONE]\r\n\r\n"
+)
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 20).decode("ascii")
+JPEG = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\0" * 20).decode("ascii")
+GIF = base64.b64encode(b"GIF89a" + b"\0" * 20).decode("ascii")
+WEBP = base64.b64encode(b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 20).decode("ascii")
+OTHER = base64.b64encode(b"just some bytes").decode("ascii")
+
+
+def translator(what: str = "chat", loadDuration: float = 2.0) -> tuple[StreamTranslator, Clock]:
+    """
+    A translator for a request that arrived at L{STARTED} and waited C{loadDuration} seconds
+    for its model, and the clock it reads, now just after the load.
+    """
+    clock = Clock()
+    clock.advance(STARTED + loadDuration)
+    assert what in ("chat", "generate")
+    return (
+        StreamTranslator(
+            what="chat" if what == "chat" else "generate",
+            modelName="qwen:latest",
+            clock=clock.seconds,
+            startedAt=STARTED,
+            loadDuration=loadDuration,
+        ),
+        clock,
+    )
+
+
+def feedAll(
+    translate: StreamTranslator, clock: Clock, stream: bytes, step: float = 0.25
+) -> list[dict[str, Any]]:
+    """
+    Feed every event of C{stream}, C{step} seconds apart, and collect the lines to write.
+    """
+    lines = []
+    for event in sseEvents(stream):
+        clock.advance(step)
+        lines.extend(translate.feed(event))
+    return lines
+
+
+class TimestampTests(SynchronousTestCase):
+    """
+    L{ollamaTimestamp} writes times as Go does.
+    """
+
+    def test_fraction(self) -> None:
+        """
+        Fractions keep their significant digits only, and UTC is C{Z}.
+        """
+        self.assertEqual(ollamaTimestamp(1691176965.5), "2023-08-04T19:22:45.5Z")
+        self.assertEqual(ollamaTimestamp(1691176965.25), "2023-08-04T19:22:45.25Z")
+
+    def test_wholeSecond(self) -> None:
+        """
+        A whole second has no fraction at all.
+        """
+        self.assertEqual(ollamaTimestamp(0), "1970-01-01T00:00:00Z")
+        self.assertEqual(ollamaTimestamp(1691176965), "2023-08-04T19:22:45Z")
+
+    def test_nanoseconds(self) -> None:
+        """
+        Up to nine fractional digits are written.
+        """
+        self.assertEqual(ollamaTimestamp(1.000000001), "1970-01-01T00:00:01.000000001Z")
+
+    def test_farFuture(self) -> None:
+        """
+        Dates centuries ahead, as shown for "forever", are written too.
+        """
+        self.assertTrue(ollamaTimestamp(1e10).startswith("2286-11-20T"))
+
+    @deterministic
+    @given(st.floats(min_value=0, max_value=253402300799, allow_nan=False))
+    def test_roundTrip(self, seconds: float) -> None:
+        """
+        Every timestamp has Go's shape and, cut to microseconds, parses back to the same time.
+        """
+        text = ollamaTimestamp(seconds)
+        self.assertRegex(text, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{0,8}[1-9])?Z$")
+        match = re.fullmatch(r"(.*?)(?:\.(\d+))?Z", text)
+        assert match is not None
+        micros = (match.group(2) or "").ljust(6, "0")[:6]
+        parsed = datetime.fromisoformat(f"{match.group(1)}.{micros}+00:00")
+        self.assertLessEqual(abs(parsed.timestamp() - seconds), 2e-6 + seconds * 1e-15)
+
+
+class OptionTests(SynchronousTestCase):
+    """
+    L{mapOptions} turns Ollama's C{options} into TabbyAPI sampler fields.
+    """
+
+    def test_table(self) -> None:
+        """
+        Every option with a TabbyAPI equivalent arrives under TabbyAPI's name.
+        """
+        mapped = mapOptions(
+            {
+                "temperature": 0.7,
+                "top_k": 20,
+                "top_p": 0.8,
+                "min_p": 0.05,
+                "typical_p": 0.9,
+                "num_predict": 128,
+                "stop": ["<|im_end|>", "\n\n"],
+                "seed": 42,
+                "repeat_penalty": 1.1,
+                "repeat_last_n": 64,
+                "presence_penalty": 0.5,
+                "frequency_penalty": 0.25,
+                "mirostat": 2,
+                "mirostat_tau": 5.0,
+                "mirostat_eta": 0.1,
+                "tfs_z": 0.95,
+            }
+        )
+        self.assertEqual(
+            mapped.sampler,
+            {
+                "temperature": 0.7,
+                "top_k": 20,
+                "top_p": 0.8,
+                "min_p": 0.05,
+                "typical": 0.9,
+                "max_tokens": 128,
+                "stop": ["<|im_end|>", "\n\n"],
+                "seed": 42,
+                "repetition_penalty": 1.1,
+                "penalty_range": 64,
+                "presence_penalty": 0.5,
+                "frequency_penalty": 0.25,
+                "mirostat_mode": 2,
+                "mirostat_tau": 5.0,
+                "mirostat_eta": 0.1,
+                "tfs": 0.95,
+            },
+        )
+        self.assertEqual(mapped.ignored, {})
+
+    def test_ignored(self) -> None:
+        """
+        Runner options and unknown keys are reported, not forwarded.
+        """
+        options = {
+            "num_ctx": 8192,
+            "num_gpu": 99,
+            "num_thread": 8,
+            "num_batch": 512,
+            "main_gpu": 0,
+            "use_mmap": True,
+            "numa": False,
+            "num_keep": 5,
+            "penalize_newline": True,
+            "low_vram": False,
+            "whatever": {"x": 1},
+            "temperature": 0.5,
+        }
+        mapped = mapOptions(options)
+        self.assertEqual(mapped.sampler, {"temperature": 0.5})
+        del options["temperature"]
+        self.assertEqual(mapped.ignored, options)
+
+    def test_numPredictUnlimited(self) -> None:
+        """
+        C{num_predict} of 0, -1 (no limit) or -2 (fill the context) sends no C{max_tokens}.
+        """
+        for value in (0, -1, -2):
+            self.assertEqual(mapOptions({"num_predict": value}).sampler, {})
+
+    def test_negativePenaltiesClamped(self) -> None:
+        """
+        Negative presence and frequency penalties, which TabbyAPI refuses, become 0.
+        """
+        mapped = mapOptions({"presence_penalty": -1, "frequency_penalty": -0.5})
+        self.assertEqual(mapped.sampler, {"presence_penalty": 0.0, "frequency_penalty": 0.0})
+
+    def test_ranges(self) -> None:
+        """
+        Values outside TabbyAPI's ranges are brought into them; a random seed and a
+        non-positive repetition penalty are not forwarded.
+        """
+        mapped = mapOptions(
+            {"temperature": 12, "top_p": 1.5, "top_k": -1, "repeat_last_n": -5, "seed": -1,
+             "repeat_penalty": 0}
+        )
+        self.assertEqual(
+            mapped.sampler, {"temperature": 10.0, "top_p": 1.0, "top_k": 0, "penalty_range": -1}
+        )
+        self.assertEqual(mapped.ignored, {"seed": -1, "repeat_penalty": 0})
+
+    def test_coercion(self) -> None:
+        """
+        Integer options take any number (truncated, like Go); float options take integers;
+        C{stop} takes a single string; C{null} counts as absent.
+        """
+        mapped = mapOptions({"top_k": 40.0, "temperature": 1, "stop": "END", "top_p": None})
+        self.assertEqual(mapped.sampler, {"top_k": 40, "temperature": 1.0, "stop": ["END"]})
+        self.assertIsInstance(mapped.sampler["top_k"], int)
+        self.assertIsInstance(mapped.sampler["temperature"], float)
+
+    def test_wrongTypes(self) -> None:
+        """
+        A known option of the wrong type is an error in Ollama's words.
+        """
+        cases = {
+            "temperature": ("hot", 'option "temperature" must be of type float'),
+            "top_k": (True, 'option "top_k" must be of type integer'),
+            "stop": ([1, 2], 'option "stop" must be of type array of strings'),
+            "use_mmap": (1, 'option "use_mmap" must be of type boolean'),
+        }
+        for key, (value, message) in cases.items():
+            error = self.assertRaises(OllamaRequestError, mapOptions, {key: value})
+            self.assertEqual(str(error), message)
+
+    def test_notAnObject(self) -> None:
+        """
+        C{options} must be an object; absent is fine.
+        """
+        self.assertRaises(OllamaRequestError, mapOptions, [1])
+        self.assertEqual(mapOptions(None).sampler, {})
+
+    @deterministic
+    @given(
+        st.one_of(
+            st.dictionaries(
+                st.one_of(st.sampled_from(sorted(SAMPLER_NAMES) + ["num_ctx", "use_mmap"]),
+                          st.text(max_size=8)),
+                st.recursive(
+                    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                    max_leaves=5,
+                ),
+                max_size=6,
+            ),
+            st.integers(),
+            st.text(),
+            st.lists(st.integers()),
+        )
+    )
+    def test_arbitrary(self, options: object) -> None:
+        """
+        On any JSON-like input, the only failure is L{OllamaRequestError}, only TabbyAPI names
+        are forwarded, and every key without a TabbyAPI equivalent is reported, not forwarded.
+        """
+        try:
+            mapped = mapOptions(options)
+        except OllamaRequestError:
+            return
+        self.assertLessEqual(set(mapped.sampler), set(SAMPLER_NAMES.values()))
+        assert isinstance(options, dict)
+        for key, value in options.items():
+            if key not in SAMPLER_NAMES and value is not None:
+                self.assertIn(key, mapped.ignored)
+        json.dumps(mapped.sampler, allow_nan=False)
+
+
+class ChatRequestTests(SynchronousTestCase):
+    """
+    L{chatRequest} builds TabbyAPI's C{/v1/chat/completions} body.
+    """
+
+    def test_plain(self) -> None:
+        """
+        Messages pass with lower-cased roles; the upstream request always streams with usage;
+        C{model}, C{keep_alive} and C{stream} are left to the route.
+        """
+        request = chatRequest(
+            {
+                "model": "qwen",
+                "stream": False,
+                "keep_alive": "5m",
+                "messages": [
+                    {"role": "System", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                ],
+                "options": {"temperature": 0.2, "num_ctx": 4096},
+            }
+        )
+        self.assertEqual(request.path, CHAT_PATH)
+        self.assertEqual(
+            request.body,
+            {
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "temperature": 0.2,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                ],
+            },
+        )
+        self.assertEqual(request.ignoredOptions, {"num_ctx": 4096})
+
+    def test_formatJSON(self) -> None:
+        """
+        C{format: "json"} is TabbyAPI's C{response_format: {"type": "json"}}.
+        """
+        body = chatRequest({"messages": [], "format": "json"}).body
+        self.assertEqual(body["response_format"], {"type": "json"})
+        self.assertNotIn("json_schema", body)
+
+    def test_formatSchema(self) -> None:
+        """
+        A schema in C{format} is TabbyAPI's top-level C{json_schema}, unwrapped.
+        """
+        schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
+        body = chatRequest({"messages": [], "format": schema}).body
+        self.assertEqual(body["json_schema"], schema)
+        self.assertNotIn("response_format", body)
+
+    def test_formatBad(self) -> None:
+        """
+        Any other C{format} is an error; an empty one is none.
+        """
+        self.assertRaises(OllamaRequestError, chatRequest, {"format": "yaml"})
+        self.assertRaises(OllamaRequestError, chatRequest, {"format": 3})
+        self.assertNotIn("response_format", chatRequest({"format": ""}).body)
+
+    def test_think(self) -> None:
+        """
+        C{think} switches the template's C{enable_thinking}; a level means on.
+        """
+        for value, enabled in ((True, True), (False, False), ("low", True), ("high", True)):
+            body = chatRequest({"messages": [], "think": value}).body
+            self.assertEqual(body["template_vars"], {"enable_thinking": enabled})
+        self.assertNotIn("template_vars", chatRequest({"messages": []}).body)
+        self.assertRaises(OllamaRequestError, chatRequest, {"think": "very"})
+
+    def test_images(self) -> None:
+        """
+        A message's images become OpenAI C{image_url} parts with typed data URIs.
+        """
+        body = chatRequest(
+            {"messages": [{"role": "user", "content": "What is this?", "images": [PNG, JPEG]}]}
+        ).body
+        self.assertEqual(
+            body["messages"][0]["content"],
+            [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{JPEG}"}},
+            ],
+        )
+
+    def test_imageTypes(self) -> None:
+        """
+        PNG, JPEG, GIF and WebP are recognised by their first bytes; anything else is JPEG.
+        """
+        self.assertTrue(imageDataURI(GIF).startswith("data:image/gif;base64,"))
+        self.assertTrue(imageDataURI(WEBP).startswith("data:image/webp;base64,"))
+        self.assertTrue(imageDataURI(OTHER).startswith("data:image/jpeg;base64,"))
+        self.assertEqual(imageDataURI("data:image/png;base64,AAAA"), "data:image/png;base64,AAAA")
+
+    def test_badImage(self) -> None:
+        """
+        An image that is not base64 is the client's error.
+        """
+        error = self.assertRaises(
+            OllamaRequestError,
+            chatRequest,
+            {"messages": [{"role": "user", "content": "x", "images": ["not base64!"]}]},
+        )
+        self.assertIn("messages[0].images[0]", str(error))
+
+    def test_tools(self) -> None:
+        """
+        Ollama's tools are OpenAI's, parameters included.
+        """
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+        body = chatRequest({"messages": [{"role": "user", "content": "?"}], "tools": [tool]}).body
+        self.assertEqual(body["tools"], [tool])
+
+    def test_toolCallsAndResults(self) -> None:
+        """
+        Tool calls in the history get string arguments and ids, and each tool result names the
+        call it answers by the tool's name, in order.
+        """
+        body = chatRequest(
+            {
+                "messages": [
+                    {"role": "user", "content": "Weather in Tokyo and Paris?"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}},
+                            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                        ],
+                    },
+                    {"role": "tool", "content": "22C", "tool_name": "get_weather"},
+                    {"role": "tool", "content": "15C", "tool_name": "get_weather"},
+                ]
+            }
+        ).body
+        calls = body["messages"][1]["tool_calls"]
+        tokyo = toolCallId(0, "get_weather", {"city": "Tokyo"})
+        paris = toolCallId(1, "get_weather", {"city": "Paris"})
+        self.assertRegex(tokyo, r"^call_[0-9a-f]{8}$")
+        self.assertNotEqual(tokyo, paris)
+        self.assertEqual(
+            calls,
+            [
+                {"id": tokyo, "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}},
+                {"id": paris, "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            ],
+        )
+        self.assertEqual(
+            body["messages"][2], {"role": "tool", "content": "22C", "tool_call_id": tokyo}
+        )
+        self.assertEqual(body["messages"][3]["tool_call_id"], paris)
+
+    def test_toolIdsMatchReply(self) -> None:
+        """
+        The ids in a streamed tool call reply are the ids the next request gives those calls,
+        whether the client sends them back or not.
+        """
+        translate, clock = translator()
+        lines = feedAll(translate, clock, HEAD_TOOLS)
+        replied = lines[0]["message"]["tool_calls"]
+        assistant = {"role": "assistant", "content": "", "tool_calls": replied}
+        stripped = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": c["function"]["name"],
+                                         "arguments": c["function"]["arguments"]}}
+                           for c in replied],
+        }
+        for echoed in (assistant, stripped):
+            body = chatRequest(
+                {
+                    "messages": [
+                        {"role": "user", "content": "?"},
+                        echoed,
+                        {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+                        {"role": "tool", "content": "9:00", "tool_name": "get_time"},
+                    ]
+                }
+            ).body
+            self.assertEqual(
+                [c["id"] for c in body["messages"][1]["tool_calls"]],
+                [c["id"] for c in replied],
+            )
+            self.assertEqual(body["messages"][2]["tool_call_id"], replied[0]["id"])
+            self.assertEqual(body["messages"][3]["tool_call_id"], replied[1]["id"])
+
+    def test_toolCallIdGiven(self) -> None:
+        """
+        A client's own tool call ids and C{tool_call_id}s are kept.
+        """
+        body = chatRequest(
+            {
+                "messages": [
+                    {"role": "assistant", "tool_calls": [
+                        {"id": "call_mine", "function": {"name": "f", "arguments": {}}}]},
+                    {"role": "tool", "content": "ok", "tool_call_id": "call_mine"},
+                ]
+            }
+        ).body
+        self.assertEqual(body["messages"][0]["tool_calls"][0]["id"], "call_mine")
+        self.assertEqual(body["messages"][0]["tool_calls"][0]["function"]["arguments"], "{}")
+        self.assertEqual(body["messages"][1]["tool_call_id"], "call_mine")
+
+    def test_thinkingInHistory(self) -> None:
+        """
+        An assistant message's C{thinking} goes back as C{reasoning_content}.
+        """
+        body = chatRequest(
+            {"messages": [{"role": "assistant", "content": "4", "thinking": "2+2"}]}
+        ).body
+        self.assertEqual(
+            body["messages"][0], {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
+        )
+
+    def test_badInput(self) -> None:
+        """
+        Fields of the wrong type are the client's errors, with a message naming the field.
+        """
+        cases = [
+            ({"messages": "hi"}, "messages must be an array"),
+            ({"messages": ["hi"]}, "messages[0] must be an object"),
+            ({"messages": [{"content": "x"}]}, "messages[0].role must be a string"),
+            ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content must be"),
+            ({"messages": [{"role": "assistant", "tool_calls": [{"function": "f"}]}]},
+             "messages[0].tool_calls[0]"),
+            ({"tools": [{"name": "f"}]}, "tools[0]"),
+            ({"options": {"top_k": "many"}}, 'option "top_k" must be of type integer'),
+        ]
+        for body, message in cases:
+            error = self.assertRaises(OllamaRequestError, chatRequest, body)
+            self.assertIn(message, str(error))
+
+
+class GenerateRequestTests(SynchronousTestCase):
+    """
+    L{generateRequest} builds TabbyAPI's C{/v1/completions} body.
+    """
+
+    def test_prompt(self) -> None:
+        """
+        The prompt goes as it is, with options, streaming and usage.
+        """
+        request = generateRequest(
+            {"model": "q", "prompt": "Once", "options": {"num_predict": 5}, "format": "json"}
+        )
+        self.assertEqual(request.path, COMPLETIONS_PATH)
+        self.assertEqual(
+            request.body,
+            {
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": 5,
+                "response_format": {"type": "json"},
+                "prompt": "Once",
+            },
+        )
+
+    def test_system(self) -> None:
+        """
+        C{system} is prepended to the prompt with a blank line between, except in raw mode.
+        """
+        body = generateRequest({"prompt": "Hi", "system": "Be brief."}).body
+        self.assertEqual(body["prompt"], "Be brief.\n\nHi")
+        body = generateRequest({"prompt": "Hi", "system": "Be brief.", "raw": True}).body
+        self.assertEqual(body["prompt"], "Hi")
+
+    def test_suffixAndTemplate(self) -> None:
+        """
+        C{suffix} is passed on; C{template} is accepted and not applied.
+        """
+        body = generateRequest(
+            {"prompt": "def f(", "suffix": "\n    return x", "template": "{{ .Prompt }}"}
+        ).body
+        self.assertEqual(body["suffix"], "\n    return x")
+        self.assertEqual(body["prompt"], "def f(")
+        self.assertNotIn("template", body)
+
+    def test_images(self) -> None:
+        """
+        With images the request goes to the chat endpoint, as a system and a user message.
+        """
+        request = generateRequest({"prompt": "What?", "system": "Terse.", "images": [PNG]})
+        self.assertEqual(request.path, CHAT_PATH)
+        self.assertEqual(
+            request.body["messages"],
+            [
+                {"role": "system", "content": "Terse."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                ]},
+            ],
+        )
+        self.assertNotIn("prompt", request.body)
+
+    def test_badInput(self) -> None:
+        """
+        Wrong types for known fields are the client's errors.
+        """
+        body: dict[str, Any]
+        for body in ({"prompt": 3}, {"system": []}, {"raw": "yes"}, {"images": "abc"},
+                     {"think": 1}):
+            self.assertRaises(OllamaRequestError, generateRequest, body)
+
+    def test_emptyRequests(self) -> None:
+        """
+        No prompt, or no messages, is a request to load the model.
+        """
+        self.assertTrue(isEmptyRequest("generate", {"model": "x", "prompt": ""}))
+        self.assertTrue(isEmptyRequest("chat", {"model": "x"}))
+        self.assertFalse(isEmptyRequest("chat", {"messages": [{"role": "user"}]}))
+        self.assertFalse(isEmptyRequest("generate", {"prompt": "hi"}))
+
+
+class StreamTranslatorTests(SynchronousTestCase):
+    """
+    L{StreamTranslator} turns TabbyAPI's chunks into Ollama's NDJSON lines.
+    """
+
+    def test_headChat(self) -> None:
+        """
+        A HEAD chat stream gives one line per piece of text and a final line with nanosecond
+        metrics from TabbyAPI's usage.
+        """
+        translate, clock = translator()
+        lines = feedAll(translate, clock, HEAD_CHAT)
+        self.assertEqual(
+            lines,
+            [
+                {"model": "qwen:latest", "created_at": "2023-08-04T19:22:42.25Z",
+                 "message": {"role": "assistant", "content": "Hel"}, "done": False},
+                {"model": "qwen:latest", "created_at": "2023-08-04T19:22:42.5Z",
+                 "message": {"role": "assistant", "content": "lo"}, "done": False},
+            ],
+        )
+        clock.advance(0.25)
+        self.assertEqual(
+            translate.finish(),
+            {
+                "model": "qwen:latest",
+                "created_at": "2023-08-04T19:22:43Z",
+                "message": {"role": "assistant", "content": ""},
+                "done_reason": "stop",
+                "done": True,
+                "total_duration": 3_000_000_000,
+                "load_duration": 2_000_000_000,
+                "prompt_eval_count": 26,
+                "prompt_eval_duration": 125_000_000,
+                "eval_count": 2,
+                "eval_duration": 500_000_000,
+            },
+        )
+
+    def test_oldChat(self) -> None:
+        """
+        A 2025-02 chat stream (roles in deltas, null tool calls, a usage chunk without choices)
+        gives the same lines; without times in the usage, durations come from the clock.
+        """
+        translate, clock = translator(loadDuration=0.0)
+        lines = feedAll(translate, clock, OLD_CHAT)
+        self.assertEqual(
+            [line["message"] for line in lines],
+            [{"role": "assistant", "content": "Hel"}, {"role": "assistant", "content": "lo"}],
+        )
+        final = translate.finish()
+        self.assertEqual(final["done_reason"], "length")
+        self.assertEqual(final["prompt_eval_count"], 26)
+        self.assertEqual(final["eval_count"], 2)
+        self.assertEqual(final["total_duration"], 1_000_000_000)
+        self.assertEqual(final["load_duration"], 0)
+        # the first text came 0.25 s after the request, the last line 0.75 s after that
+        self.assertEqual(final["prompt_eval_duration"], 250_000_000)
+        self.assertEqual(final["eval_duration"], 750_000_000)
+
+    def test_headCompletions(self) -> None:
+        """
+        A HEAD completions stream (C{model_name}, C{text}) gives generate's lines and an empty
+        final C{response}.
+        """
+        translate, clock = translator("generate")
+        lines = feedAll(translate, clock, HEAD_COMPLETIONS)
+        self.assertEqual(
+            lines,
+            [
+                {"model": "qwen:latest", "created_at": "2023-08-04T19:22:42.25Z",
+                 "response": "Once", "done": False},
+                {"model": "qwen:latest", "created_at": "2023-08-04T19:22:42.5Z",
+                 "response": " upon", "done": False},
+            ],
+        )
+        final = translate.finish()
+        self.assertEqual(
+            final,
+            {
+                "model": "qwen:latest",
+                "created_at": "2023-08-04T19:22:42.75Z",
+                "response": "",
+                "done": True,
+                "done_reason": "length",
+                "total_duration": 2_750_000_000,
+                "load_duration": 2_000_000_000,
+                "prompt_eval_count": 4,
+                "prompt_eval_duration": 250_000_000,
+                "eval_count": 2,
+                "eval_duration": 750_000_000,
+            },
+        )
+
+    def test_oldCompletions(self) -> None:
+        """
+        A 2025-02 completions stream, with usage in every chunk, counts from the last usage.
+        """
+        translate, clock = translator("generate")
+        lines = feedAll(translate, clock, OLD_COMPLETIONS)
+        self.assertEqual([line["response"] for line in lines], ["Once", " upon"])
+        final = translate.finish()
+        self.assertEqual((final["eval_count"], final["prompt_eval_count"]), (2, 4))
+        self.assertEqual(final["done_reason"], "stop")
+
+    def test_reasoning(self) -> None:
+        """
+        C{reasoning_content} arrives as C{thinking}; without usage, lines are counted.
+        """
+        translate, clock = translator()
+        lines = feedAll(translate, clock, HEAD_REASONING)
+        self.assertEqual(
+            [line["message"] for line in lines],
+            [
+                {"role": "assistant", "content": "", "thinking": "Think"},
+                {"role": "assistant", "content": "", "thinking": "ing."},
+                {"role": "assistant", "content": "Hi"},
+            ],
+        )
+        self.assertEqual(translate.finish()["eval_count"], 3)
+        whole = translate.aggregate()
+        self.assertEqual(
+            whole["message"], {"role": "assistant", "content": "Hi", "thinking": "Thinking."}
+        )
+
+    def test_reasoningGenerate(self) -> None:
+        """
+        On generate, reasoning is a top-level C{thinking}.
+        """
+        translate, clock = translator("generate")
+        lines = feedAll(translate, clock, HEAD_REASONING)
+        self.assertEqual(lines[0]["thinking"], "Think")
+        self.assertEqual(lines[0]["response"], "")
+        whole = translate.aggregate()
+        self.assertEqual((whole["response"], whole["thinking"]), ("Hi", "Thinking."))
+
+    def test_toolCalls(self) -> None:
+        """
+        Tool calls come in a non-final line with object arguments, indices and made-up ids;
+        the final line says C{stop}.
+        """
+        translate, clock = translator()
+        lines = feedAll(translate, clock, HEAD_TOOLS)
+        self.assertEqual(
+            lines,
+            [
+                {
+                    "model": "qwen:latest",
+                    "created_at": "2023-08-04T19:22:42.25Z",
+                    "message": {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {"id": toolCallId(0, "get_weather", {"city": "Tokyo"}),
+                             "function": {"index": 0, "name": "get_weather",
+                                          "arguments": {"city": "Tokyo"}}},
+                            {"id": toolCallId(1, "get_time", {"zone": "JST"}),
+                             "function": {"index": 1, "name": "get_time",
+                                          "arguments": {"zone": "JST"}}},
+                        ],
+                    },
+                    "done": False,
+                }
+            ],
+        )
+        final = translate.finish()
+        self.assertEqual(final["done_reason"], "stop")
+        self.assertEqual(final["message"], {"role": "assistant", "content": ""})
+        self.assertEqual(
+            translate.aggregate()["message"]["tool_calls"], lines[0]["message"]["tool_calls"]
+        )
+
+    def test_fragmentedToolCall(self) -> None:
+        """
+        A tool call streamed in OpenAI-style fragments is written once, when complete.
+        """
+        translate, clock = translator()
+
+        def fragment(call: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            return {"choices": [{"index": 0, "delta": {"tool_calls": [call]},
+                                 "finish_reason": reason}]}
+
+        first = translate.feed(fragment({"index": 0, "id": "x", "function": {
+            "name": "f", "arguments": ""}}))
+        second = translate.feed(fragment({"index": 0, "function": {"arguments": '{"a": '}}))
+        third = translate.feed(fragment({"index": 0, "function": {"arguments": "1}"}}))
+        self.assertEqual((first, second), ([], []))
+        self.assertEqual(third[0]["message"]["tool_calls"][0]["function"]["arguments"], {"a": 1})
+        self.assertEqual(translate.feed({"choices": [{"index": 0, "delta": {},
+                                                      "finish_reason": "tool_calls"}]}), [])
+
+    def test_emptyDeltas(self) -> None:
+        """
+        Chunks without text give no line at all.
+        """
+        translate, clock = translator()
+        chunk: dict[str, Any]
+        for chunk in (
+            {"choices": [{"index": 0, "delta": {}}]},
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+            {"choices": [{"index": 0, "delta": {"content": None, "tool_calls": None}}]},
+            {"choices": []},
+            {"choices": [{"index": 0, "text": ""}]},
+        ):
+            self.assertEqual(translate.feed(chunk), [])
+
+    def test_upstreamError(self) -> None:
+        """
+        TabbyAPI's mid-stream error event is raised with its message, for the route's last line.
+        """
+        translate, clock = translator()
+        error = self.assertRaises(
+            UpstreamError,
+            translate.feed,
+            {"error": {"message": "Chat completion aborted.", "trace": None}},
+        )
+        self.assertEqual(str(error), "Chat completion aborted.")
+        self.assertEqual(errorLine(str(error)), {"error": "Chat completion aborted."})
+
+    def test_aggregate(self) -> None:
+        """
+        For C{stream: false}, one object holds the whole text and the metrics.
+        """
+        translate, clock = translator()
+        feedAll(translate, clock, HEAD_CHAT)
+        whole = translate.aggregate()
+        self.assertEqual(whole["message"], {"role": "assistant", "content": "Hello"})
+        self.assertEqual(whole["done"], True)
+        self.assertEqual(whole["eval_duration"], 500_000_000)
+        translate, clock = translator("generate")
+        feedAll(translate, clock, HEAD_COMPLETIONS)
+        self.assertEqual(translate.aggregate()["response"], "Once upon")
+
+    def test_noOutput(self) -> None:
+        """
+        A stream that ends with nothing still gives a well-formed final line.
+        """
+        translate, clock = translator()
+        final = translate.finish()
+        self.assertEqual(final["done_reason"], "stop")
+        self.assertEqual(final["eval_count"], 0)
+        self.assertEqual(final["eval_duration"], 0)
+
+    @deterministic
+    @given(
+        st.text(),
+        st.lists(st.integers(min_value=0, max_value=200), max_size=20),
+        st.sampled_from(["head-chat", "old-chat", "head-generate", "old-generate"]),
+    )
+    def test_anySplit(self, text: str, cuts: list[int], shape: str) -> None:
+        """
+        However the text is cut into chunks, the lines' text joins back into it.
+        """
+        bounds = sorted({0, len(text), *(min(cut, len(text)) for cut in cuts)})
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        what = "chat" if shape.endswith("chat") else "generate"
+        translate, clock = translator(what)
+        lines = []
+        chunk: dict[str, Any]
+        for piece in pieces:
+            if shape == "head-chat":
+                chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            elif shape == "old-chat":
+                chunk = {"choices": [{"index": 0, "finish_reason": None, "delta": {
+                    "role": "assistant", "content": piece, "tool_calls": None}}], "usage": None}
+            elif shape == "head-generate":
+                chunk = {"choices": [{"index": 0, "text": piece}], "model_name": "m"}
+            else:
+                chunk = {"choices": [{"index": 0, "text": piece}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+            lines.extend(translate.feed(chunk))
+        key = "message" if what == "chat" else "response"
+        joined = "".join(
+            line["message"]["content"] if what == "chat" else line["response"] for line in lines
+        )
+        self.assertEqual(joined, text)
+        self.assertTrue(all(line["done"] is False and key in line for line in lines))
+        whole = translate.aggregate()
+        self.assertEqual(whole["message"]["content"] if what == "chat" else whole["response"],
+                         text)
+
+
+class EmptyRequestReplyTests(SynchronousTestCase):
+    """
+    L{loadReply} and L{unloadReply} answer requests without a prompt.
+    """
+
+    def test_chat(self) -> None:
+        """
+        Chat's replies carry an empty assistant message.
+        """
+        clock = Clock()
+        clock.advance(STARTED)
+        self.assertEqual(
+            loadReply("chat", "qwen", clock.seconds),
+            {"model": "qwen", "created_at": "2023-08-04T19:22:40Z",
+             "message": {"role": "assistant", "content": ""}, "done_reason": "load",
+             "done": True},
+        )
+        self.assertEqual(unloadReply("chat", "qwen", clock.seconds)["done_reason"], "unload")
+
+    def test_generate(self) -> None:
+        """
+        Generate's replies carry an empty response.
+        """
+        clock = Clock()
+        self.assertEqual(
+            unloadReply("generate", "qwen:latest", clock.seconds),
+            {"model": "qwen:latest", "created_at": "1970-01-01T00:00:00Z", "response": "",
+             "done": True, "done_reason": "unload"},
+        )
+
+
+class MetadataTests(SynchronousTestCase):
+    """
+    Model descriptions for C{/api/tags}, C{/api/show} and C{/api/ps}.
+    """
+
+    def makeProfile(
+        self, profileId: str = "qwen", modelName: str = "Qwen2.5-7B-Instruct-exl3-4.0bpw",
+        maxSeqLen: int | None = 16384, template: dict[str, Any] | None = None,
+    ) -> Profile:
+        """
+        A profile whose file exists in a fresh directory.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / f"{profileId}.yml"
+        model: dict[str, Any] = {"model_name": modelName}
+        if maxSeqLen is not None:
+            model["max_seq_len"] = maxSeqLen
+        path.write_text(json.dumps({"model": model}))
+        return Profile(
+            id=profileId,
+            path=path,
+            tabby={"model": model},
+            template=template if template is not None else {},
+            unloadTimer=None,
+        )
+
+    def makeFolder(self) -> Path:
+        """
+        A model folder with a config (exl3 quantization), a chat template using tools and
+        thinking, and a weights file of 1000 bytes.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "max_position_embeddings": 32768,
+            "quantization_config": {"quant_method": "exl3", "bits": 4.25},
+        }))
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "chat_template": "{% if tools %}{{ tools }}{% endif %}<think>{{ messages }}",
+        }))
+        (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+        return folder
+
+    def assertDetailStrings(self, details: dict[str, Any]) -> None:
+        """
+        Every details field is present and a string, C{families} a list of strings.
+        """
+        for key in ("parent_model", "format", "family", "parameter_size", "quantization_level"):
+            self.assertIsInstance(details[key], str, key)
+        self.assertIsInstance(details["families"], list)
+        self.assertTrue(all(isinstance(f, str) for f in details["families"]))
+
+    def test_detailsFromFolder(self) -> None:
+        """
+        Details come from the config and the quantization config; the size from the name.
+        """
+        details = modelDetails(self.makeProfile(), self.makeFolder())
+        self.assertEqual(
+            details,
+            {"parent_model": "", "format": "exl3", "family": "qwen2", "families": ["qwen2"],
+             "parameter_size": "7B", "quantization_level": "4.25bpw"},
+        )
+
+    def test_detailsWithoutFolder(self) -> None:
+        """
+        Without a model folder every detail is still a string.
+        """
+        details = modelDetails(self.makeProfile(modelName="mystery"), Path(self.mktemp()))
+        self.assertDetailStrings(details)
+        self.assertEqual(
+            details,
+            {"parent_model": "", "format": "exl3", "family": "unknown", "families": ["unknown"],
+             "parameter_size": "unknown", "quantization_level": "unknown"},
+        )
+
+    def test_detailsExl2(self) -> None:
+        """
+        An exl2 quantization config says exl2; the family can come from the architecture; the
+        size is estimated from the config when the name does not say.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "quantization_config": {"quant_method": "exl2", "bits": 6.0},
+        }))
+        details = modelDetails(self.makeProfile(modelName="some-model"), folder)
+        self.assertEqual(details["format"], "exl2")
+        self.assertEqual(details["family"], "llama")
+        self.assertEqual(details["parameter_size"], "8.0B")
+        self.assertEqual(details["quantization_level"], "6.0bpw")
+
+    def test_tags(self) -> None:
+        """
+        A tags entry names the profile with C{:latest}, sizes the folder, and has a stable
+        64-hex digest and the profile file's time.
+        """
+        profile = self.makeProfile()
+        folder = self.makeFolder()
+        entry = tagsEntry(profile, folder)
+        self.assertEqual(entry["name"], "qwen:latest")
+        self.assertEqual(entry["model"], "qwen:latest")
+        self.assertEqual(entry["size"], sum(p.stat().st_size for p in folder.iterdir()))
+        self.assertRegex(entry["digest"], r"^[0-9a-f]{64}$")
+        self.assertEqual(entry["digest"], tagsEntry(profile, folder)["digest"])
+        self.assertEqual(
+            entry["digest"],
+            hashlib.sha256(b"qwen\0" + profile.path.read_bytes()).hexdigest(),
+        )
+        self.assertEqual(entry["modified_at"], ollamaTimestamp(profile.path.stat().st_mtime_ns / 1e9))
+        self.assertDetailStrings(entry["details"])
+
+    def test_tagsTaggedAndMissing(self) -> None:
+        """
+        An id with a tag keeps it; a missing folder has size 0.
+        """
+        entry = tagsEntry(self.makeProfile(profileId="qwen:7b"), Path(self.mktemp()))
+        self.assertEqual((entry["name"], entry["size"]), ("qwen:7b", 0))
+        self.assertDetailStrings(entry["details"])
+
+    def test_show(self) -> None:
+        """
+        C{/api/show} gives parameters as text lines, the model's template and what it can do,
+        and C{model_info} with the context length.
+        """
+        profile = self.makeProfile(template={
+            "temperature": 0.7, "top_k": 20, "repetition_penalty": 1.05,
+            "stop": ["<|im_end|>"], "system": "You are helpful.", "system_time": True,
+        })
+        reply = showReply(profile, self.makeFolder())
+        self.assertEqual(
+            [line.split(None, 1) for line in reply["parameters"].split("\n")],
+            [["num_ctx", "16384"], ["temperature", "0.7"], ["top_k", "20"],
+             ["repeat_penalty", "1.05"], ["stop", '"<|im_end|>"']],
+        )
+        for line in reply["parameters"].split("\n"):
+            self.assertRegex(line, r'^(\S+)\s+((?:".*")|\S+)$')
+        self.assertEqual(reply["system"], "You are helpful.")
+        self.assertIn("{% if tools %}", reply["template"])
+        self.assertEqual(reply["capabilities"], ["completion", "tools", "thinking"])
+        self.assertEqual(reply["model_info"]["general.architecture"], "qwen2")
+        self.assertEqual(reply["model_info"]["qwen2.context_length"], 16384)
+        self.assertIsInstance(reply["model_info"]["general.parameter_count"], int)
+        self.assertIn('SYSTEM """You are helpful."""', reply["modelfile"])
+        self.assertIn("PARAMETER temperature", reply["modelfile"])
+        self.assertDetailStrings(reply["details"])
+        self.assertIsInstance(reply["modified_at"], str)
+
+    def test_showWithoutFolder(self) -> None:
+        """
+        Without a model folder, C{/api/show} still has every field: a generic template, only
+        C{completion}, and the default context length.
+        """
+        reply = showReply(self.makeProfile(maxSeqLen=None), Path(self.mktemp()))
+        self.assertEqual(reply["system"], "")
+        self.assertIn(".Prompt", reply["template"])
+        self.assertEqual(reply["capabilities"], ["completion"])
+        self.assertEqual(
+            reply["model_info"],
+            {"general.architecture": "unknown", "general.parameter_count": 7_000_000_000,
+             "unknown.context_length": 8192},
+        )
+        self.assertEqual(reply["parameters"].split(), ["num_ctx", "8192"])
+
+    def test_contextLength(self) -> None:
+        """
+        The context is the profile's C{max_seq_len}, else the model's, else 8192.
+        """
+        folder = self.makeFolder()
+        self.assertEqual(contextLength(self.makeProfile(), folder), 16384)
+        self.assertEqual(contextLength(self.makeProfile(maxSeqLen=None), folder), 32768)
+        self.assertEqual(contextLength(self.makeProfile(maxSeqLen=-1), Path(self.mktemp())), 8192)
+
+    def test_vision(self) -> None:
+        """
+        A config with a vision part makes the model a vision model.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "qwen2_5_vl", "vision_config": {"depth": 32}}))
+        self.assertIn("vision", showReply(self.makeProfile(), folder)["capabilities"])
+
+    def test_ps(self) -> None:
+        """
+        A C{/api/ps} entry has the unload time, the VRAM size and the context length; "forever"
+        is a date centuries ahead.
+        """
+        profile = self.makeProfile()
+        folder = self.makeFolder()
+        entry = psEntry(profile, folder, STARTED + 300, "qwen")
+        self.assertEqual(entry["name"], "qwen")
+        self.assertEqual(entry["model"], "qwen")
+        self.assertEqual(entry["expires_at"], "2023-08-04T19:27:40Z")
+        self.assertEqual(entry["size_vram"], entry["size"])
+        self.assertEqual(entry["context_length"], 16384)
+        self.assertEqual(entry["digest"], tagsEntry(profile, folder)["digest"])
+        for forever in (None, FOREVER):
+            expires = psEntry(profile, folder, forever)["expires_at"]
+            self.assertTrue(expires.startswith("2318-"), expires)
+            datetime.fromisoformat(expires.replace("Z", "+00:00"))
+        self.assertEqual(psEntry(profile, folder, None)["name"], "qwen:latest")
