@@ -90,7 +90,9 @@ def loadProfile(configDir: Path, path: Path) -> Profile:
     model = document.get("model")
     if not isinstance(model, dict) or not model.get("model_name"):
         raise ConfigError(f"{path}: model.model_name is missing (which model folder to load?)")
-    template = document.get("template") or {}
+    template = document.get("template")
+    if template is None:
+        template = {}
     if not isinstance(template, dict):
         raise ConfigError(f"{path}: template must be a mapping, found {_kind(template)}")
 
@@ -123,7 +125,14 @@ def _kind(value: object) -> str:
 
 
 def _profilePaths(configDir: Path) -> Iterator[Path]:
+    visited: set[str] = set()
     for directory, subdirectories, files in os.walk(configDir, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            # A symbolic link back to a folder already read: reading it again would never end.
+            subdirectories.clear()
+            continue
+        visited.add(real)
         subdirectories.sort()
         for name in sorted(files):
             if name.endswith(".yml") and not name.startswith("."):
@@ -196,10 +205,11 @@ def readKeys(path: Path) -> tuple[tuple[str, ...], str]:
         raise ConfigError(f"{path}: expected api_key and admin_key, found {_kind(document)}")
     apiKey = document.get("api_key")
     adminKey = document.get("admin_key")
-    apiKeys = tuple(str(key) for key in apiKey) if isinstance(apiKey, list) else (str(apiKey),)
-    if not adminKey or not all(apiKeys) or apiKey is None:
-        raise ConfigError(f"{path}: needs both api_key and admin_key")
-    return apiKeys, str(adminKey)
+    apiKeys = tuple(apiKey) if isinstance(apiKey, list) else (apiKey,)
+    keys = (*apiKeys, adminKey)
+    if not apiKeys or not all(isinstance(key, str) and key for key in keys):
+        raise ConfigError(f"{path}: needs api_key (a key or a list of keys) and admin_key, all non-empty strings")
+    return apiKeys, adminKey
 
 
 def writeNewKeys(path: Path) -> None:
@@ -327,7 +337,9 @@ class TabbyInstall:
             for section, value in profile.tabby.items()
         }
         network = dict(document.get("network") or {})
-        network.update(host="127.0.0.1", port=port)
+        # The proxy decides auth from TabbyAPI's own config.yml; a profile must not change it
+        # behind the proxy's back.
+        network.update(host="127.0.0.1", port=port, disable_auth=not self.keys.enabled)
         document["network"] = network
         if self.modelDirOverride is not None:
             document["model"]["model_dir"] = self.modelDirOverride

@@ -9,6 +9,7 @@ front of the system prompt (or of the client's own system message).
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from typing import Any, Callable, Mapping
 
@@ -32,7 +33,7 @@ def applyRequestDefaults(body: dict[str, Any], template: Mapping[str, Any]) -> N
     """
     for key, value in template.items():
         if key not in _PROMPT_KEYS and body.get(key) is None:
-            body[key] = value
+            body[key] = copy.deepcopy(value)
 
 
 def applySystemPrompt(
@@ -41,15 +42,23 @@ def applySystemPrompt(
     """
     The chat messages with the profile's system prompt and time stamp added.
 
-    @return: a new list; the client's message objects are copied, never changed in place.
+    @return: C{messages} itself when nothing is added, else a new list; the client's message
+        objects are never changed in place.
     """
     system = template.get("system")
     stamp = timeStamp(now()) if template.get("system_time") else None
     first = messages[0] if messages else None
     if isinstance(first, dict) and first.get("role") == "system":
-        if stamp is None or not isinstance(first.get("content"), str):
+        content = first.get("content")
+        if stamp is None:
             return messages
-        return [{**first, "content": f"{stamp}\n\n{first['content']}"}, *messages[1:]]
+        if isinstance(content, str):
+            stamped: Any = f"{stamp}\n\n{content}"
+        elif isinstance(content, list):
+            stamped = [{"type": "text", "text": stamp}, *content]
+        else:
+            return messages
+        return [{**first, "content": stamped}, *messages[1:]]
     parts = [part for part in (stamp, system) if part]
     if not parts:
         return messages

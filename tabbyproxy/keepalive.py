@@ -29,8 +29,8 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_BARE_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
+_DURATION_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_BARE_NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)")
 
 
 class KeepAliveError(ValueError):
@@ -51,13 +51,14 @@ def parseKeepAlive(value: object) -> float:
             f"keep_alive must be a number of seconds or a duration string like \"5m\", "
             f"not {_describe(value)}"
         )
-    if isinstance(value, str):
-        seconds = _parseDuration(value)
-    else:
-        seconds = float(value)
-        if math.isnan(seconds):
-            raise KeepAliveError("keep_alive must be a number of seconds, not NaN")
-    return FOREVER if seconds < 0 else seconds
+    try:
+        seconds = _parseDuration(value) if isinstance(value, str) else float(value)
+    except OverflowError:
+        # A number too large for a float: longer than anyone will wait.
+        return FOREVER
+    if math.isnan(seconds):
+        raise KeepAliveError("keep_alive must be a number of seconds, not NaN")
+    return FOREVER if seconds < 0 else seconds + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def _parseDuration(text: str) -> float:

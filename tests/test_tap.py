@@ -1,0 +1,238 @@
+"""
+The twistd glue: the options of C{twistd tabbyproxy} and the plugin that makes them available.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from tabbyproxy.config import Keys
+from tabbyproxy.tap import Options
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    L{Options} parses and checks the command line.
+    """
+
+    def setUp(self) -> None:
+        self.configDir = Path(self.mktemp())
+        write(self.configDir / "qwen.yml", "model: {model_name: Qwen, unload_timer: 15m}\n")
+        write(self.configDir / "coding" / "x.yml", "model: {model_name: X}\n")
+
+    def parse(self, *arguments: str) -> Options:
+        options = Options()
+        options.parseOptions(["--config-dir", str(self.configDir), *arguments])
+        return options
+
+    def assertUsageError(self, *arguments: str) -> str:
+        """
+        Parsing C{arguments} (after C{--config-dir}) fails with a L{UsageError}; its message.
+        """
+        error = self.assertRaises(UsageError, self.parse, *arguments)
+        return str(error)
+
+    def checkout(self) -> Path:
+        directory = Path(self.mktemp())
+        write(directory / "main.py", "")
+        write(directory / "config.yml", "network: {disable_auth: true}\n")
+        return directory
+
+    def test_simulate(self) -> None:
+        """
+        C{--simulate} with a valid config directory loads the catalog and asks for no checkout.
+        """
+        options = self.parse("--simulate")
+        self.assertEqual(sorted(options.catalog.profiles), ["coding/x", "qwen"])
+        self.assertEqual(options.catalog.profiles["qwen"].unloadTimer, 900.0)
+        self.assertIsNone(options.install)
+        self.assertTrue(options["simulate"])
+        self.assertFalse(options["simulate-auth"])
+
+    def test_simulateAuth(self) -> None:
+        """
+        C{--simulate-auth} goes with C{--simulate}.
+        """
+        options = self.parse("--simulate", "--simulate-auth")
+        self.assertTrue(options["simulate-auth"])
+
+    def test_tabbyDir(self) -> None:
+        """
+        C{--tabby-dir} names a TabbyAPI checkout, inspected at once (absolute path, auth as its
+        config says, the interpreter given by C{--python}).
+        """
+        directory = self.checkout()
+        options = self.parse("--tabby-dir", str(directory), "--python", "/opt/py")
+        assert options.install is not None
+        self.assertEqual(options.install.directory, directory.absolute())
+        self.assertEqual(options.install.command, ("/opt/py", "main.py"))
+        self.assertEqual(options.install.keys, Keys(enabled=False))
+
+    def test_defaults(self) -> None:
+        """
+        Without options: listen on loopback port 9000, unload after 15 minutes, give a model
+        start 10 minutes.
+        """
+        options = self.parse("--simulate")
+        self.assertEqual(options["listen"], "tcp:9000:interface=127.0.0.1")
+        self.assertEqual(options["unload-timer"], 900.0)
+        self.assertEqual(options["load-timeout"], 600.0)
+        self.assertEqual(options["stop-grace"], 10.0)
+        self.assertEqual(options["max-waiting"], 512)
+        self.assertIsNone(options["tabby-dir"])
+        self.assertIsNone(options["python"])
+
+    def test_coercedValues(self) -> None:
+        """
+        Durations and numbers given on the command line are converted.
+        """
+        options = self.parse(
+            "--simulate",
+            "--unload-timer", "1h30m",
+            "--load-timeout", "120",
+            "--stop-grace", "2.5",
+            "--max-waiting", "7",
+            "--listen", "unix:/tmp/tabbyproxy.sock",
+        )
+        self.assertEqual(options["unload-timer"], 5400.0)
+        self.assertEqual(options["load-timeout"], 120.0)
+        self.assertEqual(options["stop-grace"], 2.5)
+        self.assertEqual(options["max-waiting"], 7)
+        self.assertEqual(options["listen"], "unix:/tmp/tabbyproxy.sock")
+
+    def test_unloadTimerNegativeIsForever(self) -> None:
+        """
+        A negative C{--unload-timer} means never unload.
+        """
+        self.assertEqual(self.parse("--simulate", "--unload-timer", "-1")["unload-timer"],
+                         float("inf"))
+
+    def test_brokenProfile(self) -> None:
+        """
+        A broken profile is a usage error naming the file.
+        """
+        broken = write(self.configDir / "coding" / "broken.yml", "model: {max_seq_len: 1}\n")
+        message = self.assertUsageError("--simulate")
+        self.assertIn(str(broken), message)
+        self.assertIn("model_name", message)
+
+    def test_emptyConfigDir(self) -> None:
+        """
+        A config directory without profiles is a usage error naming it.
+        """
+        empty = Path(self.mktemp())
+        empty.mkdir()
+        error = self.assertRaises(
+            UsageError, Options().parseOptions, ["--config-dir", str(empty), "--simulate"]
+        )
+        self.assertIn(str(empty), str(error))
+        self.assertIn("no model profiles", str(error))
+
+    def test_missingConfigDir(self) -> None:
+        """
+        A config directory that does not exist is a usage error naming it.
+        """
+        missing = self.mktemp()
+        error = self.assertRaises(
+            UsageError, Options().parseOptions, ["--config-dir", missing, "--simulate"]
+        )
+        self.assertIn(missing, str(error))
+
+    def test_neitherTabbyDirNorSimulate(self) -> None:
+        """
+        Without C{--tabby-dir} or C{--simulate} there is nothing to run; the message names both.
+        """
+        message = self.assertUsageError()
+        self.assertIn("--tabby-dir", message)
+        self.assertIn("--simulate", message)
+
+    def test_tabbyDirWithoutMainPy(self) -> None:
+        """
+        A C{--tabby-dir} that is not a TabbyAPI checkout is a usage error naming it and main.py.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        message = self.assertUsageError("--tabby-dir", str(directory))
+        self.assertIn(str(directory.absolute()), message)
+        self.assertIn("main.py", message)
+
+    def test_tabbyDirMissing(self) -> None:
+        """
+        A C{--tabby-dir} that does not exist is a usage error naming it.
+        """
+        missing = Path(self.mktemp())
+        message = self.assertUsageError("--tabby-dir", str(missing))
+        self.assertIn(str(missing.absolute()), message)
+
+    def test_bothTabbyDirAndSimulate(self) -> None:
+        """
+        C{--tabby-dir} and C{--simulate} exclude each other.
+        """
+        message = self.assertUsageError("--tabby-dir", str(self.checkout()), "--simulate")
+        self.assertIn("not both", message)
+
+    def test_simulateAuthWithoutSimulate(self) -> None:
+        """
+        C{--simulate-auth} alone is a usage error.
+        """
+        message = self.assertUsageError("--tabby-dir", str(self.checkout()), "--simulate-auth")
+        self.assertIn("--simulate-auth", message)
+
+    def test_badUnloadTimer(self) -> None:
+        """
+        An C{--unload-timer} that is not a duration is a usage error quoting it and showing the
+        accepted forms.  (Twisted's message does not name the option.)
+        """
+        message = self.assertUsageError("--simulate", "--unload-timer", "5 minutes")
+        self.assertIn("'5 minutes' is not a duration", message)
+        self.assertIn('"5m"', message)
+
+    def test_badLoadTimeout(self) -> None:
+        """
+        A C{--load-timeout} that is not a positive number of seconds is a usage error.
+        """
+        for value in ["0", "-5", "nan"]:
+            message = self.assertUsageError("--simulate", "--load-timeout", value)
+            self.assertIn(f"{value} is not a positive number of seconds", message)
+        message = self.assertUsageError("--simulate", "--load-timeout", "soon")
+        self.assertIn("soon", message)
+
+    def test_badCounts(self) -> None:
+        """
+        C{--max-waiting} and C{--max-body-size} must be positive whole numbers.
+        """
+        for option in ["--max-waiting", "--max-body-size"]:
+            for value in ["0", "-1"]:
+                message = self.assertUsageError("--simulate", option, value)
+                self.assertIn(f"{value} is not a positive whole number", message)
+            for value in ["1.5", "many"]:
+                message = self.assertUsageError("--simulate", option, value)
+                self.assertIn(value, message)
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    The twistd plugin.
+    """
+
+    def test_discoverable(self) -> None:
+        """
+        Twisted's plugin system finds exactly one service maker named C{tabbyproxy}, pointing at
+        L{tabbyproxy.tap}.
+        """
+        makers = [maker for maker in getPlugins(IServiceMaker) if maker.tapname == "tabbyproxy"]
+        self.assertEqual(len(makers), 1)
+        [maker] = makers
+        self.assertIs(maker.options, Options)
+        self.assertTrue(maker.description)
