@@ -31,12 +31,13 @@ import yaml
 from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from tabbyproxy.config import Profile, TabbyInstall
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
@@ -156,6 +157,7 @@ class Child:
     ended: Deferred[None] = field(factory=Deferred)
     loadTimeoutCall: IDelayedCall | None = None
     killCall: IDelayedCall | None = None
+    readinessPoll: Deferred[None] | None = None
 
     @property
     def baseURL(self) -> str:
@@ -498,14 +500,17 @@ class Supervisor(Service):
             self._failWaitersFor(profile, f"could not start TabbyAPI for {profile.id}: {e}")
             return
         child.loadTimeoutCall = self.reactor.callLater(self.settings.loadTimeout, self._loadTimedOut, child)
-        Deferred.fromCoroutine(self._awaitReady(child))
+        child.readinessPoll = Deferred.fromCoroutine(self._awaitReady(child))
+        child.readinessPoll.addErrback(lambda failure: failure.trap(CancelledError))
 
     async def _awaitReady(self, child: Child) -> None:
         url = child.baseURL + "/health"
-        while child.state is ChildState.STARTING and child is self.current:
-            if await self._healthy(url):
-                if child.state is ChildState.STARTING and child is self.current:
-                    self._ready(child)
+        while True:
+            healthy = await self._healthy(url)
+            if child.state is not ChildState.STARTING or child is not self.current:
+                return
+            if healthy:
+                self._ready(child)
                 return
             await deferLater(self.reactor, self.settings.healthInterval)
 
@@ -513,7 +518,8 @@ class Supervisor(Service):
         try:
             response = await self.http.get(url, timeout=5, reactor=self.reactor)
             await response.content()
-        except Exception:
+        except (ConnectError, ConnectingCancelledError, ResponseFailed, ResponseNeverReceived, CancelledError):
+            # Not listening yet, or too slow to answer (the request's own timeout cancels it).
             return False
         return bool(response.code == 200)
 
@@ -563,6 +569,8 @@ class Supervisor(Service):
             if child.loadTimeoutCall.active():
                 child.loadTimeoutCall.cancel()
         child.state = ChildState.STOPPING
+        if child.readinessPoll is not None:
+            child.readinessPoll.cancel()
         if child is self.current:
             self._timer.stop()
         self.log.info("Stopping {model} (pid {pid}): {why}", model=child.profile.id, pid=child.pid, why=why)
@@ -594,16 +602,19 @@ class Supervisor(Service):
             child.killCall.cancel()
         if child.loadTimeoutCall is not None and child.loadTimeoutCall.active():
             child.loadTimeoutCall.cancel()
+        stateAtExit = child.state
+        child.state = ChildState.STOPPING
+        if child.readinessPoll is not None:
+            child.readinessPoll.cancel()
         child.configPath.unlink(missing_ok=True)
         how = describeExit(reason)
-        if child.state is ChildState.STARTING:
+        if stateAtExit is ChildState.STARTING:
             self._failStart(child, f"TabbyAPI for {child.profile.id} {how} while loading the model")
-        elif child.state is ChildState.READY:
+        elif stateAtExit is ChildState.READY:
             self.lastError = f"TabbyAPI for {child.profile.id} (pid {child.pid}) {how} unexpectedly"
             self.log.error("{message}", message=self.lastError, model=child.profile.id)
         else:
             self.log.info("{model} stopped: {how}", model=child.profile.id, how=how)
-        child.state = ChildState.STOPPING
         if child is self.current:
             self.current = None
             self._timer.stop()

@@ -12,7 +12,9 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from tabbyproxy.admin import AdminRoutes
@@ -20,7 +22,7 @@ from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.openai import OpenAIRoutes
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings
-from tabbyproxy.upstream import Upstream, makeHTTPClient
+from tabbyproxy.upstream import Upstream, makeConnectionPool, makeHTTPClient
 from tabbyproxy.web import DEFAULT_MAX_BODY, ProxyState, Router
 
 
@@ -120,6 +122,20 @@ class _RuntimeDirectory(Service):
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+class _ConnectionPool(Service):
+    """
+    Closes the persistent connections to TabbyAPI when the proxy stops.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -135,7 +151,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         simulatorDirectory.mkdir(mode=0o700)
         install = TabbyInstall.simulated(simulatorDirectory, options.catalog, auth=options["simulate-auth"])
 
-    http = makeHTTPClient(reactor)
+    pool = makeConnectionPool(reactor)
+    _ConnectionPool(pool).setServiceParent(top)
+    http = makeHTTPClient(reactor, pool)
     supervisor = Supervisor(
         install,
         reactor,
@@ -153,7 +171,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     catalog = options.catalog
     state = ProxyState(
         catalog=lambda: catalog,
-        keys=install.keys,
+        install=install,
         supervisor=supervisor,
         upstream=Upstream(http, reactor, install.keys.upstreamHeaders),
         clock=reactor,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Mapping, cast
 
+import treq
+import treq.client
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -34,20 +36,26 @@ class UpstreamBroken(Exception):
     """
 
 
-def makeHTTPClient(reactor: Any) -> Any:
+def makeHTTPClient(reactor: Any, pool: HTTPConnectionPool) -> Any:
     """
-    A treq client for talking to TabbyAPI: persistent connections, no redirects followed, and a
-    cookie jar that never stores anything, so no client's cookies reach another.
+    A treq client for talking to TabbyAPI over C{pool}: no redirects followed, and a cookie jar
+    that never stores anything, so no client's cookies reach another.
     """
-    import treq.client
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 256
-    pool.retryAutomatically = False
     return treq.client.HTTPClient(
         Agent(reactor, pool=pool),
         cookiejar=cast(Any, CookieJar(DefaultCookiePolicy(allowed_domains=[]))),
     )
+
+
+def makeConnectionPool(reactor: Any) -> HTTPConnectionPool:
+    """
+    Persistent connections to TabbyAPI, enough for many concurrent streams.  Requests are not
+    retried: a generation request is not safe to send twice.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 256
+    pool.retryAutomatically = False
+    return pool
 
 
 class _BodyPump(Protocol):
@@ -73,7 +81,9 @@ class _BodyPump(Protocol):
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         if self.producing:
             self.producing = False
-            self.request.unregisterProducer()
+            # A request whose client already left has no channel to unregister from.
+            if self.request.channel is not None:
+                self.request.unregisterProducer()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -155,7 +165,31 @@ class Upstream:
         """
         The whole body of a small answer (an error, a model card).
         """
-        import treq
-
         body: bytes = await treq.content(response)
         return body
+
+
+class EventDecoder:
+    """
+    Splits a server-sent event stream into the payloads of its C{data:} lines, however the bytes
+    are cut.  Comment lines (TabbyAPI's C{: ping}) and other fields are skipped; C{\\r\\n},
+    C{\\r} and C{\\n} all end a line, as TabbyAPI frames with C{\\r\\n}.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        @return: the payload of each complete C{data:} line in C{data}, in order.
+        """
+        lines = (self._partial + data).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        # A CRLF cut in two reads as CR then LF: the extra empty line is harmless, as empty
+        # lines carry no data.
+        self._partial = lines.pop()
+        payloads = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                payload = line[5:]
+                payloads.append(payload[1:] if payload.startswith(b" ") else payload)
+        return payloads

@@ -14,7 +14,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from tabbyproxy.auth import Permission, authProblem
-from tabbyproxy.config import Catalog, Keys
+from tabbyproxy.config import Catalog, Keys, TabbyInstall
 from tabbyproxy.supervisor import Supervisor
 from tabbyproxy.upstream import Upstream
 
@@ -44,11 +44,15 @@ class ProxyState:
     """
 
     catalog: Callable[[], Catalog]
-    keys: Keys
+    install: TabbyInstall
     supervisor: Supervisor
     upstream: Upstream
     clock: Any
     maxBodySize: int = DEFAULT_MAX_BODY
+
+    @property
+    def keys(self) -> Keys:
+        return self.install.keys
 
     def requireKey(self, request: IRequest, needed: Permission = Permission.API) -> None:
         """

@@ -170,12 +170,13 @@ class InMemoryProxy:
         runtime = directory / "runtime"
         runtime.mkdir()
         ports = iter(range(7001, 8000))
-        self.supervisor = Supervisor(fakeInstall(directory / "tabby", keys), self.reactor, tabbyClient, runtime,
+        install = fakeInstall(directory / "tabby", keys)
+        self.supervisor = Supervisor(install, self.reactor, tabbyClient, runtime,
                                      settings, pickPort=lambda: next(ports))
         self.supervisor.startService()
         self.state = ProxyState(
             catalog=lambda: self.catalog,
-            keys=keys,
+            install=install,
             supervisor=self.supervisor,
             upstream=Upstream(tabbyClient, self.reactor, keys.upstreamHeaders),
             clock=self.reactor,

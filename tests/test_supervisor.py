@@ -80,7 +80,7 @@ class SupervisorTests(SynchronousTestCase):
         config = process.config()
         self.assertEqual(config["model"], {"model_name": "B"})
         self.assertEqual(config["sampling"], {"override_preset": "x"})
-        self.assertEqual(config["network"], {"host": "127.0.0.1", "port": 7001})
+        self.assertEqual(config["network"], {"host": "127.0.0.1", "port": 7001, "disable_auth": True})
         self.assertEqual(stat.S_IMODE(process.configPath.stat().st_mode), 0o600)
         self.assertEqual(lease.baseURL, "http://127.0.0.1:7001")
 
