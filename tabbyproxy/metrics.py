@@ -1,0 +1,86 @@
+"""
+Prometheus metrics for C{GET /metrics}: requests by route, model and status; requests in flight
+and waiting; model starts, stops, failed starts and crashes; load time, time to first byte and
+request duration as histograms; chunks relayed; and the loaded model as a labelled gauge.
+
+The proxy's parts report what happens through the small L{Metrics} methods; the live state
+(in flight, waiting, which model runs) is read from the supervisor when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Model loads take seconds to minutes; requests from milliseconds to minutes.
+_LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """
+    The proxy's metrics, in a registry of their own (so tests and several proxies in one process
+    never share counters).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tabbyproxy_requests", "Requests answered, by route, model and HTTP status.",
+            ["route", "model", "status"], registry=self.registry,
+        )
+        self.requestSeconds = Histogram(
+            "tabbyproxy_request_duration_seconds", "Time from a request's arrival to its last byte.",
+            ["route", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.firstByteSeconds = Histogram(
+            "tabbyproxy_time_to_first_byte_seconds",
+            "Time from a request's arrival to the first byte of TabbyAPI's answer (the first token "
+            "of a stream), waiting for the model included.",
+            ["route", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.chunks = Counter(
+            "tabbyproxy_stream_chunks_relayed", "Streamed events (about one per token) relayed to clients.",
+            ["model"], registry=self.registry,
+        )
+        self.starts = Counter("tabbyproxy_model_starts", "TabbyAPI starts, by model.", ["model"],
+                              registry=self.registry)
+        self.stops = Counter("tabbyproxy_model_stops", "TabbyAPI stops the proxy asked for, by model and reason.",
+                             ["model", "reason"], registry=self.registry)
+        self.failedStarts = Counter("tabbyproxy_model_failed_starts", "Starts that never became ready.",
+                                    ["model"], registry=self.registry)
+        self.crashes = Counter("tabbyproxy_model_crashes", "TabbyAPI exits nobody asked for, by model.",
+                               ["model"], registry=self.registry)
+        self.loadSeconds = Histogram(
+            "tabbyproxy_model_load_seconds", "Time from spawning TabbyAPI to its first healthy answer.",
+            ["model"], buckets=_LOAD_BUCKETS, registry=self.registry,
+        )
+
+    def watch(self, state: Callable[[], dict[str, Any]]) -> None:
+        """
+        Report the supervisor's live state at each scrape.
+
+        @param state: returns the supervisor's status document.
+        """
+        self.registry.register(_LiveState(state))
+
+
+class _LiveState(Collector):
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self.state = state
+
+    def collect(self) -> Iterable[Metric]:
+        status = self.state()
+        inFlight = GaugeMetricFamily("tabbyproxy_requests_in_flight", "Requests being served by TabbyAPI now.")
+        inFlight.add_metric([], status["in_flight"])
+        waiting = GaugeMetricFamily("tabbyproxy_requests_waiting", "Requests waiting for a model.")
+        waiting.add_metric([], status["waiting"])
+        loaded = GaugeMetricFamily(
+            "tabbyproxy_model_loaded", "1 for the model TabbyAPI runs now, with its state.", labels=["model", "state"]
+        )
+        if status["model"] is not None:
+            loaded.add_metric([status["model"], status["state"]], 1)
+        return [inFlight, waiting, loaded]

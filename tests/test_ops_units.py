@@ -1,0 +1,119 @@
+"""
+The operations helpers on their own: the config check, the in-memory log, the metrics registry.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tabbyproxy.check import main as check
+from tabbyproxy.logbuffer import LogBuffer, LogBufferService
+from tabbyproxy.metrics import Metrics
+
+
+def writeProfile(directory: Path, profileId: str, text: str) -> None:
+    path = directory / f"{profileId}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+class CheckTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp())
+        self.config = self.root / "config"
+        writeProfile(self.config, "good", "model: {model_name: Good}\n")
+
+    def check(self, *argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        return check(list(argv), out), out.getvalue()
+
+    def test_simulateIsFine(self) -> None:
+        """
+        With --simulate and valid profiles the check passes and lists each profile.
+        """
+        code, report = self.check("--simulate", "--config-dir", str(self.config))
+        self.assertEqual(code, 0)
+        self.assertIn("ok: profile good: model Good", report)
+        self.assertTrue(report.rstrip().endswith("OK: 1 profile(s) in " + str(self.config)))
+
+    def test_brokenProfileFails(self) -> None:
+        """
+        A broken profile fails the check with a line naming the file.
+        """
+        writeProfile(self.config, "bad", "model: [\n")
+        code, report = self.check("--simulate", "--config-dir", str(self.config))
+        self.assertEqual(code, 1)
+        self.assertIn("bad.yml: not valid YAML", report)
+
+    def test_missingModelFolderFails(self) -> None:
+        """
+        Against a TabbyAPI folder, a profile whose model folder has no config.json fails the
+        check, naming the folder; a present one passes.
+        """
+        tabby = self.root / "tabby"
+        (tabby / "models" / "Good").mkdir(parents=True)
+        (tabby / "main.py").write_text("")
+        (tabby / "config.yml").write_text(yaml.safe_dump({"network": {"disable_auth": True}}))
+        writeProfile(self.config, "absent", "model: {model_name: Absent}\n")
+        (tabby / "models" / "Good" / "config.json").write_text("{}")
+        code, report = self.check("--tabby-dir", str(tabby), "--config-dir", str(self.config), "--python", "/bin/sh")
+        self.assertEqual(code, 1)
+        self.assertIn("error: profile absent: no config.json in", report)
+        self.assertIn("ok: profile good: model folder", report)
+        self.assertIn("auth off", report)
+
+
+class LogBufferTests(SynchronousTestCase):
+    def test_recordsAndSubscribers(self) -> None:
+        """
+        The buffer keeps the last records, marks TabbyAPI's lines, keeps structured fields, and
+        hands each new record to subscribers until they unsubscribe.
+        """
+        publisher = LogPublisher()
+        buffer = LogBuffer(size=2)
+        service = LogBufferService(buffer, publisher)
+        service.startService()
+        log = Logger(observer=publisher)
+        seen: list[str] = []
+        unsubscribe = buffer.subscribe(lambda record: seen.append(record["text"]))
+        log.info("Starting {model}", model="a")
+        log.info("[{model}] {line}", model="a", line="Model successfully loaded.")
+        unsubscribe()
+        log.warn("late {model}", model="b")
+        service.stopService()
+        log.info("after stop")
+        records = list(buffer)
+        self.assertEqual([r["text"] for r in records], ["Model successfully loaded.", "late b"])
+        self.assertEqual([r["source"] for r in records], ["tabby", "proxy"])
+        self.assertEqual(records[1]["level"], LogLevel.warn.name)
+        self.assertEqual(records[0]["model"], "a")
+        self.assertEqual(seen, ["Starting a", "Model successfully loaded."])
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_exposition(self) -> None:
+        """
+        The registry's text parses with Prometheus' own parser and carries the counters, the
+        histograms and the live state read at scrape time.
+        """
+        metrics = Metrics()
+        state = {"model": "qwen", "state": "ready", "in_flight": 2, "waiting": 1}
+        metrics.watch(lambda: state)
+        metrics.requests.labels("/v1/chat/completions", "qwen", "200").inc()
+        metrics.loadSeconds.labels("qwen").observe(3.5)
+        families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+        [request] = families["tabbyproxy_requests"].samples[:1]
+        self.assertEqual(request.labels, {"route": "/v1/chat/completions", "model": "qwen", "status": "200"})
+        self.assertEqual(request.value, 1)
+        self.assertIn("tabbyproxy_model_load_seconds", families)
+        self.assertEqual(families["tabbyproxy_requests_in_flight"].samples[0].value, 2)
+        self.assertEqual(families["tabbyproxy_requests_waiting"].samples[0].value, 1)
+        [loaded] = families["tabbyproxy_model_loaded"].samples
+        self.assertEqual((loaded.labels, loaded.value), ({"model": "qwen", "state": "ready"}, 1))
