@@ -10,11 +10,13 @@ Choices made where Ollama and TabbyAPI do not line up one to one:
     TabbyAPI reads C{template_vars} in both generations; C{chat_template_kwargs} is only an alias.
   - Negative C{presence_penalty}/C{frequency_penalty} (allowed by Ollama, refused by TabbyAPI with
     422) are clamped to C{0.0}, the nearest value TabbyAPI accepts.
-  - C{/api/generate} goes to C{/v1/completions}, which takes the prompt as raw text.  A C{system}
-    text is prepended to the prompt, separated by a blank line, unless C{raw} is set (Ollama
-    ignores C{system} in raw mode too).  C{template} (a Go template) cannot be applied and is
-    ignored.  A generate request with C{images} goes to C{/v1/chat/completions} instead, as one
-    user message (plus a system message), because only the chat endpoint takes images.
+  - C{/api/generate} goes to C{/v1/chat/completions} as one user message (after a system message
+    when C{system} is given), so an instruct model gets its chat template, as Ollama applies the
+    model's template; the route adds the profile's system prompt as for chat.  With C{raw: true}
+    or a C{suffix} it goes to C{/v1/completions} instead, the prompt as it is: C{system} is
+    prepended with a blank line unless C{raw} (Ollama ignores C{system} in raw mode too), and no
+    profile system prompt is added.  Images always take the chat route, the only one that takes
+    them.  C{template} (a Go template) cannot be applied and is ignored.
   - Tool call ids are made up from the call itself: C{call_} and 8 hex digits of a SHA-256 of the
     call's position, name and arguments.  The same call gets the same id in the reply and when the
     client sends it back in the history, with or without the id, so no state is kept.
@@ -258,11 +260,14 @@ class UpstreamRequest:
     @ivar body: the JSON body, always streaming with usage; without C{model}, profile defaults
         or C{keep_alive}, which the route adds or handles.  The route may add to it.
     @ivar ignoredOptions: L{MappedOptions.ignored}, for the route's debug log.
+    @ivar profileSystem: whether the profile's system prompt (and time stamp) belongs in front
+        of C{body["messages"]}: true for chat-templated requests, false for raw text.
     """
 
     path: str
     body: dict[str, Any]
     ignoredOptions: Mapping[str, Any]
+    profileSystem: bool = False
 
 
 def isEmptyRequest(what: What, body: Mapping[str, Any]) -> bool:
@@ -516,16 +521,21 @@ def chatRequest(body: Mapping[str, Any]) -> UpstreamRequest:
     if tools:
         upstream["tools"] = tools
     upstream.update(_think(body))
-    return UpstreamRequest(path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored)
+    return UpstreamRequest(
+        path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored, profileSystem=True
+    )
 
 
 def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
     """
-    An Ollama C{/api/generate} body as a TabbyAPI C{/v1/completions} request: the prompt, with
-    C{system} and a blank line before it unless C{raw}; C{suffix}; C{options}, C{format},
-    C{think}.  C{template} is checked but ignored (TabbyAPI takes the prompt as it is).  With
-    C{images}, a C{/v1/chat/completions} request instead: C{system} as a system message, the
-    prompt and images as one user message.
+    An Ollama C{/api/generate} body as a TabbyAPI request.
+
+    Templated (the default): a C{/v1/chat/completions} request with C{system} as a system
+    message and the prompt (and images) as one user message, for the model's chat template;
+    the profile's system prompt belongs in front unless C{raw}.  With C{raw: true} or a
+    C{suffix} (and no images): a C{/v1/completions} request with the prompt as it is, C{system}
+    and a blank line before it unless C{raw}, and C{suffix}.  Both carry C{options},
+    C{format} and C{think}; C{template} is checked but ignored.
 
     @raise OllamaRequestError: for fields of the wrong type or bad values.
     """
@@ -537,13 +547,15 @@ def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
     raw = _flag(body, "raw")
     images = _list(body.get("images"), "images")
     upstream.update(_think(body))
-    if images:
+    if images or not (raw or suffix):
         messages: list[dict[str, Any]] = []
-        if system:
+        if system and not raw:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": _content(prompt, images, "")})
         upstream["messages"] = messages
-        return UpstreamRequest(path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored)
+        return UpstreamRequest(
+            path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored, profileSystem=not raw
+        )
     upstream["prompt"] = f"{system}\n\n{prompt}" if system and not raw else prompt
     if suffix:
         upstream["suffix"] = suffix
@@ -828,6 +840,129 @@ class StreamTranslator:
         if calls:
             message["tool_calls"] = calls
         return self._final(message, content, thinking)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+
+def embedInputs(body: Mapping[str, Any]) -> list[str]:
+    """
+    The texts of an Ollama C{/api/embed} body: C{input} as one string or a list of strings.
+    An empty string or list, or no C{input}, gives no texts: the request only loads the model.
+
+    @raise OllamaRequestError: for any other C{input}.
+    """
+    value = body.get("input")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise OllamaRequestError("input must be a string or an array of strings")
+
+
+def embeddingsPrompt(body: Mapping[str, Any]) -> list[str]:
+    """
+    The text of a legacy C{/api/embeddings} body (C{prompt}), as a list of none or one.
+
+    @raise OllamaRequestError: when C{prompt} is not a string.
+    """
+    prompt = _string(body, "prompt")
+    return [prompt] if prompt else []
+
+
+def embedDimensions(body: Mapping[str, Any]) -> int | None:
+    """
+    C{dimensions} of an C{/api/embed} body: how many leading values of each vector to keep.
+
+    @raise OllamaRequestError: when it is not a positive integer.
+    """
+    value = body.get("dimensions")
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OllamaRequestError("dimensions must be a positive integer")
+    return value
+
+
+def embeddingsUpstreamBody(texts: list[str]) -> dict[str, Any]:
+    """
+    TabbyAPI's C{/v1/embeddings} request for C{texts}, with vectors as JSON numbers.
+    """
+    return {"input": texts, "encoding_format": "float"}
+
+
+def upstreamEmbeddings(document: object, count: int) -> tuple[list[list[float]], int]:
+    """
+    The vectors of TabbyAPI's C{/v1/embeddings} answer, in input order, and its prompt token
+    count (0 when it gives none).
+
+    @param count: how many inputs were sent; the answer must have one vector for each.
+    @raise UpstreamError: when the answer is not that.
+    """
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list) or len(data) != count:
+        raise UpstreamError(f"TabbyAPI's embeddings answer does not hold {count} vectors")
+    byIndex: dict[int, list[float]] = {}
+    for position, item in enumerate(data):
+        vector = item.get("embedding") if isinstance(item, dict) else None
+        if not isinstance(vector, list) or not all(_number(v) is not None for v in vector):
+            raise UpstreamError("TabbyAPI's embeddings answer holds something that is not a vector")
+        index = item.get("index")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            index = position
+        byIndex[index] = [float(v) for v in vector]
+    if len(byIndex) != count:
+        raise UpstreamError("TabbyAPI's embeddings answer repeats an index")
+    usage = document.get("usage") if isinstance(document, dict) else None
+    tokens = _number(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+    return [byIndex[index] for index in range(count)], int(tokens or 0)
+
+
+def normalized(vector: list[float], dimensions: int | None = None) -> list[float]:
+    """
+    C{vector} cut to its first C{dimensions} values and scaled to length 1, as Ollama's
+    C{/api/embed} returns vectors (a zero vector stays zero).
+    """
+    if dimensions is not None:
+        vector = vector[:dimensions]
+    length = math.sqrt(math.fsum(value * value for value in vector))
+    if length == 0 or not math.isfinite(length):
+        return list(vector)
+    return [value / length for value in vector]
+
+
+def embedReply(
+    modelName: str,
+    vectors: list[list[float]],
+    totalDuration: float,
+    loadDuration: float,
+    promptTokens: int,
+    dimensions: int | None = None,
+) -> dict[str, Any]:
+    """
+    The answer to C{/api/embed}: the vectors normalized (and cut to C{dimensions}), the
+    durations in nanoseconds and the prompt token count.
+    """
+    return {
+        "model": modelName,
+        "embeddings": [normalized(vector, dimensions) for vector in vectors],
+        "total_duration": _nanoseconds(totalDuration),
+        "load_duration": _nanoseconds(loadDuration),
+        "prompt_eval_count": promptTokens,
+    }
+
+
+def embeddingsReply(vectors: list[list[float]]) -> dict[str, Any]:
+    """
+    The answer to the legacy C{/api/embeddings}: the one vector as TabbyAPI gave it, or an
+    empty one for a request that only loaded the model.
+    """
+    return {"embedding": vectors[0] if vectors else []}
 
 
 # ---------------------------------------------------------------------------------------------

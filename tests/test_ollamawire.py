@@ -645,17 +645,20 @@ class ChatRequestTests(SynchronousTestCase):
 
 class GenerateRequestTests(SynchronousTestCase):
     """
-    L{generateRequest} builds TabbyAPI's C{/v1/completions} body.
+    L{generateRequest} builds a TabbyAPI chat request for templated prompts and a
+    C{/v1/completions} request for raw text and fill-in-the-middle.
     """
 
     def test_prompt(self) -> None:
         """
-        The prompt goes as it is, with options, streaming and usage.
+        By default the prompt is one user message to the chat endpoint, with options,
+        streaming and usage, and the profile's system prompt belongs in front.
         """
         request = generateRequest(
             {"model": "q", "prompt": "Once", "options": {"num_predict": 5}, "format": "json"}
         )
-        self.assertEqual(request.path, COMPLETIONS_PATH)
+        self.assertEqual(request.path, CHAT_PATH)
+        self.assertTrue(request.profileSystem)
         self.assertEqual(
             request.body,
             {
@@ -663,35 +666,56 @@ class GenerateRequestTests(SynchronousTestCase):
                 "stream_options": {"include_usage": True},
                 "max_tokens": 5,
                 "response_format": {"type": "json"},
-                "prompt": "Once",
+                "messages": [{"role": "user", "content": "Once"}],
             },
         )
 
     def test_system(self) -> None:
         """
-        C{system} is prepended to the prompt with a blank line between, except in raw mode.
+        C{system} becomes a system message before the prompt.
         """
         body = generateRequest({"prompt": "Hi", "system": "Be brief."}).body
-        self.assertEqual(body["prompt"], "Be brief.\n\nHi")
-        body = generateRequest({"prompt": "Hi", "system": "Be brief.", "raw": True}).body
-        self.assertEqual(body["prompt"], "Hi")
+        self.assertEqual(
+            body["messages"],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        )
+
+    def test_raw(self) -> None:
+        """
+        C{raw} sends the prompt as it is to C{/v1/completions}: no system text, no profile
+        system prompt.
+        """
+        request = generateRequest({"prompt": "<s>[INST]Hi", "system": "Be brief.", "raw": True})
+        self.assertEqual(request.path, COMPLETIONS_PATH)
+        self.assertFalse(request.profileSystem)
+        self.assertEqual(
+            request.body,
+            {"stream": True, "stream_options": {"include_usage": True}, "prompt": "<s>[INST]Hi"},
+        )
 
     def test_suffixAndTemplate(self) -> None:
         """
-        C{suffix} is passed on; C{template} is accepted and not applied.
+        A C{suffix} sends the prompt to C{/v1/completions} with the suffix, C{system}
+        prepended with a blank line; C{template} is accepted and not applied.
         """
-        body = generateRequest(
-            {"prompt": "def f(", "suffix": "\n    return x", "template": "{{ .Prompt }}"}
-        ).body
-        self.assertEqual(body["suffix"], "\n    return x")
-        self.assertEqual(body["prompt"], "def f(")
-        self.assertNotIn("template", body)
+        request = generateRequest(
+            {"prompt": "def f(", "suffix": "\n    return x", "template": "{{ .Prompt }}",
+             "system": "Python."}
+        )
+        self.assertEqual(request.path, COMPLETIONS_PATH)
+        self.assertFalse(request.profileSystem)
+        self.assertEqual(request.body["suffix"], "\n    return x")
+        self.assertEqual(request.body["prompt"], "Python.\n\ndef f(")
+        self.assertNotIn("template", request.body)
 
     def test_images(self) -> None:
         """
-        With images the request goes to the chat endpoint, as a system and a user message.
+        With images the request goes to the chat endpoint, as a system and a user message, even
+        with a suffix (only the chat endpoint takes images).
         """
-        request = generateRequest({"prompt": "What?", "system": "Terse.", "images": [PNG]})
+        request = generateRequest(
+            {"prompt": "What?", "system": "Terse.", "images": [PNG], "suffix": "!"}
+        )
         self.assertEqual(request.path, CHAT_PATH)
         self.assertEqual(
             request.body["messages"],
