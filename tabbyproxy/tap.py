@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from tabbyproxy.admin import AdminRoutes
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
+from tabbyproxy.ollama import OllamaRoutes
 from tabbyproxy.openai import OpenAIRoutes
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings
 from tabbyproxy.upstream import Upstream, makeConnectionPool, makeHTTPClient
@@ -178,7 +179,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         maxBodySize=options["max-body-size"],
     )
     admin = AdminRoutes(state).app.resource()
-    root = Router(openai=OpenAIRoutes(state).app.resource(), ollama=admin, admin=admin)
+    root = Router(openai=OpenAIRoutes(state).app.resource(), ollama=OllamaRoutes(state).app.resource(), admin=admin)
     site = Site(root)
     site.displayTracebacks = False
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)

@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from tabbyproxy.admin import AdminRoutes
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.ollama import OllamaRoutes
 from tabbyproxy.openai import OpenAIRoutes
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings
 from tabbyproxy.upstream import Upstream
@@ -183,7 +184,8 @@ class InMemoryProxy:
             maxBodySize=maxBodySize,
         )
         admin = AdminRoutes(self.state).app.resource()
-        self.root = Router(openai=OpenAIRoutes(self.state).app.resource(), ollama=admin, admin=admin)
+        self.root = Router(openai=OpenAIRoutes(self.state).app.resource(),
+                           ollama=OllamaRoutes(self.state).app.resource(), admin=admin)
         self.client: Any = StubTreq(self.root)
 
     def flush(self) -> None:

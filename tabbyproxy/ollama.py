@@ -1,0 +1,440 @@
+"""
+The Ollama API: the C{/api/*} routes that let Ollama clients (Open WebUI, Enchanted, Continue,
+VS Code Copilot, the C{ollama} package) use TabbyAPI models through the proxy.
+
+C{/api/chat} and C{/api/generate} start the model their body names, like the OpenAI routes, and
+translate TabbyAPI's server-sent events into Ollama's NDJSON lines as they arrive (see
+L{tabbyproxy.ollamawire} for the wire format).  TabbyAPI is always asked for a stream, with
+usage; a C{stream: false} request gets the translator's aggregate of that stream as one object,
+so its metrics are measured the same way.  C{/api/tags}, C{/api/show} and C{/api/ps} describe
+the profiles and the running model; C{/api/embed} and C{/api/embeddings} go to TabbyAPI's
+C{/v1/embeddings}.  The routes that manage model files answer 501.
+
+Errors are C{{"error": "..."}} with the right status before a stream starts, and one last
+NDJSON line C{{"error": "..."}} after.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Callable, Literal
+
+from attrs import define, field
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest, IResponse
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from tabbyproxy.config import Profile
+from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
+from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
+from tabbyproxy.ollamawire import (
+    EMBEDDINGS_PATH,
+    OllamaRequestError,
+    StreamTranslator,
+    UpstreamError,
+    UpstreamRequest,
+    What,
+    chatRequest,
+    embedDimensions,
+    embeddingsPrompt,
+    embeddingsReply,
+    embeddingsUpstreamBody,
+    embedInputs,
+    embedReply,
+    errorLine,
+    generateRequest,
+    isEmptyRequest,
+    loadReply,
+    psEntry,
+    showReply,
+    tagsEntry,
+    unloadReply,
+    upstreamEmbeddings,
+)
+from tabbyproxy.openai import upstreamErrorMessage
+from tabbyproxy.supervisor import ChildState, Lease, SchedulingError
+from tabbyproxy.upstream import EventDecoder, UpstreamBroken
+from tabbyproxy.web import ClientError, ProxyState, readJSONObject, writeJSON
+
+OLLAMA_VERSION = "0.12.0"
+"""
+What C{/api/version} answers: a plain numeric Ollama version, recent enough for the clients
+that check it (VS Code Copilot wants at least 0.6.4, and clients parse each part as a number).
+"""
+
+NOT_MANAGED = (
+    "tabbyproxy does not manage model files: add a profile under config/ and the model folder "
+    "under TabbyAPI's model_dir"
+)
+
+NDJSON = b"application/x-ndjson"
+
+
+def ndjsonLine(document: object) -> bytes:
+    """
+    One NDJSON line: compact JSON and a newline, nothing else.
+    """
+    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+@define
+class _StreamRelay:
+    """
+    Reads TabbyAPI's event stream for one generation: each event goes through the translator,
+    and its lines are written to the client at once when streaming.
+
+    @ivar error: what went wrong in the stream (TabbyAPI's error event), if anything.
+    @ivar complete: whether TabbyAPI's C{[DONE]} arrived.
+    """
+
+    log = Logger()
+
+    request: IRequest
+    translator: StreamTranslator
+    streaming: bool
+    error: str | None = None
+    complete: bool = False
+    _decoder: EventDecoder = field(factory=EventDecoder)
+
+    def dataReceived(self, data: bytes) -> None:
+        for payload in self._decoder.feed(data):
+            if self.error is not None:
+                return
+            if payload.strip() == b"[DONE]":
+                self.complete = True
+                continue
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                self.log.warn("Skipped an event from TabbyAPI that is not JSON: {payload!r}",
+                              payload=payload[:200])
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            try:
+                lines = self.translator.feed(chunk)
+            except UpstreamError as e:
+                self.error = str(e)
+                return
+            if self.streaming:
+                for line in lines:
+                    self.write(line)
+
+    def write(self, document: object) -> None:
+        self.request.write(ndjsonLine(document))
+
+
+@define
+class OllamaRoutes:
+    """
+    The C{/api/*} routes.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    state: ProxyState
+    now: Callable[[], datetime] = field(default=datetime.now)
+
+    def _seconds(self) -> float:
+        seconds: float = self.state.clock.seconds()
+        return seconds
+
+    # -- what is there
+
+    @app.route("/api/version", methods=["GET", "HEAD"])
+    def version(self, request: IRequest) -> bytes:
+        try:
+            self.state.requireKey(request)
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        return writeJSON(request, 200, {"version": OLLAMA_VERSION})
+
+    @app.route("/api/tags", methods=["GET", "HEAD"])
+    def tags(self, request: IRequest) -> bytes:
+        try:
+            self.state.requireKey(request)
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        install = self.state.install
+        profiles = sorted(self.state.catalog(), key=lambda profile: profile.id)
+        return writeJSON(
+            request, 200,
+            {"models": [tagsEntry(profile, install.modelDirectory(profile)) for profile in profiles]},
+        )
+
+    @app.route("/api/show", methods=["POST"])
+    def show(self, request: IRequest) -> bytes:
+        try:
+            self.state.requireKey(request)
+            body = readJSONObject(request, self.state.maxBodySize)
+            # Continue still sends the deprecated "name".
+            if body.get("model") is None and body.get("name") is not None:
+                body["model"] = body["name"]
+            _, profile = self._profileFor(body)
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        return writeJSON(request, 200, showReply(profile, self.state.install.modelDirectory(profile)))
+
+    @app.route("/api/ps", methods=["GET"])
+    def ps(self, request: IRequest) -> bytes:
+        try:
+            self.state.requireKey(request)
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        supervisor = self.state.supervisor
+        child = supervisor.current
+        models = []
+        # A stopping model will never answer again: a client that just unloaded it (or a swap
+        # that is under way) should not see it as loaded.
+        if child is not None and child.state is not ChildState.STOPPING:
+            folder = self.state.install.modelDirectory(child.profile)
+            models.append(psEntry(child.profile, folder, supervisor.expiresAt()))
+        return writeJSON(request, 200, {"models": models})
+
+    # -- generation
+
+    @app.route("/api/chat", methods=["POST"])
+    async def chat(self, request: IRequest) -> bytes | None:
+        return await self._generate(request, "chat")
+
+    @app.route("/api/generate", methods=["POST"])
+    async def generate(self, request: IRequest) -> bytes | None:
+        return await self._generate(request, "generate")
+
+    async def _generate(self, request: IRequest, what: What) -> bytes | None:
+        startedAt = self._seconds()
+        try:
+            self.state.requireKey(request)
+            body = readJSONObject(request, self.state.maxBodySize)
+            name, profile = self._profileFor(body)
+            keepAlive = self._keepAlive(body)
+            streaming = self._streaming(body)
+            upstreamRequest = self._translate(what, body, profile)
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        if upstreamRequest.ignoredOptions:
+            self.log.debug(
+                "Ignored options with no TabbyAPI equivalent for {model}: {options}",
+                model=profile.id, options=dict(upstreamRequest.ignoredOptions),
+            )
+        if isEmptyRequest(what, body):
+            return await self._loadOrUnload(request, what, name, profile, keepAlive)
+        try:
+            lease = await self.state.supervisor.acquire(profile, keepAlive)
+        except SchedulingError as e:
+            return writeJSON(request, e.status, errorLine(str(e)))
+        try:
+            translator = StreamTranslator(
+                what=what, modelName=name, clock=self._seconds, startedAt=startedAt,
+                loadDuration=lease.waited,
+            )
+            return await self._relay(request, lease, upstreamRequest, translator, streaming)
+        finally:
+            lease.release()
+
+    def _profileFor(self, body: dict[str, Any]) -> tuple[str, Profile]:
+        """
+        The model name as the client sent it, and its profile.
+        """
+        name = body.get("model")
+        if name is None or name == "":
+            raise ClientError(400, "model is required")
+        if not isinstance(name, str):
+            raise ClientError(400, "model must be a string")
+        profile = self.state.catalog().resolve(name)
+        if profile is None:
+            raise ClientError(404, f"model '{name}' not found")
+        return name, profile
+
+    @staticmethod
+    def _keepAlive(body: dict[str, Any]) -> float | None:
+        value = body.get("keep_alive")
+        if value is None:
+            return None
+        try:
+            return parseKeepAlive(value)
+        except KeepAliveError as e:
+            raise ClientError(400, str(e)) from e
+
+    @staticmethod
+    def _streaming(body: dict[str, Any]) -> bool:
+        value = body.get("stream")
+        if value is None:
+            return True  # Ollama streams unless told not to.
+        if not isinstance(value, bool):
+            raise ClientError(400, "stream must be true or false")
+        return value
+
+    def _translate(self, what: What, body: dict[str, Any], profile: Profile) -> UpstreamRequest:
+        """
+        The TabbyAPI request for an Ollama body, with the profile's template applied: its
+        sampler defaults where the request set nothing, and its system prompt in front of
+        chat-templated messages.
+        """
+        try:
+            upstreamRequest = chatRequest(body) if what == "chat" else generateRequest(body)
+        except OllamaRequestError as e:
+            raise ClientError(400, str(e)) from e
+        upstreamBody = upstreamRequest.body
+        template = profile.template
+        if upstreamRequest.profileSystem:
+            upstreamBody["messages"] = applySystemPrompt(upstreamBody["messages"], template, self.now)
+        applyRequestDefaults(upstreamBody, template)
+        return upstreamRequest
+
+    async def _loadOrUnload(
+        self, request: IRequest, what: What, name: str, profile: Profile, keepAlive: float | None
+    ) -> bytes:
+        """
+        An empty request: load the model and say so, or with C{keep_alive: 0} unload it
+        without loading it first.  One JSON object, even when the client asked for a stream.
+        """
+        supervisor = self.state.supervisor
+        if keepAlive == 0:
+            # Like Ollama, answer at once; the child stops now if idle, else after its last
+            # request.  The Deferred only says when it has exited.
+            supervisor.unloadIdle(profile)
+            self.log.info("Unloading {model} on request", model=profile.id)
+            return writeJSON(request, 200, unloadReply(what, name, self._seconds))
+        try:
+            lease = await supervisor.acquire(profile, keepAlive)
+        except SchedulingError as e:
+            return writeJSON(request, e.status, errorLine(str(e)))
+        lease.release()
+        return writeJSON(request, 200, loadReply(what, name, self._seconds))
+
+    async def _send(self, request: IRequest, lease: Lease, path: str, body: dict[str, Any]) -> IResponse | bytes:
+        """
+        Send one request to TabbyAPI.
+
+        @return: its response when it answered with success, else the error answer for the
+            client (already set on C{request}).
+        """
+        upstream = self.state.upstream
+        try:
+            response: IResponse = await upstream.send(lease, "POST", path, json.dumps(body).encode("utf-8"))
+        except CancelledError:
+            raise
+        except Exception as e:
+            message = f"TabbyAPI for {lease.profile.id} did not answer: {e}"
+            self.log.error("{message}", message=message, model=lease.profile.id)
+            return writeJSON(request, 502, errorLine(message))
+        if response.code >= 400:
+            raw = await upstream.read(response)
+            return writeJSON(request, response.code, errorLine(upstreamErrorMessage(response.code, raw)))
+        return response
+
+    async def _relay(
+        self,
+        request: IRequest,
+        lease: Lease,
+        upstreamRequest: UpstreamRequest,
+        translator: StreamTranslator,
+        streaming: bool,
+    ) -> bytes | None:
+        response = await self._send(request, lease, upstreamRequest.path, upstreamRequest.body)
+        if isinstance(response, bytes):
+            return response
+        relay = _StreamRelay(request, translator, streaming)
+        if streaming:
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", NDJSON)
+        try:
+            await self.state.upstream.pipe(response, request, relay.dataReceived)
+        except UpstreamBroken as e:
+            relay.error = f"{e} (model {lease.profile.id}); see GET /status"
+        if relay.error is None and not relay.complete:
+            relay.error = f"TabbyAPI's stream for {lease.profile.id} ended before it was complete"
+        if relay.error is not None:
+            self.log.error("{message}", message=relay.error, model=lease.profile.id)
+            if streaming:
+                relay.write(errorLine(relay.error))
+                return None
+            return writeJSON(request, 502, errorLine(relay.error))
+        if streaming:
+            relay.write(translator.finish())
+            return None
+        return writeJSON(request, 200, translator.aggregate())
+
+    # -- embeddings
+
+    @app.route("/api/embed", methods=["POST"])
+    async def embed(self, request: IRequest) -> bytes:
+        return await self._embed(request, "embed")
+
+    @app.route("/api/embeddings", methods=["POST"])
+    async def embeddings(self, request: IRequest) -> bytes:
+        return await self._embed(request, "embeddings")
+
+    async def _embed(self, request: IRequest, shape: Literal["embed", "embeddings"]) -> bytes:
+        startedAt = self._seconds()
+        try:
+            self.state.requireKey(request)
+            body = readJSONObject(request, self.state.maxBodySize)
+            name, profile = self._profileFor(body)
+            keepAlive = self._keepAlive(body)
+            try:
+                texts = embedInputs(body) if shape == "embed" else embeddingsPrompt(body)
+                dimensions = embedDimensions(body) if shape == "embed" else None
+            except OllamaRequestError as e:
+                raise ClientError(400, str(e)) from e
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        try:
+            lease = await self.state.supervisor.acquire(profile, keepAlive)
+        except SchedulingError as e:
+            return writeJSON(request, e.status, errorLine(str(e)))
+        try:
+            vectors: list[list[float]] = []
+            promptTokens = 0
+            if texts:
+                # Nothing to embed only loads the model, as in Ollama.
+                response = await self._send(request, lease, EMBEDDINGS_PATH, embeddingsUpstreamBody(texts))
+                if isinstance(response, bytes):
+                    return response
+                raw = await self.state.upstream.read(response)
+                try:
+                    vectors, promptTokens = upstreamEmbeddings(json.loads(raw), len(texts))
+                except (ValueError, UpstreamError) as e:
+                    message = f"TabbyAPI for {profile.id} answered embeddings badly: {e}"
+                    self.log.error("{message}", message=message, model=profile.id)
+                    return writeJSON(request, 502, errorLine(message))
+        finally:
+            lease.release()
+        if shape == "embeddings":
+            return writeJSON(request, 200, embeddingsReply(vectors))
+        return writeJSON(
+            request, 200,
+            embedReply(name, vectors, self._seconds() - startedAt, lease.waited, promptTokens, dimensions),
+        )
+
+    # -- model files, which TabbyAPI's model_dir holds
+
+    @app.route("/api/pull", endpoint="pull")
+    @app.route("/api/push", endpoint="push")
+    @app.route("/api/create", endpoint="create")
+    @app.route("/api/copy", endpoint="copy")
+    @app.route("/api/delete", endpoint="delete")
+    @app.route("/api/blobs/<path:digest>", endpoint="blobs")
+    def notManaged(self, request: IRequest, digest: str = "") -> bytes:
+        try:
+            self.state.requireKey(request)
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        return writeJSON(request, 501, errorLine(NOT_MANAGED))
+
+    # -- errors
+
+    @app.handle_errors(NotFound)
+    def notFound(self, request: IRequest, failure: Failure) -> bytes:
+        return writeJSON(request, 404, errorLine(f"no route {request.path.decode('utf-8', 'replace')}"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
+        method = request.method.decode("ascii", "replace")
+        return writeJSON(request, 405, errorLine(f"{method} is not allowed here"))
