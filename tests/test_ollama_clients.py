@@ -1,0 +1,317 @@
+"""
+Real Ollama clients against the real proxy: the service built from command-line options, the
+simulator as its child, real loopback TCP, the C{ollama} package as the client, and a replay of
+the calls Open WebUI makes, checking the fields each reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import ollama
+import treq
+from twisted.trial.unittest import TestCase
+
+from tests.proxysupport import RunningProxy, inThread, waitUntil
+from tests.test_integration import CaptureLines
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "alpha": {"model": {"model_name": "Alpha-exl3", "max_seq_len": 4096},
+              "template": {"system": "Be brief."}},
+    "beta": {"model": {"model_name": "Beta-exl3"}, "embeddings": {"embedding_model_name": "bge-small"}},
+    "fragile": {"model": {"model_name": "Fragile"}, "simulator": {"crash_after_tokens": 3}},
+    "slow": {"model": {"model_name": "Slow"}, "simulator": {"token_delay": 0.05}},
+}
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def ollamaClient(testCase: TestCase, proxy: RunningProxy) -> ollama.Client:
+    """
+    An C{ollama} client for the proxy; C{Connection: close}, so no socket outlives the test.
+    """
+    client = ollama.Client(host=proxy.url, headers={"Connection": "close"}, timeout=30)
+    testCase.addCleanup(client.close)
+    return client
+
+
+async def responseError(call: Callable[[], object]) -> ollama.ResponseError:
+    """
+    The C{ollama.ResponseError} that C{call} raises in a thread.
+    """
+    try:
+        await inThread(call)
+    except ollama.ResponseError as e:
+        return e
+    raise AssertionError("no ollama.ResponseError was raised")
+
+
+def secondsUntil(expiresAt: datetime) -> float:
+    return expiresAt.timestamp() - time.time()
+
+
+class OllamaClientTests(TestCase):
+    """
+    The C{ollama} package, as applications use it.
+    """
+
+    timeout = 60
+
+    async def test_listShowChatGenerate(self) -> None:
+        """
+        list, show and ps describe the profiles and the running model; chat and generate work
+        streaming and not, with the model's answer, the name echoed, and Ollama's final
+        metrics; think gives thinking; everything is served by one child.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+
+        listed = await inThread(client.list)
+        names = sorted(model.model or "" for model in listed.models)
+        self.assertEqual(names, ["alpha:latest", "beta:latest", "fragile:latest", "slow:latest"])
+        for model in listed.models:
+            self.assertIsInstance(model.modified_at, datetime)
+            self.assertIsNotNone(model.details)
+        shown = await inThread(lambda: client.show("alpha"))
+        self.assertEqual(shown.modelinfo["llama.context_length"], 4096)  # type: ignore[index]
+        self.assertIn("completion", shown.capabilities or [])
+        self.assertEqual((await inThread(client.ps)).models, [])
+
+        messages = [{"role": "user", "content": "Hello"}]
+        reply = await inThread(lambda: client.chat(model="alpha", messages=messages))
+        self.assertTrue((reply.message.content or "").startswith("Alpha-exl3 "), reply)
+        self.assertEqual((reply.model, reply.done, reply.done_reason), ("alpha", True, "stop"))
+        self.assertEqual(reply.eval_count, 16)
+        self.assertGreater(reply.prompt_eval_count or 0, 0)
+        self.assertGreater(reply.total_duration or 0, 0)
+        self.assertGreater(reply.load_duration or 0, 0)
+
+        def streamChat() -> list[Any]:
+            return list(client.chat(model="alpha:latest", messages=messages, stream=True,
+                                    options={"num_predict": 5}))
+
+        chunks = await inThread(streamChat)
+        streamedText = "".join(chunk.message.content or "" for chunk in chunks)
+        self.assertTrue(streamedText.startswith("Alpha-exl3 "), streamedText)
+        self.assertEqual([chunk.done for chunk in chunks], [False] * 5 + [True])
+        self.assertEqual((chunks[-1].done_reason, chunks[-1].eval_count, chunks[-1].model),
+                         ("length", 5, "alpha:latest"))
+
+        generated = await inThread(lambda: client.generate(model="alpha", prompt="Once", system="Terse."))
+        self.assertTrue((generated.response or "").startswith("Alpha-exl3 "))
+        self.assertEqual(generated.done_reason, "stop")
+        pieces = await inThread(lambda: list(client.generate(model="alpha", prompt="Once", stream=True, raw=True)))
+        self.assertTrue("".join(piece.response or "" for piece in pieces).startswith("Alpha-exl3 "))
+        self.assertTrue(pieces[-1].done)
+
+        thought = await inThread(lambda: client.chat(model="alpha", messages=messages, think=True))
+        self.assertTrue(thought.message.thinking, thought)
+        self.assertTrue((thought.message.content or "").startswith("Alpha-exl3 "))
+
+        [running] = (await inThread(client.ps)).models
+        self.assertEqual((running.model, running.context_length), ("alpha:latest", 4096))
+        self.assertTrue(890 < secondsUntil(running.expires_at) <= 900, running.expires_at)  # type: ignore[arg-type]
+        self.assertEqual(proxy.supervisor.starts, 1)
+
+    async def test_embed(self) -> None:
+        """
+        embed answers one normalized vector per input; the legacy embeddings call answers one.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+        embedded = await inThread(lambda: client.embed(model="beta", input=["first", "second"]))
+        self.assertEqual(embedded.model, "beta")
+        self.assertEqual([len(vector) for vector in embedded.embeddings], [8, 8])
+        for vector in embedded.embeddings:
+            self.assertAlmostEqual(math.sqrt(sum(value * value for value in vector)), 1.0, places=6)
+        self.assertGreater(embedded.prompt_eval_count or 0, 0)
+        legacy = await inThread(lambda: client.embeddings(model="beta:latest", prompt="first"))
+        self.assertEqual(len(legacy.embedding), 8)
+        error = await responseError(lambda: client.embed(model="alpha", input="x"))
+        self.assertEqual(error.status_code, 503)
+        self.assertIn("No embedding models", error.error)
+
+    async def test_loadUnloadAndKeepAlive(self) -> None:
+        """
+        An empty request loads the model and one with keep_alive 0 unloads it; keep_alive "5m"
+        and -1 show in /api/ps and /status, and 0 on a real request unloads after it.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+        loaded = await inThread(lambda: client.generate(model="alpha", prompt=""))
+        self.assertEqual((loaded.done, loaded.done_reason, loaded.response), (True, "load", ""))
+        self.assertEqual(proxy.supervisor.status()["state"], "ready")
+
+        messages = [{"role": "user", "content": "Hi"}]
+        await inThread(lambda: client.chat(model="alpha", messages=messages, keep_alive="5m"))
+        [running] = (await inThread(client.ps)).models
+        self.assertTrue(290 < secondsUntil(running.expires_at) <= 300, running.expires_at)  # type: ignore[arg-type]
+        self.assertTrue(290 < proxy.supervisor.status()["unload"]["fires_in_seconds"] <= 300)
+
+        await inThread(lambda: client.chat(model="alpha", messages=messages, keep_alive=-1))
+        [running] = (await inThread(client.ps)).models
+        self.assertGreaterEqual(running.expires_at.year, 2300)  # type: ignore[union-attr]
+        self.assertEqual(proxy.supervisor.status()["unload"]["keep_alive"], "forever")
+
+        unloaded = await inThread(lambda: client.generate(model="alpha", keep_alive=0))
+        self.assertEqual(unloaded.done_reason, "unload")
+        self.assertEqual((await inThread(client.ps)).models, [])
+        await waitUntil(lambda: proxy.supervisor.current is None)
+
+        chatLoad = await inThread(lambda: client.chat(model="alpha", messages=[]))
+        self.assertEqual((chatLoad.done_reason, chatLoad.message.content), ("load", ""))
+        await inThread(lambda: client.chat(model="alpha", messages=messages, keep_alive=0))
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertEqual(proxy.supervisor.status()["state"], "stopped")
+        self.assertEqual(proxy.supervisor.starts, 2)
+
+    async def test_toolsRoundTrip(self) -> None:
+        """
+        A tool call comes back with its arguments as an object, streaming or not, and the
+        conversation goes on with the tool's result.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+        messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+        reply = await inThread(lambda: client.chat(model="alpha", messages=messages, tools=[WEATHER_TOOL]))
+        [call] = reply.message.tool_calls or []
+        self.assertEqual((call.function.name, dict(call.function.arguments)), ("get_weather", {"city": "Paris"}))
+        self.assertEqual(reply.done_reason, "stop")
+
+        def streamed() -> list[Any]:
+            return list(client.chat(model="alpha", messages=messages, tools=[WEATHER_TOOL], stream=True))
+
+        chunks = await inThread(streamed)
+        calls = [call for chunk in chunks for call in chunk.message.tool_calls or []]
+        self.assertEqual([dict(call.function.arguments) for call in calls], [{"city": "Paris"}])
+        self.assertTrue(chunks[-1].done)
+
+        messages += [reply.message, {"role": "tool", "tool_name": "get_weather", "content": "Sunny, 21 C"}]
+        answer = await inThread(lambda: client.chat(model="alpha", messages=messages))
+        self.assertTrue((answer.message.content or "").startswith("Alpha-exl3 "), answer)
+
+    async def test_errors(self) -> None:
+        """
+        Unknown models and model-file routes are ResponseErrors with Ollama's status; a
+        child that dies mid-stream ends the stream with an error line, which the client
+        raises.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+        error = await responseError(lambda: client.chat(model="gamma", messages=[{"role": "user", "content": "x"}]))
+        self.assertEqual((error.status_code, error.error), (404, "model 'gamma' not found"))
+        error = await responseError(lambda: client.pull("alpha"))
+        self.assertEqual(error.status_code, 501)
+        self.assertIn("does not manage model files", error.error)
+
+        def crash() -> list[Any]:
+            return list(client.chat(model="fragile", stream=True, options={"num_predict": 10},
+                                    messages=[{"role": "user", "content": "x"}]))
+
+        error = await responseError(crash)
+        self.assertIn("connection to TabbyAPI broke", error.error)
+        await waitUntil(lambda: proxy.supervisor.current is None)
+
+    async def test_disconnectMidStreamStopsGeneration(self) -> None:
+        """
+        A client that leaves an /api/chat stream makes the proxy close its request to TabbyAPI
+        (the simulator reports the cancel), and the in-flight count returns to zero.
+        """
+        lines = CaptureLines(self)
+        proxy = RunningProxy(self, PROFILES)
+        response = await proxy.http.post(
+            proxy.url + "/api/chat", unbuffered=True,
+            json={"model": "slow", "options": {"num_predict": 1000}, "messages": [{"role": "user", "content": "x"}]},
+        )
+        self.assertEqual(response.code, 200)
+        got: list[bytes] = []
+        done = treq.collect(response, got.append)
+        await waitUntil(lambda: b"".join(got).count(b"\n") >= 3)
+        self.assertEqual(proxy.supervisor.status()["in_flight"], 1)
+        response.original._transport.stopProducing()  # type: ignore[attr-defined]
+        await self.assertFailure(done, Exception)
+        await waitUntil(lambda: lines.seen("cancelled by user"))
+        await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
+
+
+class OpenWebUIReplayTests(TestCase):
+    """
+    The calls Open WebUI makes when it connects to an Ollama server and chats, and the fields it
+    reads from each answer (its backend's routers/ollama.py).
+    """
+
+    timeout = 60
+
+    async def test_connectChatUnload(self) -> None:
+        """
+        version parses as Open WebUI parses it; tags entries are keyed by tagged C{model}
+        names; ps's expires_at parses with fromisoformat; a C{:latest} chat streams NDJSON
+        with a final done line and metrics; generate with keep_alive 0 and an empty prompt
+        unloads.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        headers: dict[bytes | str, bytes | str] = {"Connection": "close"}
+
+        async def get(path: str) -> Any:
+            response = await proxy.http.get(proxy.url + path, headers=headers)
+            self.assertEqual(response.code, 200)
+            return json.loads(await response.content())
+
+        version = (await get("/api/version"))["version"]
+        self.assertEqual(len(tuple(map(int, re.sub(r"^v|-.*", "", version).split(".")))), 3)
+
+        tags = await get("/api/tags")
+        byModel = {entry["model"]: entry for entry in tags["models"]}
+        model = "alpha"
+        if ":" not in model:
+            model += ":latest"
+        self.assertIn(model, byModel)
+        self.assertEqual(byModel[model]["name"], model)
+
+        self.assertEqual(await get("/api/ps"), {"models": []})
+
+        response = await proxy.http.post(proxy.url + "/api/chat", headers=headers, json={
+            "model": model, "stream": True, "options": {},
+            "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}],
+        })
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
+        body = await response.content()
+        self.assertTrue(body.endswith(b"\n"))
+        lines = [json.loads(line) for line in body[:-1].split(b"\n")]
+        for line in lines:
+            self.assertEqual(line["model"], model)
+            self.assertEqual(line["message"]["role"], "assistant")
+            self.assertIsInstance(line["message"]["content"], str)
+            datetime.fromisoformat(line["created_at"])
+        self.assertTrue("".join(line["message"]["content"] for line in lines).startswith("Alpha-exl3 "))
+        final = lines[-1]
+        self.assertEqual((final["done"], final["done_reason"]), (True, "stop"))
+        for key in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+                    "eval_count", "eval_duration"):
+            self.assertIsInstance(final[key], int)
+
+        [running] = (await get("/api/ps"))["models"]
+        self.assertEqual(running["model"], model)
+        expiresAt = datetime.fromisoformat(running["expires_at"])
+        self.assertGreater(expiresAt, datetime.now(timezone.utc))
+
+        response = await proxy.http.post(proxy.url + "/api/generate", headers=headers,
+                                         json={"model": model, "keep_alive": 0, "prompt": ""})
+        self.assertEqual(response.code, 200)
+        unloaded = json.loads(await response.content())
+        self.assertEqual((unloaded["model"], unloaded["done"], unloaded["done_reason"]), (model, True, "unload"))
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertEqual(await get("/api/ps"), {"models": []})
