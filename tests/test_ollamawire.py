@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,11 @@ from tabbyproxy.ollamawire import (
     UpstreamError,
     chatRequest,
     contextLength,
+    embedDimensions,
+    embeddingsPrompt,
+    embeddingsReply,
+    embedInputs,
+    embedReply,
     errorLine,
     generateRequest,
     imageDataURI,
@@ -36,12 +42,14 @@ from tabbyproxy.ollamawire import (
     loadReply,
     mapOptions,
     modelDetails,
+    normalized,
     ollamaTimestamp,
     psEntry,
     showReply,
     tagsEntry,
     toolCallId,
     unloadReply,
+    upstreamEmbeddings,
 )
 
 deterministic = settings(derandomize=True, max_examples=200, deadline=None, database=None)
@@ -1028,6 +1036,83 @@ class StreamTranslatorTests(SynchronousTestCase):
         whole = translate.aggregate()
         self.assertEqual(whole["message"]["content"] if what == "chat" else whole["response"],
                          text)
+
+
+class EmbeddingTests(SynchronousTestCase):
+    """
+    The C{/api/embed} and C{/api/embeddings} translation.
+    """
+
+    def test_inputs(self) -> None:
+        """
+        C{input} is one string or a list of strings; empty or absent means only load.
+        """
+        self.assertEqual(embedInputs({"input": "a"}), ["a"])
+        self.assertEqual(embedInputs({"input": ["a", ""]}), ["a", ""])
+        empty: list[dict[str, Any]] = [{}, {"input": ""}, {"input": []}, {"input": None}]
+        for body in empty:
+            self.assertEqual(embedInputs(body), [])
+        for bad in (3, [1], {"text": "a"}, ["a", None]):
+            self.assertRaises(OllamaRequestError, embedInputs, {"input": bad})
+        self.assertEqual(embeddingsPrompt({"prompt": "a"}), ["a"])
+        self.assertEqual(embeddingsPrompt({}), [])
+        self.assertRaises(OllamaRequestError, embeddingsPrompt, {"prompt": ["a"]})
+
+    def test_dimensions(self) -> None:
+        """
+        C{dimensions} is a positive integer, or absent (0 counts as absent).
+        """
+        self.assertEqual(embedDimensions({"dimensions": 256}), 256)
+        self.assertIsNone(embedDimensions({}))
+        self.assertIsNone(embedDimensions({"dimensions": 0}))
+        for bad in (-1, 1.5, "8", True):
+            self.assertRaises(OllamaRequestError, embedDimensions, {"dimensions": bad})
+
+    def test_upstreamAnswer(self) -> None:
+        """
+        TabbyAPI's vectors come back in input order by their C{index}, with the prompt token
+        count; an answer with the wrong number of vectors, or not vectors, is an upstream error.
+        """
+        document = {"data": [{"index": 1, "embedding": [2, 0.5]}, {"index": 0, "embedding": [1.0]}],
+                    "usage": {"prompt_tokens": 4}}
+        self.assertEqual(upstreamEmbeddings(document, 2), ([[1.0], [2.0, 0.5]], 4))
+        self.assertEqual(upstreamEmbeddings({"data": [{"embedding": []}]}, 1), ([[]], 0))
+        answers: list[tuple[object, int]] = [
+            ({"data": []}, 1), ({"data": [{"embedding": "AAAA"}]}, 1), ([], 1), ({"detail": "x"}, 1),
+            ({"data": [{"index": 0, "embedding": [1]}, {"index": 0, "embedding": [2]}]}, 2),
+        ]
+        for bad, count in answers:
+            self.assertRaises(UpstreamError, upstreamEmbeddings, bad, count)
+
+    def test_replies(self) -> None:
+        """
+        /api/embed answers normalized vectors (cut to C{dimensions} first) with nanosecond
+        durations; /api/embeddings answers the one vector as it is.
+        """
+        self.assertEqual(
+            embedReply("bge:latest", [[3.0, 4.0, 12.0]], 0.5, 0.25, 3, dimensions=2),
+            {"model": "bge:latest", "embeddings": [[0.6, 0.8]], "total_duration": 500_000_000,
+             "load_duration": 250_000_000, "prompt_eval_count": 3},
+        )
+        self.assertEqual(embeddingsReply([[3.0, 4.0]]), {"embedding": [3.0, 4.0]})
+        self.assertEqual(embeddingsReply([]), {"embedding": []})
+        self.assertEqual(normalized([0.0, 0.0]), [0.0, 0.0])
+
+    @deterministic
+    @given(st.lists(st.floats(min_value=-1e6, max_value=1e6), max_size=64))
+    def test_normalizedLength(self, vector: list[float]) -> None:
+        """
+        A normalized vector has length 1, unless it was all zeros, and keeps its direction.
+        """
+        result = normalized(vector)
+        self.assertEqual(len(result), len(vector))
+        length = math.sqrt(sum(value * value for value in result))
+        if any(vector) and math.sqrt(math.fsum(v * v for v in vector)) > 1e-150:
+            self.assertAlmostEqual(length, 1.0, places=9)
+            for original, scaled in zip(vector, result):
+                self.assertGreaterEqual(original * scaled, 0.0)
+        else:
+            self.assertEqual(result, vector)
 
 
 class EmptyRequestReplyTests(SynchronousTestCase):
