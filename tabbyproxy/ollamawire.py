@@ -930,10 +930,13 @@ def normalized(vector: list[float], dimensions: int | None = None) -> list[float
     """
     if dimensions is not None:
         vector = vector[:dimensions]
-    length = math.sqrt(math.fsum(value * value for value in vector))
-    if length == 0 or not math.isfinite(length):
+    # Scaled by the largest value first, so squaring neither underflows nor overflows.
+    largest = max((abs(value) for value in vector), default=0.0)
+    if largest == 0 or not math.isfinite(largest):
         return list(vector)
-    return [value / length for value in vector]
+    scaled = [value / largest for value in vector]
+    length = math.sqrt(math.fsum(value * value for value in scaled))
+    return [value / length for value in scaled]
 
 
 def embedReply(
