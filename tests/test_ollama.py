@@ -14,6 +14,7 @@ from typing import Any
 
 import treq
 from treq import content
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
@@ -240,7 +241,8 @@ class GenerationTests(OllamaTestCase):
         TabbyAPI's usage in nanoseconds; the model name is echoed as sent.
         """
         self.proxy.tabby.chunks = events(HEAD_CHAT)
-        response, raw = self.post("/api/chat", {"model": "qwen:latest", "messages": [{"role": "user", "content": "Hi"}]})
+        response, raw = self.post("/api/chat", {"model": "qwen:latest",
+                                                "messages": [{"role": "user", "content": "Hi"}]})
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
         lines = ndjson(raw)
@@ -285,13 +287,18 @@ class GenerationTests(OllamaTestCase):
         """
         TabbyAPI gets a streaming chat request with usage, the options under TabbyAPI's names
         (winning over the profile's defaults, which fill the rest), the profile's system prompt
-        in front, and neither C{model} nor C{keep_alive}; ignored options are left out.
+        in front, and neither C{model} nor C{keep_alive}; options with no TabbyAPI equivalent
+        are left out and logged at debug level.
         """
-        self.post("/api/chat", {
-            "model": "qwen", "keep_alive": "10m", "stream": False, "format": "json",
-            "options": {"temperature": 0.1, "num_predict": 64, "repeat_penalty": 1.1, "num_ctx": 4096},
-            "messages": [{"role": "user", "content": "Hi"}],
-        })
+        with capturedLogs() as logged:
+            self.post("/api/chat", {
+                "model": "qwen", "keep_alive": "10m", "stream": False, "format": "json",
+                "options": {"temperature": 0.1, "num_predict": 64, "repeat_penalty": 1.1, "num_ctx": 4096},
+                "messages": [{"role": "user", "content": "Hi"}],
+            })
+        [ignored] = [event for event in logged if "options" in event]
+        self.assertEqual((ignored["log_level"], ignored["model"], ignored["options"]),
+                         (LogLevel.debug, "qwen", {"num_ctx": 4096}))
         [(path, body)] = self.upstreamBodies()
         self.assertEqual(path, "/v1/chat/completions")
         self.assertEqual(body, {
@@ -575,7 +582,8 @@ class ErrorTests(OllamaTestCase):
         ]
         for body, message in cases:
             self.assertOllamaError(*self.post("/api/chat", body), 400, message)
-        self.assertOllamaError(*self.post("/api/generate", {"model": "qwen", "prompt": 1}), 400, "prompt must be a string")
+        self.assertOllamaError(*self.post("/api/generate", {"model": "qwen", "prompt": 1}),
+                               400, "prompt must be a string")
         self.assertEqual(self.proxy.reactor.spawned, [])
 
     def test_upstreamHTTPError(self) -> None:
@@ -608,7 +616,8 @@ class ErrorTests(OllamaTestCase):
         self.assertEqual(lines[0]["message"]["content"], "Hel")
         self.assertEqual(lines[1:], [{"error": "Chat completion aborted. Please check the server console."}])
         self.assertOllamaError(
-            *self.post("/api/chat", {"model": "qwen", "stream": False, "messages": [{"role": "user", "content": "Hi"}]}),
+            *self.post("/api/chat", {"model": "qwen", "stream": False,
+                                     "messages": [{"role": "user", "content": "Hi"}]}),
             502, "Chat completion aborted")
         self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
 
