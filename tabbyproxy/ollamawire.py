@@ -74,6 +74,10 @@ def ollamaTimestamp(seconds: float) -> str:
     """
     Seconds since the epoch as Ollama writes times: RFC 3339 in UTC with up to nine fractional
     digits, trailing zeros trimmed, and C{Z}, e.g. C{"2023-08-04T19:22:45.499127Z"}.
+
+    Unlike Go, a whole second keeps nine zeros (C{"...:45.000000000Z"}): OllamaKit (Enchanted,
+    Ollamac) parses dates with the fixed pattern C{ss.SSSSSSSSS}, which needs a fraction, and
+    whole seconds are common here (the "forever" date, files with whole-second times).
     """
     whole = math.floor(seconds)
     nanos = round((seconds - whole) * 1e9)
@@ -81,8 +85,8 @@ def ollamaTimestamp(seconds: float) -> str:
         whole += 1
         nanos -= 1_000_000_000
     moment = _EPOCH + timedelta(seconds=whole)
-    fraction = f"{nanos:09d}".rstrip("0")
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + ("." + fraction if fraction else "") + "Z"
+    fraction = f"{nanos:09d}".rstrip("0") or "000000000"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + "." + fraction + "Z"
 
 
 def errorLine(message: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 KEYS = Keys(enabled=True, apiKeys=("api-key",), adminKey="admin-key")
 
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{1,9}Z$")
 FINAL_METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
                  "eval_count", "eval_duration")
 
@@ -251,7 +251,7 @@ class GenerationTests(OllamaTestCase):
         self.assertEqual([line["done"] for line in lines], [False, False, True])
         for line in lines:
             self.assertEqual(line["model"], "qwen:latest")
-            self.assertEqual(line["created_at"], "2023-08-04T19:22:40Z")
+            self.assertEqual(line["created_at"], "2023-08-04T19:22:40.000000000Z")
         final = lines[-1]
         self.assertEqual(final["message"], {"role": "assistant", "content": ""})
         self.assertEqual(final["done_reason"], "stop")

@@ -200,10 +200,11 @@ class TimestampTests(SynchronousTestCase):
 
     def test_wholeSecond(self) -> None:
         """
-        A whole second has no fraction at all.
+        A whole second keeps nine zeros, so fixed-pattern date parsers (OllamaKit's
+        C{ss.SSSSSSSSS}) find a fraction.
         """
-        self.assertEqual(ollamaTimestamp(0), "1970-01-01T00:00:00Z")
-        self.assertEqual(ollamaTimestamp(1691176965), "2023-08-04T19:22:45Z")
+        self.assertEqual(ollamaTimestamp(0), "1970-01-01T00:00:00.000000000Z")
+        self.assertEqual(ollamaTimestamp(1691176965), "2023-08-04T19:22:45.000000000Z")
 
     def test_nanoseconds(self) -> None:
         """
@@ -224,7 +225,7 @@ class TimestampTests(SynchronousTestCase):
         Every timestamp has Go's shape and, cut to microseconds, parses back to the same time.
         """
         text = ollamaTimestamp(seconds)
-        self.assertRegex(text, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{0,8}[1-9])?Z$")
+        self.assertRegex(text, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.(\d{0,8}[1-9]|000000000)Z$")
         match = re.fullmatch(r"(.*?)(?:\.(\d+))?Z", text)
         assert match is not None
         micros = (match.group(2) or "").ljust(6, "0")[:6]
@@ -782,7 +783,7 @@ class StreamTranslatorTests(SynchronousTestCase):
             translate.finish(),
             {
                 "model": "qwen:latest",
-                "created_at": "2023-08-04T19:22:43Z",
+                "created_at": "2023-08-04T19:22:43.000000000Z",
                 "message": {"role": "assistant", "content": ""},
                 "done_reason": "stop",
                 "done": True,
@@ -1128,7 +1129,7 @@ class EmptyRequestReplyTests(SynchronousTestCase):
         clock.advance(STARTED)
         self.assertEqual(
             loadReply("chat", "qwen", clock.seconds),
-            {"model": "qwen", "created_at": "2023-08-04T19:22:40Z",
+            {"model": "qwen", "created_at": "2023-08-04T19:22:40.000000000Z",
              "message": {"role": "assistant", "content": ""}, "done_reason": "load",
              "done": True},
         )
@@ -1141,7 +1142,7 @@ class EmptyRequestReplyTests(SynchronousTestCase):
         clock = Clock()
         self.assertEqual(
             unloadReply("generate", "qwen:latest", clock.seconds),
-            {"model": "qwen:latest", "created_at": "1970-01-01T00:00:00Z", "response": "",
+            {"model": "qwen:latest", "created_at": "1970-01-01T00:00:00.000000000Z", "response": "",
              "done": True, "done_reason": "unload"},
         )
 
@@ -1350,7 +1351,7 @@ class MetadataTests(SynchronousTestCase):
         entry = psEntry(profile, folder, STARTED + 300, "qwen")
         self.assertEqual(entry["name"], "qwen")
         self.assertEqual(entry["model"], "qwen")
-        self.assertEqual(entry["expires_at"], "2023-08-04T19:27:40Z")
+        self.assertEqual(entry["expires_at"], "2023-08-04T19:27:40.000000000Z")
         self.assertEqual(entry["size_vram"], entry["size"])
         self.assertEqual(entry["context_length"], 16384)
         self.assertEqual(entry["digest"], tagsEntry(profile, folder)["digest"])
