@@ -298,8 +298,10 @@ class OllamaRoutes:
         if keepAlive == 0:
             # Like Ollama, answer at once; the child stops now if idle, else after its last
             # request.  The Deferred only says when it has exited.
+            running = supervisor.current
+            if running is not None and running.profile.id == profile.id:
+                self.log.info("Unloading {model}: an empty request asked with keep_alive 0", model=profile.id)
             supervisor.unloadIdle(profile)
-            self.log.info("Unloading {model} on request", model=profile.id)
             return writeJSON(request, 200, unloadReply(what, name, self._seconds))
         try:
             lease = await supervisor.acquire(profile, keepAlive)
