@@ -144,22 +144,30 @@ class OllamaRoutes:
         seconds: float = self.state.clock.seconds()
         return seconds
 
+    def _refusal(self, request: IRequest) -> bytes | None:
+        """
+        The 401 answer for a request without a valid API key, or C{None} when it has one.
+        """
+        try:
+            self.state.requireKey(request)
+        except ClientError as e:
+            return writeJSON(request, e.status, errorLine(e.message))
+        return None
+
     # -- what is there
 
     @app.route("/api/version", methods=["GET", "HEAD"])
     def version(self, request: IRequest) -> bytes:
-        try:
-            self.state.requireKey(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         return writeJSON(request, 200, {"version": OLLAMA_VERSION})
 
     @app.route("/api/tags", methods=["GET", "HEAD"])
     def tags(self, request: IRequest) -> bytes:
-        try:
-            self.state.requireKey(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         install = self.state.install
         profiles = sorted(self.state.catalog(), key=lambda profile: profile.id)
         return writeJSON(
@@ -182,10 +190,9 @@ class OllamaRoutes:
 
     @app.route("/api/ps", methods=["GET"])
     def ps(self, request: IRequest) -> bytes:
-        try:
-            self.state.requireKey(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         supervisor = self.state.supervisor
         child = supervisor.current
         models = []
@@ -209,10 +216,7 @@ class OllamaRoutes:
     async def _generate(self, request: IRequest, what: What) -> bytes | None:
         startedAt = self._seconds()
         try:
-            self.state.requireKey(request)
-            body = readJSONObject(request, self.state.maxBodySize)
-            name, profile = self._profileFor(body)
-            keepAlive = self._keepAlive(body)
+            body, name, profile, keepAlive = self._modelRequest(request)
             streaming = self._streaming(body)
             upstreamRequest = self._translate(what, body, profile)
         except ClientError as e:
@@ -236,6 +240,18 @@ class OllamaRoutes:
             return await self._relay(request, lease, upstreamRequest, translator, streaming)
         finally:
             lease.release()
+
+    def _modelRequest(self, request: IRequest) -> tuple[dict[str, Any], str, Profile, float | None]:
+        """
+        What every request that names a model is checked for: the key, a JSON object body,
+        the model (as sent, and its profile) and C{keep_alive}.
+
+        @raise ClientError: for the first thing that is wrong.
+        """
+        self.state.requireKey(request)
+        body = readJSONObject(request, self.state.maxBodySize)
+        name, profile = self._profileFor(body)
+        return body, name, profile, self._keepAlive(body)
 
     def _profileFor(self, body: dict[str, Any]) -> tuple[str, Profile]:
         """
@@ -376,10 +392,7 @@ class OllamaRoutes:
     async def _embed(self, request: IRequest, shape: Literal["embed", "embeddings"]) -> bytes:
         startedAt = self._seconds()
         try:
-            self.state.requireKey(request)
-            body = readJSONObject(request, self.state.maxBodySize)
-            name, profile = self._profileFor(body)
-            keepAlive = self._keepAlive(body)
+            body, name, profile, keepAlive = self._modelRequest(request)
             try:
                 texts = embedInputs(body) if shape == "embed" else embeddingsPrompt(body)
                 dimensions = embedDimensions(body) if shape == "embed" else None
@@ -424,10 +437,9 @@ class OllamaRoutes:
     @app.route("/api/delete", endpoint="delete")
     @app.route("/api/blobs/<path:digest>", endpoint="blobs")
     def notManaged(self, request: IRequest, digest: str = "") -> bytes:
-        try:
-            self.state.requireKey(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         return writeJSON(request, 501, errorLine(NOT_MANAGED))
 
     # -- errors
