@@ -62,7 +62,7 @@ class OpenAIClientTests(TestCase):
         for _ in range(2):
             reply = await inThread(lambda: client.chat.completions.create(
                 model="alpha", messages=[{"role": "user", "content": "Hello"}], max_tokens=5))
-            self.assertTrue(reply.choices[0].message.content.startswith("Alpha-exl3 "))
+            self.assertTrue((reply.choices[0].message.content or "").startswith("Alpha-exl3 "))
             self.assertEqual(reply.choices[0].finish_reason, "length")
         status = proxy.supervisor.status()
         self.assertEqual((status["model"], status["state"], status["starts"]), ("alpha", "ready", 1))
