@@ -186,7 +186,7 @@ class Keys:
     """
 
     enabled: bool
-    apiKeys: tuple[str, ...] = ()
+    apiKeys: tuple[str, ...] = field(default=(), repr=False)
     adminKey: str = field(default="", repr=False)
 
     @property
@@ -209,7 +209,18 @@ def readKeys(path: Path) -> tuple[tuple[str, ...], str]:
     keys = (*apiKeys, adminKey)
     if not apiKeys or not all(isinstance(key, str) and key for key in keys):
         raise ConfigError(f"{path}: needs api_key (a key or a list of keys) and admin_key, all non-empty strings")
-    return apiKeys, adminKey
+    return tuple(str(key) for key in apiKeys), str(adminKey)
+
+
+def writePrivate(path: Path, text: str) -> None:
+    """
+    Write C{text} to C{path}, readable and writable by its owner only (0600), whatever the umask.
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # An existing file keeps its mode through O_CREAT; make sure it is private too.
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
 
 
 def writeNewKeys(path: Path) -> None:
@@ -310,14 +321,15 @@ class TabbyInstall:
             "network": {"host": "127.0.0.1", "disable_auth": not auth},
             "model": {"model_dir": "models"},
         }
-        (directory / "config.yml").write_text(yaml.safe_dump(baseConfig))
+        writePrivate(directory / "config.yml", yaml.safe_dump(baseConfig))
         for profile in catalog:
             modelFolder = directory / "models" / profile.modelName
-            modelFolder.mkdir(parents=True, exist_ok=True)
+            modelFolder.mkdir(mode=0o700, parents=True, exist_ok=True)
             maxSeqLen = profile.modelSection.get("max_seq_len") or 8192
-            (modelFolder / "config.json").write_text(
+            writePrivate(
+                modelFolder / "config.json",
                 json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                            "max_position_embeddings": maxSeqLen})
+                            "max_position_embeddings": maxSeqLen}),
             )
         return cls(
             directory=directory,

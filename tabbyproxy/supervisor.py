@@ -13,25 +13,38 @@ locks:
     zero, for the duration of the latest request that carried C{keep_alive}.
 
 A child is started with C{PYTHON main.py --config FILE} in the TabbyAPI directory, is ready once
-C{GET /health} answers 200, and is stopped with SIGTERM, then SIGKILL after a grace period.
+C{GET /health} answers 200, and is stopped with SIGTERM, then SIGKILL after a grace period.  A
+ready child whose C{/health} stops answering 200 (TabbyAPI makes a failed generation sticky) is
+replaced: new requests wait, and once its requests in flight are done it is stopped and the next
+request starts a fresh one.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
+import sys
 import time
 from collections import deque
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from signal import SIGINT, SIGKILL, SIGTERM
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectError, ConnectingCancelledError, ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -39,7 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from tabbyproxy.config import Profile, TabbyInstall
+from tabbyproxy.config import Profile, TabbyInstall, writePrivate
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
 
 LAST_LINES = 30
@@ -85,11 +98,16 @@ class _ChildProtocol(ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, modelId: str, onExit: Callable[[Failure], None]) -> None:
+    def __init__(self, modelId: str, onExit: Callable[[Failure], None], secrets: Iterable[str] = ()) -> None:
+        """
+        @param secrets: strings never to log (the API and admin keys): a line that holds one is
+            logged, and kept for error reports, with the key replaced by C{[redacted]}.
+        """
         self.modelId = modelId
         self.lastLines: deque[str] = deque(maxlen=LAST_LINES)
         self._onExit = onExit
         self._partial = {1: b"", 2: b""}
+        self._secrets = tuple(secret for secret in secrets if secret)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         lines = (self._partial.get(childFD, b"") + data).split(b"\n")
@@ -101,6 +119,9 @@ class _ChildProtocol(ProcessProtocol):
         line = raw.decode("utf-8", "replace").rstrip("\r")
         if not line.strip():
             return
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "[redacted]")
         self.lastLines.append(line)
         self.log.info(
             "[{model}] {line}", model=self.modelId, line=line, stream="stderr" if childFD == 2 else "stdout"
@@ -154,10 +175,14 @@ class Child:
     readyAt: float | None = None
     inFlight: int = 0
     drainThenStop: bool = False
+    drainReason: str = "unload requested"
     ended: Deferred[None] = field(factory=Deferred)
     loadTimeoutCall: IDelayedCall | None = None
     killCall: IDelayedCall | None = None
     readinessPoll: Deferred[None] | None = None
+    healthCheck: Deferred[None] | None = None
+    spawnedPid: int | None = None
+    signalsSent: set[str] = field(factory=set)
 
     @property
     def baseURL(self) -> str:
@@ -165,7 +190,12 @@ class Child:
 
     @property
     def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None
+        """
+        The child's pid; still known once it has exited, for the reports about it.
+        """
+        if self.transport is not None and self.transport.pid is not None:
+            return self.transport.pid
+        return self.spawnedPid
 
     def lastLines(self) -> str:
         return "\n".join(self.protocol.lastLines)
@@ -196,6 +226,14 @@ class Lease:
             self._released = True
             self._supervisor._release(self.child)
 
+    def suspect(self) -> None:
+        """
+        Say that the child answered in a way that suggests it is broken (TabbyAPI answers a
+        generation with 503 once its generator failed): its C{/health} is checked now, and an
+        unhealthy child is replaced once its requests in flight are done.
+        """
+        self._supervisor._checkHealth(self.child)
+
 
 @define(eq=False)
 class _Waiter:
@@ -213,6 +251,8 @@ class SupervisorSettings:
     @ivar stopGrace: how long a child has to exit after SIGTERM before SIGKILL.
     @ivar maxWaiting: how many requests may wait for a model before new ones get a 503.
     @ivar healthInterval: how often a starting child's C{/health} is polled.
+    @ivar healthTimeout: how long one C{/health} request may take before the child counts as
+        not answering.
     """
 
     unloadTimer: float = 900.0
@@ -220,6 +260,7 @@ class SupervisorSettings:
     stopGrace: float = 10.0
     maxWaiting: int = 512
     healthInterval: float = 0.2
+    healthTimeout: float = 5.0
 
 
 class _Reactor(IReactorProcess, IReactorTime):
@@ -234,6 +275,8 @@ class Supervisor(Service):
     @param reactor: provides spawnProcess and callLater (the real reactor, or a fake in tests).
     @param http: a treq-like client used to poll the child's C{/health}.
     @param runtimeDirectory: a private directory for the generated TabbyAPI config files.
+    @param wrapCommand: turns the child's command line into the one spawned; L{diesWithParent}
+        makes the child die with the proxy even when the proxy is killed.
     """
 
     log = Logger()
@@ -247,6 +290,7 @@ class Supervisor(Service):
         settings: SupervisorSettings = SupervisorSettings(),
         pickPort: Callable[[], int] = pickFreePort,
         wallClock: Callable[[], float] = time.time,
+        wrapCommand: Callable[[Sequence[str]], Sequence[str]] = tuple,
     ) -> None:
         self.install = install
         self.reactor = reactor
@@ -255,6 +299,7 @@ class Supervisor(Service):
         self.settings = settings
         self.pickPort = pickPort
         self.wallClock = wallClock
+        self.wrapCommand = wrapCommand
         self.current: Child | None = None
         self.lastError: str | None = None
         self.starts = 0
@@ -263,6 +308,7 @@ class Supervisor(Service):
         self._pumping = False
         self._pumpAgain = False
         self._shuttingDown = False
+        self._stopped: Deferred[None] = Deferred()
 
     # -- what routes call
 
@@ -390,10 +436,21 @@ class Supervisor(Service):
             self._waiting.popleft().deferred.errback(ShuttingDown("tabbyproxy is shutting down"))
         child = self.current
         if child is None:
+            self._markStopped(None)
             return succeed(None)
         if child.state is not ChildState.STOPPING:
             self._stop(child, "the proxy is stopping")
-        return _chain(child.ended)
+        return _chain(child.ended).addCallback(self._markStopped)
+
+    def _markStopped(self, result: None) -> None:
+        if not self._stopped.called:
+            self._stopped.callback(None)
+
+    def whenStopped(self) -> Deferred[None]:
+        """
+        @return: fires once the service has stopped and its child, if any, has exited.
+        """
+        return _chain(self._stopped)
 
     # -- scheduling
 
@@ -406,15 +463,20 @@ class Supervisor(Service):
 
     def _release(self, child: Child) -> None:
         child.inFlight -= 1
-        if child is self.current and child.inFlight == 0:
+        idle = child is self.current and child.inFlight == 0
+        if idle:
             self._becameIdle(child)
         self._pump()
+        if idle:
+            # A generation that failed inside TabbyAPI leaves its /health at 503 for good; finding
+            # out now, while nothing runs, lets the next request get a fresh child.
+            self._checkHealth(child)
 
     def _becameIdle(self, child: Child) -> None:
         if child.state is not ChildState.READY:
             return
         if child.drainThenStop:
-            self._stop(child, "unload requested")
+            self._stop(child, child.drainReason)
         elif self._waiting and self._waiting[0].profile.id != child.profile.id:
             pass  # _pump swaps the model for the waiting request.
         elif child.keepAlive <= 0:
@@ -426,6 +488,45 @@ class Supervisor(Service):
         child = self.current
         if child is not None and child.state is ChildState.READY and child.inFlight == 0:
             self._stop(child, f"idle for {describeDuration(child.keepAlive)}")
+
+    def _checkHealth(self, child: Child) -> None:
+        """
+        Ask a ready child's C{/health} (once at a time) and replace the child if it is unhealthy.
+        """
+        if child.healthCheck is not None or child.state is not ChildState.READY or child.drainThenStop:
+            return
+
+        def judged(problem: str | None) -> None:
+            child.healthCheck = None
+            if problem is not None:
+                self._unhealthy(child, problem)
+
+        check: Deferred[None] = Deferred.fromCoroutine(self._healthProblem(child.baseURL + "/health")).addCallback(
+            judged
+        )
+        check.addErrback(self._checkBroke, child)
+        if not check.called:
+            child.healthCheck = check
+
+    def _checkBroke(self, failure: Failure, child: Child) -> None:
+        child.healthCheck = None
+        if not failure.check(CancelledError):
+            self.log.failure("Checking the health of {model} failed", failure, model=child.profile.id)
+
+    def _unhealthy(self, child: Child, problem: str) -> None:
+        if child is not self.current or child.state is not ChildState.READY or child.drainThenStop:
+            return
+        self.lastError = f"TabbyAPI for {child.profile.id} (pid {child.pid}) is unhealthy: {problem}"
+        self.log.warn(
+            "{message}; replacing it once its {inFlight} requests in flight are done",
+            message=self.lastError,
+            model=child.profile.id,
+            inFlight=child.inFlight,
+        )
+        child.drainThenStop = True
+        child.drainReason = "unhealthy"
+        if child.inFlight == 0:
+            self._stop(child, child.drainReason)
 
     def _pump(self) -> None:
         """
@@ -471,13 +572,13 @@ class Supervisor(Service):
         port = self.pickPort()
         self.starts += 1
         configPath = self.runtimeDirectory / f"tabby-{self.starts}.yml"
-        _writePrivate(configPath, yaml.safe_dump(self.install.childConfig(profile, port)))
+        writePrivate(configPath, yaml.safe_dump(self.install.childConfig(profile, port)))
         keepAlive = profile.unloadTimer if profile.unloadTimer is not None else self.settings.unloadTimer
         child = Child(
             profile=profile,
             port=port,
             configPath=configPath,
-            protocol=_ChildProtocol(profile.id, lambda reason: self._exited(child, reason)),
+            protocol=_ChildProtocol(profile.id, lambda reason: self._exited(child, reason), self._secrets()),
             keepAlive=keepAlive,
             startedAt=self.wallClock(),
         )
@@ -486,11 +587,12 @@ class Supervisor(Service):
         self.log.info(
             "Starting {model} on port {port}: {command}", model=profile.id, port=port, command=" ".join(command)
         )
+        spawned = list(self.wrapCommand(command))
         try:
             child.transport = self.reactor.spawnProcess(
                 child.protocol,
-                command[0],
-                list(command),
+                spawned[0],
+                spawned,
                 env=_childEnvironment(),
                 path=str(self.install.directory),
             )
@@ -499,9 +601,14 @@ class Supervisor(Service):
             configPath.unlink(missing_ok=True)
             self._failWaitersFor(profile, f"could not start TabbyAPI for {profile.id}: {e}")
             return
+        child.spawnedPid = child.transport.pid
         child.loadTimeoutCall = self.reactor.callLater(self.settings.loadTimeout, self._loadTimedOut, child)
         child.readinessPoll = Deferred.fromCoroutine(self._awaitReady(child))
         child.readinessPoll.addErrback(lambda failure: failure.trap(CancelledError))
+
+    def _secrets(self) -> tuple[str, ...]:
+        keys = self.install.keys
+        return (*keys.apiKeys, keys.adminKey) if keys.enabled else ()
 
     async def _awaitReady(self, child: Child) -> None:
         url = child.baseURL + "/health"
@@ -515,13 +622,24 @@ class Supervisor(Service):
             await deferLater(self.reactor, self.settings.healthInterval)
 
     async def _healthy(self, url: str) -> bool:
+        return await self._healthProblem(url) is None
+
+    async def _healthProblem(self, url: str) -> str | None:
+        """
+        What is wrong with the child that serves C{url}, or C{None} when it answers 200.
+        """
+        timeout = self.settings.healthTimeout
         try:
-            response = await self.http.get(url, timeout=5, reactor=self.reactor)
-            await response.content()
-        except (ConnectError, ConnectingCancelledError, ResponseFailed, ResponseNeverReceived, CancelledError):
-            # Not listening yet, or too slow to answer (the request's own timeout cancels it).
-            return False
-        return bool(response.code == 200)
+            response = await self.http.get(url, timeout=timeout, reactor=self.reactor)
+            raw = await response.content()
+        except (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseFailed, ResponseNeverReceived) as e:
+            return f"GET /health failed: {e}"
+        except CancelledError:
+            # The request's own timeout cancels it (and so does a stop, which ignores the answer).
+            return f"GET /health did not answer within {timeout:g}s"
+        if response.code == 200:
+            return None
+        return f"GET /health answered {response.code}{_healthIssues(raw)}"
 
     def _ready(self, child: Child) -> None:
         if child.loadTimeoutCall is not None and child.loadTimeoutCall.active():
@@ -571,6 +689,8 @@ class Supervisor(Service):
         child.state = ChildState.STOPPING
         if child.readinessPoll is not None:
             child.readinessPoll.cancel()
+        if child.healthCheck is not None:
+            child.healthCheck.cancel()
         if child is self.current:
             self._timer.stop()
         self.log.info("Stopping {model} (pid {pid}): {why}", model=child.profile.id, pid=child.pid, why=why)
@@ -589,6 +709,7 @@ class Supervisor(Service):
     def _signal(self, child: Child, signal: str) -> None:
         if child.transport is None:
             return
+        child.signalsSent.add(signal)
         try:
             child.transport.signalProcess(signal)
         except ProcessExitedAlready:
@@ -606,11 +727,15 @@ class Supervisor(Service):
         child.state = ChildState.STOPPING
         if child.readinessPoll is not None:
             child.readinessPoll.cancel()
+        if child.healthCheck is not None:
+            child.healthCheck.cancel()
         child.configPath.unlink(missing_ok=True)
         how = describeExit(reason)
         if stateAtExit is ChildState.STARTING:
             self._failStart(child, f"TabbyAPI for {child.profile.id} {how} while loading the model")
-        elif stateAtExit is ChildState.READY:
+        elif stateAtExit is ChildState.READY or _killedByOthers(reason, child.signalsSent):
+            # A stop can race a crash (a health check fails because the child is dying): the
+            # crash is what the status should tell.
             self.lastError = f"TabbyAPI for {child.profile.id} (pid {child.pid}) {how} unexpectedly"
             self.log.error("{message}", message=self.lastError, model=child.profile.id)
         else:
@@ -620,6 +745,20 @@ class Supervisor(Service):
             self._timer.stop()
         child.ended.callback(None)
         self._pump()
+
+
+def _killedByOthers(reason: Failure, signalsSent: set[str]) -> bool:
+    """
+    Whether a process ended by a signal the supervisor did not send it.
+    """
+    value = reason.value
+    if not isinstance(value, ProcessTerminated) or value.signal is None:
+        return False
+    ours = {_SIGNAL_NUMBERS[name] for name in signalsSent if name in _SIGNAL_NUMBERS}
+    return value.signal not in ours
+
+
+_SIGNAL_NUMBERS = {"TERM": int(SIGTERM), "KILL": int(SIGKILL), "INT": int(SIGINT)}
 
 
 def _failed(error: Exception) -> Deferred[Lease]:
@@ -645,18 +784,53 @@ def _chain(ended: Deferred[None]) -> Deferred[None]:
     return follower
 
 
+def _healthIssues(raw: bytes) -> str:
+    """
+    The issues TabbyAPI lists in an unhealthy C{/health} answer, as C{": a; b"}, or C{""}.
+    """
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return ""
+    issues = document.get("issues") if isinstance(document, dict) else None
+    if not isinstance(issues, list):
+        return ""
+    described = [str(issue.get("description", issue)) if isinstance(issue, dict) else str(issue) for issue in issues]
+    return ": " + "; ".join(described) if described else ""
+
+
+# Run by the interpreter that spawns the child: ask Linux to SIGKILL this process when its parent
+# (the proxy) dies, check the parent did not die before that took effect, then become the child.
+_PARENT_DEATH_PACT = (
+    "import ctypes, os, signal, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:\n"  # PR_SET_PDEATHSIG
+    "    raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('tabbyproxy exited before TabbyAPI started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def diesWithParent(command: Sequence[str]) -> Sequence[str]:
+    """
+    On Linux, C{command} run through a small wrapper that makes it die (SIGKILL) when the process
+    that spawned it dies, even by SIGKILL; elsewhere C{command} unchanged.
+
+    The wrapper costs one short interpreter start (tens of milliseconds) per model start; the pid
+    the supervisor sees is the real child's, as the wrapper replaces itself with it.
+    """
+    if not sys.platform.startswith("linux"):
+        return tuple(command)
+    return (sys.executable, "-I", "-S", "-c", _PARENT_DEATH_PACT, str(os.getpid()), *command)
+
+
 def _childEnvironment() -> Mapping[str, str]:
     environment = dict(os.environ)
     # A piped Rich console wraps at 80 columns; a wide console keeps each log line whole.
     environment.setdefault("TABBY_LOG_CONSOLE_WIDTH", "1000")
     environment.setdefault("PYTHONUNBUFFERED", "1")
     return environment
-
-
-def _writePrivate(path: Path, text: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as stream:
-        stream.write(text)
 
 
 def _iso(seconds: float) -> str:

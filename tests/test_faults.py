@@ -1,0 +1,395 @@
+"""
+Faults of the TabbyAPI child and of clients, each made a test (issue 4, fault tests 1-5, 7, 8):
+a child that crashes, fails to load, hangs at start, ignores SIGTERM or turns unhealthy, clients
+that leave at every stage, and the unload timer racing a request.  (Load and slow clients are in
+L{tests.test_load}; signals to twistd in L{tests.test_shutdown}.)
+
+The scheduling races run on a fake clock and a fake process reactor; the rest use the real
+service with the simulator as a real child process on loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import treq
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
+from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import provider
+
+from tabbyproxy.config import Catalog
+from tabbyproxy.supervisor import Lease, Supervisor, SupervisorSettings
+from tests.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
+from tests.proxysupport import RunningProxy, pidAlive, waitForExit, waitUntil
+from tests.proxysupport import reactor as _reactor
+
+# The global reactor, typed as what these tests use of it.
+reactor: Any = _reactor
+
+GRACE = 10.0
+
+
+class CapturedEvents:
+    """
+    The log events emitted while a test runs (the real service logs to the global publisher).
+    """
+
+    def __init__(self, testCase: TestCase) -> None:
+        self.events: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            self.events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        testCase.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def starts(self) -> list[str]:
+        """
+        The models the supervisor started, in order.
+        """
+        return [e["model"] for e in self.events if e.get("log_format", "").startswith("Starting {model}")]
+
+    def stops(self) -> list[str]:
+        """
+        Why the supervisor stopped each child, in order.
+        """
+        return [e["why"] for e in self.events if e.get("log_format", "").startswith("Stopping {model}")]
+
+    def lines(self) -> list[str]:
+        return [e["line"] for e in self.events if "line" in e and "model" in e]
+
+
+def sseEvents(body: bytes) -> list[str]:
+    return [line[len("data: "):] for line in body.decode().splitlines() if line.startswith("data: ")]
+
+
+def streamedText(body: bytes) -> tuple[str, list[str]]:
+    """
+    The content of an OpenAI chat stream, and its raw event payloads.
+    """
+    events = sseEvents(body)
+    text = ""
+    for event in events:
+        if event == "[DONE]":
+            continue
+        document = json.loads(event)
+        if "error" in document:
+            continue
+        for choice in document.get("choices", []):
+            text += (choice.get("delta") or {}).get("content") or ""
+    return text, events
+
+
+# ------------------------------------------------------------------------------------------------
+# Fault 5 (and 8) on the fake clock
+
+
+class UnhealthyChildTests(SynchronousTestCase):
+    """
+    TabbyAPI turns its C{/health} to 503 for good after a generation fails inside it; the
+    supervisor notices and replaces the child, without cutting requests in flight.
+    """
+
+    def setUp(self) -> None:
+        root = Path(self.mktemp())
+        root.mkdir()
+        self.catalog: Catalog = writeProfiles(root / "config", {"a": {"model": {"model_name": "A", "unload_timer": 60}}})
+        self.reactor = FakeProcessReactor()
+        self.tabby = FakeTabby()
+        runtime = root / "runtime"
+        runtime.mkdir()
+        ports = iter(range(7001, 8000))
+        self.supervisor = Supervisor(
+            fakeInstall(root / "tabby"), self.reactor, StubTreq(self.tabby), runtime,
+            SupervisorSettings(unloadTimer=300, loadTimeout=100, stopGrace=GRACE), pickPort=lambda: next(ports),
+        )
+        self.supervisor.startService()
+
+    def acquire(self) -> Deferred[Lease]:
+        return self.supervisor.acquire(self.catalog.profiles["a"])
+
+    def test_unhealthyWhenIdleIsStoppedAndReplaced(self) -> None:
+        """
+        When the last request in flight ends and C{/health} answers 503, the child is stopped at
+        once, the status says why, and the next request gets a fresh child.
+        """
+        lease = self.successResultOf(self.acquire())
+        first = self.reactor.spawned[0]
+        self.tabby.healthy = False
+        lease.release()
+        self.assertEqual(first.signals, ["TERM"])
+        status = self.supervisor.status()
+        self.assertEqual(status["state"], "stopped")
+        self.assertIn("is unhealthy: GET /health answered 503", status["last_error"])
+
+        self.tabby.healthy = True
+        self.successResultOf(self.acquire()).release()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.reactor.spawned[1].signals, [])
+
+    def test_healthyWhenIdleIsKept(self) -> None:
+        """
+        A healthy child is left alone when it becomes idle: its idle timer runs as usual.
+        """
+        self.successResultOf(self.acquire()).release()
+        self.assertEqual(self.reactor.spawned[0].signals, [])
+        self.assertEqual(self.supervisor.status()["unload"]["fires_in_seconds"], 60)
+
+    def test_suspectWaitsForRequestsInFlight(self) -> None:
+        """
+        A request that reports a suspect answer (L{Lease.suspect}) makes the supervisor check
+        C{/health}; an unhealthy child keeps serving its requests in flight, new requests wait,
+        and once the last one ends the child is replaced and they are served by the new one.
+        """
+        first, second = self.successResultOf(self.acquire()), self.successResultOf(self.acquire())
+        old = self.reactor.spawned[0]
+        self.tabby.healthy = False
+        first.suspect()
+        waiting = self.acquire()
+        self.assertNoResult(waiting)
+        first.release()
+        self.assertEqual(old.signals, [])
+        self.tabby.healthy = True
+        second.release()
+        self.assertEqual(old.signals, ["TERM"])
+        lease = self.successResultOf(waiting)
+        self.assertIsNot(lease.child.protocol, old.protocol)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_unansweredHealthCheckCounts(self) -> None:
+        """
+        A child whose C{/health} does not answer at all (its port closed) is replaced too.
+        """
+        lease = self.successResultOf(self.acquire())
+        self.supervisor.http = _Refusing()
+        lease.release()
+        self.assertEqual(self.reactor.spawned[0].signals, ["TERM"])
+        self.assertIn("GET /health failed", self.supervisor.status()["last_error"])
+
+    def test_crashWhileBeingReplacedIsReported(self) -> None:
+        """
+        When the failing health check was only a symptom of the child dying (killed by a signal
+        the supervisor never sent), the status reports the death, not just "unhealthy".
+        """
+        lease = self.successResultOf(self.acquire())
+        process = self.reactor.spawned[0]
+        process.obeys = set()
+        self.tabby.healthy = False
+        lease.release()
+        self.assertEqual(process.signals, ["TERM"])
+        process.exit(signal=9)
+        self.assertEqual(self.supervisor.status()["last_error"], "TabbyAPI for a (pid 1000) was killed by signal 9 unexpectedly")
+
+    def test_timerFiringJustAfterARequestArrives(self) -> None:
+        """
+        A request that arrives a moment before the idle timer would fire is served by the running
+        child, and the timer is stopped: the child is not stopped under it (llama-swap #946).
+        """
+        self.successResultOf(self.acquire()).release()
+        self.reactor.advance(59.999)
+        lease = self.successResultOf(self.acquire())
+        self.reactor.advance(0.001)
+        self.reactor.advance(1000)
+        self.assertEqual(self.reactor.spawned[0].signals, [])
+        self.assertIs(lease.child, self.supervisor.current)
+        lease.release()
+        self.reactor.advance(60)
+        self.assertEqual(self.reactor.spawned[0].signals, ["TERM"])
+
+
+class _Refusing:
+    """
+    An HTTP client for a TabbyAPI whose port is closed: every request fails to connect.
+    """
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        return fail(ConnectionRefusedError())
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults 1-5 and 7 with the simulator as a real child
+
+
+class ChildFaultTests(TestCase):
+    timeout = 60
+
+    async def test_killNineMidStream(self) -> None:
+        """
+        A child killed with SIGKILL mid-stream: the client's stream ends with an SSE error event
+        (no [DONE]), GET /status names the signal, and the next request starts a fresh child.
+        """
+        proxy = RunningProxy(self, {"alpha": {"model": {"model_name": "Alpha"}, "simulator": {"token_delay": 0.02}}})
+        response = await proxy.http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "alpha", "stream": True, "max_tokens": 10000, "messages": [{"role": "user", "content": "x"}]},
+            unbuffered=True,
+        )
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        await waitUntil(lambda: b"".join(received).count(b"data: ") >= 3)
+        pid = proxy.supervisor.status()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        await done
+        text, events = streamedText(b"".join(received))
+        self.assertTrue(text.startswith("Alpha "))
+        self.assertNotIn("[DONE]", events)
+        self.assertIn("connection to TabbyAPI broke", json.loads(events[-1])["error"]["message"])
+
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        status = await (await proxy.http.get(proxy.url + "/status")).json()
+        self.assertEqual(status["state"], "stopped")
+        self.assertIn(f"(pid {pid}) was killed by signal 9 unexpectedly", status["last_error"])
+
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"})
+        self.assertEqual(response.code, 200)
+        self.assertTrue((await response.json())["choices"][0]["text"].startswith("Alpha "))
+        self.assertNotEqual(proxy.supervisor.status()["pid"], pid)
+
+    async def test_failedLoadFailsEveryWaiter(self) -> None:
+        """
+        Requests waiting together for a model that fails to load all get a 503 carrying the exit
+        status and TabbyAPI's traceback, from one start; the next request tries again.
+        """
+        proxy = RunningProxy(self, {"broken": {"model": {"model_name": "Broken"}, "simulator": {"fail_load": True}}})
+        responses = await gatherResults([
+            proxy.http.post(proxy.url + "/v1/completions", json={"model": "broken", "prompt": str(i)})
+            for i in range(4)
+        ])
+        for response in responses:
+            self.assertEqual(response.code, 503)
+            message = (await response.json())["error"]["message"]
+            self.assertIn("exited with status 1 while loading the model", message)
+            self.assertIn("ValueError: Failed to load config.json", message)
+        self.assertEqual(proxy.supervisor.starts, 1)
+        self.assertEqual(proxy.supervisor.status()["waiting"], 0)
+
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "broken", "prompt": "again"})
+        await response.content()
+        self.assertEqual((response.code, proxy.supervisor.starts), (503, 2))
+
+    async def test_hangAtStartTimesOutAndIsKilled(self) -> None:
+        """
+        A child that never answers /health (and ignores SIGTERM, too): after the load timeout the
+        waiting requests get a 503 that names the timeout, the child gets SIGTERM, then SIGKILL
+        after the grace period, and its pid is gone.
+        """
+        events = CapturedEvents(self)
+        proxy = RunningProxy(
+            self, {"stuck": {"model": {"model_name": "Stuck"}, "simulator": {"hang_at_start": True, "ignore_sigterm": True}}},
+            "--load-timeout", "1", "--stop-grace", "0.5",
+        )
+        waiting = [proxy.http.post(proxy.url + "/v1/completions", json={"model": "stuck", "prompt": "x"})
+                   for _ in range(2)]
+        await waitUntil(lambda: proxy.supervisor.status()["pid"] is not None)
+        pid = proxy.supervisor.status()["pid"]
+        port = proxy.supervisor.status()["port"]
+        for response in await gatherResults(waiting):
+            self.assertEqual(response.code, 503)
+            self.assertIn("did not become ready within 1s (--load-timeout)", (await response.json())["error"]["message"])
+        await waitForExit(pid, timeout=5)
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertEqual(events.stops(), ["load timeout"])
+        self.assertTrue(any("sending SIGKILL" in e.get("log_format", "") for e in events.events))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+
+    async def test_childIgnoringSigtermIsKilledOnUnload(self) -> None:
+        """
+        A ready child that ignores SIGTERM is SIGKILLed after the grace period; /unload answers
+        once it is gone, and no process is left.
+        """
+        profiles: dict[str, dict[str, Any]] = {
+            "deaf": {"model": {"model_name": "Deaf"}, "simulator": {"ignore_sigterm": True}}}
+        proxy = RunningProxy(self, profiles, "--stop-grace", "0.5")
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "deaf", "prompt": "x"})
+        await response.content()
+        pid = proxy.supervisor.status()["pid"]
+        started = reactor.seconds()
+        response = await proxy.http.post(proxy.url + "/unload")
+        self.assertEqual((await response.json())["unloaded"], "deaf")
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        self.assertFalse(pidAlive(pid))
+        self.assertEqual(proxy.supervisor.status()["state"], "stopped")
+
+    async def test_stickyUnhealthyChildIsReplaced(self) -> None:
+        """
+        After a generation fails inside TabbyAPI its /health stays 503 and every later generation
+        would fail; the proxy sees that once the failed request is over, stops the child, and
+        the next request is served by a fresh child.
+        """
+        proxy = RunningProxy(self, {"flaky": {"model": {"model_name": "Flaky"}, "simulator": {"fail_generation_after": 1}}})
+        chat = {"model": "flaky", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}
+        response = await proxy.http.post(proxy.url + "/v1/chat/completions", json=chat)
+        self.assertTrue(streamedText(await response.content())[0].startswith("Flaky "))
+        firstPid = proxy.supervisor.status()["pid"]
+
+        response = await proxy.http.post(proxy.url + "/v1/chat/completions", json=chat)
+        _, events = streamedText(await response.content())
+        self.assertIn("error", json.loads(events[-1]))
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertIn("is unhealthy: GET /health answered 503", proxy.supervisor.status()["last_error"])
+        self.assertFalse(pidAlive(firstPid))
+
+        # (The fresh child has the same knob, so only its first generation succeeds.)
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "flaky", "prompt": "x"})
+        self.assertEqual(response.code, 200)
+        self.assertTrue((await response.json())["choices"][0]["text"].startswith("Flaky "))
+        self.assertEqual(proxy.supervisor.starts, 2)
+
+    async def test_disconnectWhileQueued(self) -> None:
+        """
+        A client that leaves while its request waits for another model to drain leaves the
+        queue: no swap happens for it, the in-flight count returns to zero, and the running
+        model's unload timer still fires.
+        """
+        events = CapturedEvents(self)
+        profiles: dict[str, dict[str, Any]] = {
+            "alpha": {"model": {"model_name": "Alpha"}, "simulator": {"token_delay": 0.01}},
+            "beta": {"model": {"model_name": "Beta"}}}
+        proxy = RunningProxy(self, profiles, "--unload-timer", "0.3")
+        response = await proxy.http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "alpha", "stream": True, "max_tokens": 60, "messages": [{"role": "user", "content": "x"}]},
+            unbuffered=True,
+        )
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        queued = proxy.http.post(proxy.url + "/v1/completions", json={"model": "beta", "prompt": "x"})
+        await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 1)
+        queued.cancel()
+        await DeferredList([queued], consumeErrors=True)
+        await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 0)
+        await done
+        self.assertIn(b"[DONE]", b"".join(received))
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertEqual(events.starts(), ["alpha"])
+        self.assertEqual(len(events.stops()), 1)
+        self.assertTrue(events.stops()[0].startswith("idle for"))
+
+    async def test_disconnectWhileModelStarts(self) -> None:
+        """
+        A client that leaves while its model loads leaves the queue; the load completes, nothing
+        is in flight, and the unload timer then stops the model.
+        """
+        events = CapturedEvents(self)
+        proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"load_time": 0.5}}},
+                             "--unload-timer", "0.2")
+        request = proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x"})
+        await waitUntil(lambda: any("Loading model:" in line for line in events.lines()))
+        self.assertEqual(proxy.supervisor.status()["state"], "starting")
+        request.cancel()
+        await DeferredList([request], consumeErrors=True)
+        await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 0)
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertEqual(proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(len(events.stops()), 1)
+        self.assertTrue(events.stops()[0].startswith("idle for"))

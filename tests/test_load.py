@@ -1,0 +1,153 @@
+"""
+The proxy under load (issue 4, fault tests 6 and 10): many concurrent clients over several
+models, and a slow client reading a fast generation, with the simulator as a real child.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tests.proxysupport import RunningProxy, TwistdProxy, waitUntil
+from tests.proxysupport import reactor as _reactor
+from tests.test_faults import CapturedEvents, streamedText
+
+# The global reactor, typed as what these tests use of it.
+reactor: Any = _reactor
+
+CLIENTS = 20
+ROUNDS = 10
+MODELS = ("m0", "m1", "m2")
+
+
+class ConcurrentLoadTests(TestCase):
+    timeout = 90
+
+    async def test_twoHundredRequestsAcrossThreeModels(self) -> None:
+        """
+        200 requests from 20 concurrent clients over 3 models, streaming and not, in 10 rounds:
+        in each round half the clients ask for the loaded model and, while those are in flight,
+        the other half ask for the next one.  Every request gets its own model's complete answer
+        (the simulator's text starts with the model folder name; streams end with [DONE]), no
+        stream is cut by the swaps, and the spawns are exactly what the rules predict: the first
+        model, then one per round (the second half's model, which the next round's first half
+        then finds loaded), 11 in all.
+        """
+        events = CapturedEvents(self)
+        profiles: dict[str, dict[str, Any]] = {
+            name: {"model": {"model_name": name.upper() + "-exl3"}, "simulator": {"token_delay": 0.005}}
+            for name in MODELS}
+        proxy = RunningProxy(self, profiles)
+        failures: list[str] = []
+
+        async def one(client: int, model: str) -> None:
+            streaming = client % 2 == 0
+            folder = model.upper() + "-exl3 "
+            if streaming:
+                response = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
+                    "model": model, "stream": True, "max_tokens": 12,
+                    "messages": [{"role": "user", "content": f"client {client}"}]})
+                text, sse = streamedText(await response.content())
+                if response.code != 200 or not text.startswith(folder) or sse[-1] != "[DONE]" or \
+                        any("error" in event for event in sse):
+                    failures.append(f"client {client} {model}: {response.code} {sse[-2:]}")
+            else:
+                response = await proxy.http.post(proxy.url + "/v1/completions", json={
+                    "model": model, "prompt": f"client {client}", "max_tokens": 12})
+                document = await response.json()
+                if response.code != 200 or not document["choices"][0]["text"].startswith(folder):
+                    failures.append(f"client {client} {model}: {response.code} {document}")
+
+        for round in range(ROUNDS):
+            loaded, following = MODELS[round % 3], MODELS[(round + 1) % 3]
+            first = [Deferred.fromCoroutine(one(client, loaded)) for client in range(CLIENTS // 2)]
+            await waitUntil(lambda: proxy.supervisor.status()["in_flight"] > 0)
+            second = [Deferred.fromCoroutine(one(client, following)) for client in range(CLIENTS // 2, CLIENTS)]
+            await gatherResults(first + second).addTimeout(30, reactor)
+
+        self.assertEqual(failures, [])
+        expected = [MODELS[0]] + [MODELS[(round + 1) % 3] for round in range(ROUNDS)]
+        self.assertEqual(events.starts(), expected)
+        self.assertEqual(proxy.supervisor.starts, ROUNDS + 1)
+        self.assertEqual(set(events.stops()), {f"swapping to {model}" for model in MODELS})
+        status = proxy.supervisor.status()
+        self.assertEqual((status["in_flight"], status["waiting"], status["last_error"]), (0, 0, None))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fault 10: a slow client does not grow the proxy's memory
+
+
+class _SlowReader(Protocol):
+    """
+    Sends one raw HTTP request and then reads its answer slowly: after each read it stops
+    reading for C{pause} seconds, so the proxy's writes back up.
+    """
+
+    def __init__(self, request: bytes, pause: float) -> None:
+        self.request = request
+        self.pause = pause
+        self.received = 0
+        self.reads = 0
+        self.closed: Deferred[None] = Deferred()
+        self._resume: Any = None
+
+    def connectionMade(self) -> None:
+        # A small receive buffer, so the kernel cannot absorb the stream for the proxy.
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # type: ignore[union-attr]
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.reads += 1
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._resume = reactor.callLater(self.pause, self.transport.resumeProducing)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self.closed.callback(None)
+
+    def stop(self) -> Deferred[None]:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        return self.closed
+
+
+class SlowClientTests(TestCase):
+    timeout = 60
+
+    async def test_slowReaderDoesNotGrowProxyMemory(self) -> None:
+        """
+        A client that reads a long, fast generation in small sips (a 4 KiB receive buffer, a
+        pause after every read; about 2.5 s in all) does not make the proxy buffer it: the
+        upstream is paused (backpressure), so the twistd process's RSS grows by less than 8 MB,
+        while the simulator produces over 10 MB a second (with registerProducer disabled, the
+        proxy grew by 65 MB here).  When the client leaves, the proxy closes the upstream
+        request.
+        """
+        proxy = TwistdProxy(self, {"fast": {"model": {"model_name": "Fast"}, "simulator": {"token_delay": 0}}})
+        await proxy.started()
+        warm = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "fast", "prompt": "x"})
+        await warm.content()
+        await proxy.childPid()
+
+        body = json.dumps({"model": "fast", "stream": True, "max_tokens": 400000,
+                           "messages": [{"role": "user", "content": "go on"}]}).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        reader = _SlowReader(request, pause=0.05)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port).connect(Factory.forProtocol(lambda: reader))
+        await waitUntil(lambda: reader.reads >= 3, timeout=10)
+        baseline = proxy.rss()
+        await waitUntil(lambda: reader.reads >= 15, timeout=20)
+        grown = proxy.rss() - baseline
+        await reader.stop()
+        self.assertLess(grown, 8 * 1024 * 1024, f"the proxy grew by {grown / 1e6:.1f} MB")
+        await proxy.printed("cancelled by user")
