@@ -223,6 +223,18 @@ def writePrivate(path: Path, text: str) -> None:
         stream.write(text)
 
 
+def _makePrivateDirectories(base: Path, path: Path) -> None:
+    """
+    Create C{path} and the directories between it and C{base}, each readable by its owner only.
+    """
+    current = base
+    for part in path.relative_to(base).parts:
+        current = current / part
+        if not current.is_dir():
+            current.mkdir(mode=0o700)
+            current.chmod(0o700)
+
+
 def writeNewKeys(path: Path) -> None:
     """
     Create C{api_tokens.yml} with fresh keys, as TabbyAPI does on its first start, readable by
@@ -324,7 +336,7 @@ class TabbyInstall:
         writePrivate(directory / "config.yml", yaml.safe_dump(baseConfig))
         for profile in catalog:
             modelFolder = directory / "models" / profile.modelName
-            modelFolder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _makePrivateDirectories(directory, modelFolder)
             maxSeqLen = profile.modelSection.get("max_seq_len") or 8192
             writePrivate(
                 modelFolder / "config.json",

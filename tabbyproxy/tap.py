@@ -14,17 +14,17 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.python import usage
+from twisted.web.resource import Resource
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from tabbyproxy.admin import AdminRoutes
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.ollama import OllamaRoutes
 from tabbyproxy.openai import OpenAIRoutes
-from tabbyproxy.supervisor import Supervisor, SupervisorSettings
+from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
 from tabbyproxy.upstream import Upstream, makeConnectionPool, makeHTTPClient
-from tabbyproxy.web import DEFAULT_MAX_BODY, ProxyState, Router
+from tabbyproxy.web import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, CORSResource, ProxySite, ProxyState, Router
 
 
 def _duration(text: str) -> float:
@@ -75,6 +75,9 @@ class Options(usage.Options):
         ["max-waiting", None, 512, "How many requests may wait for a model; more get a 503.", _positiveInt],
         ["max-body-size", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes; larger gets a 413.",
          _positiveInt],
+        ["client-timeout", None, DEFAULT_CLIENT_TIMEOUT,
+         "How long a client connection may stay silent while sending a request (a stalled body gets a 408) "
+         "or between requests.", _positiveSeconds],
     ]
     optFlags = [
         ["simulate", None,
@@ -84,6 +87,20 @@ class Options(usage.Options):
 
     catalog: Catalog
     install: TabbyInstall | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["cors-origin"] = []
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """
+        Let browser pages from ORIGIN (e.g. https://chat.example.org) call the proxy; repeat for
+        more origins, or give * for any.  Off by default.
+        """
+        origin = origin.strip().rstrip("/")
+        if origin != "*" and "://" not in origin:
+            raise usage.UsageError(f"--cors-origin {origin!r}: give an origin such as https://chat.example.org, or *")
+        self["cors-origin"].append(origin)
 
     def postOptions(self) -> None:
         try:
@@ -111,16 +128,22 @@ class Options(usage.Options):
 
 class _RuntimeDirectory(Service):
     """
-    The private directory for generated TabbyAPI configs (and the simulator's working
-    directory), removed when the proxy stops.
+    The private directory (mode 0700) for generated TabbyAPI configs (and the simulator's working
+    directory), removed when the proxy stops, once the supervisor's child, which reads them, has
+    exited.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, supervisor: Supervisor) -> None:
         self.path = path
+        self.supervisor = supervisor
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
-        shutil.rmtree(self.path, ignore_errors=True)
+
+        def remove(result: None) -> None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+        return self.supervisor.whenStopped().addCallback(remove)
 
 
 class _ConnectionPool(Service):
@@ -144,7 +167,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = globalReactor
     runtime = Path(tempfile.mkdtemp(prefix="tabbyproxy-"))
     top = MultiService()
-    _RuntimeDirectory(runtime).setServiceParent(top)
 
     install = options.install
     if install is None:
@@ -166,7 +188,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             stopGrace=options["stop-grace"],
             maxWaiting=options["max-waiting"],
         ),
+        wrapCommand=diesWithParent,
     )
+    # Stopped after the supervisor (services stop in reverse order), and waits for it.
+    _RuntimeDirectory(runtime, supervisor).setServiceParent(top)
     supervisor.setServiceParent(top)
 
     catalog = options.catalog
@@ -180,7 +205,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     admin = AdminRoutes(state).app.resource()
     root = Router(openai=OpenAIRoutes(state).app.resource(), ollama=OllamaRoutes(state).app.resource(), admin=admin)
-    site = Site(root)
-    site.displayTracebacks = False
+    served: Resource = CORSResource(root, options["cors-origin"]) if options["cors-origin"] else root
+    site = ProxySite(served, maxBodySize=options["max-body-size"], timeout=options["client-timeout"])
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
     return top

@@ -2,16 +2,27 @@
 What every route needs: the shared state of the proxy, reading a JSON body safely, writing a JSON
 answer, and the root resource that sends C{/v1/*} to the OpenAI routes, C{/api/*} to the Ollama
 routes and the rest to the admin routes.
+
+It also holds the HTTP server's guards, which act before any route runs: L{ProxySite} refuses a
+body over the size limit as soon as its length is known (or, when chunked, as soon as it grows
+past the limit) instead of buffering it, answers a client that stalls while sending a request with
+a 408, and a request line or headers over twisted.web's limits with a 414 or 431; L{CORSResource}
+answers cross-origin requests from the configured origins.  These early answers are JSON in the
+error shape of the route the request was for.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from http import HTTPStatus
+from typing import Any, Callable, Sequence, cast
 
 from attrs import frozen
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
 
 from tabbyproxy.auth import Permission, authProblem
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
@@ -19,6 +30,7 @@ from tabbyproxy.supervisor import Supervisor
 from tabbyproxy.upstream import Upstream
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
+DEFAULT_CLIENT_TIMEOUT = 60.0
 
 
 class ClientError(Exception):
@@ -115,3 +127,248 @@ class Router(Resource):
         segments = request.postpath
         first = segments[0] if segments else b""
         return self._bySegment.get(first, self._admin).render(request)
+
+
+def errorBodyFor(path: bytes, status: int, message: str) -> bytes:
+    """
+    An error document in the shape of the API C{path} belongs to: OpenAI's under C{/v1/},
+    C{{"error": "..."}} (Ollama's, and the admin routes') elsewhere.
+    """
+    document: object
+    if path.startswith(b"/v1/") or path == b"/v1":
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        document = {"error": {"message": message, "type": kind, "code": _EARLY_CODES.get(status, str(status))}}
+    else:
+        document = {"error": message}
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+# The codes openai.errorDocument gives these statuses, for answers sent before any route runs.
+_EARLY_CODES = {400: "invalid_request", 408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
+                431: "headers_too_large"}
+
+
+def _rawResponse(status: int, body: bytes) -> bytes:
+    """
+    A complete HTTP/1.1 response that ends the connection, for answers written straight to the
+    transport while twisted.web is still reading the request.
+    """
+    reason = HTTPStatus(status).phrase.encode("ascii")
+    head = (
+        b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        + b"Content-Type: application/json; charset=utf-8\r\n"
+        + b"Content-Length: %d\r\n" % (len(body),)
+        + b"Connection: close\r\n\r\n"
+    )
+    return head + body
+
+
+class ProxyRequest(Request):
+    """
+    A request that never buffers a body over the site's limit: a C{Content-Length} over it, or a
+    chunked body that grows past it, is answered with a 413 at once and the connection closed.
+    """
+
+    log = Logger()
+
+    _refused = False
+    _bodySize = 0
+    _awaitingBody = False
+
+    def _site(self) -> ProxySite | None:
+        site = getattr(self.channel, "site", None)
+        return site if isinstance(site, ProxySite) else None
+
+    def gotLength(self, length: int | None) -> None:
+        site = self._site()
+        if site is not None and length is not None and length > site.maxBodySize:
+            self._refuse(413, f"request body of {length} bytes is over the limit of {site.maxBodySize} bytes")
+            return
+        self._awaitingBody = True
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._bodySize += len(data)
+        site = self._site()
+        if site is not None and self._bodySize > site.maxBodySize:
+            self._refuse(413, f"request body is over the limit of {site.maxBodySize} bytes")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._awaitingBody = False
+        if self._refused:
+            # The answer went out already and the connection is closing.
+            return
+        super().requestReceived(command, path, version)
+
+    def answerEarly(self, status: int, message: str) -> None:
+        """
+        Answer now, before the request is complete, and close the connection.
+        """
+        self._refuse(status, message)
+
+    @property
+    def incomplete(self) -> bool:
+        """
+        Whether the request's headers are in but its body is not complete yet.
+        """
+        return self._awaitingBody and not self._refused
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._refused = True
+        self._awaitingBody = False
+        # Nothing of the body is kept from now on, and no "100 Continue" invites the rest of it.
+        self.content = cast(Any, _Discard())
+        self.requestHeaders.removeHeader(b"expect")
+        channel = self.channel
+        if channel is None:
+            return
+        path = _pathOf(getattr(channel, "_path", b""))
+        self.log.info(
+            "Refused {method} {path} with {status}: {message}",
+            method=getattr(channel, "_command", b"?").decode("latin-1"),
+            path=path.decode("latin-1"),
+            status=status,
+            message=message,
+        )
+        if channel.transport is not None:
+            channel.transport.write(_rawResponse(status, errorBodyFor(path, status, message)))
+        channel.loseConnection()
+
+
+def _pathOf(uri: bytes) -> bytes:
+    return uri.split(b"?", 1)[0]
+
+
+class _Discard:
+    """
+    The content of a refused request: takes writes and keeps nothing.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class ProxyChannel(HTTPChannel):
+    """
+    twisted.web's HTTP/1.1 channel with clear answers where it would close silently or answer an
+    empty 400: a request line over C{MAX_LENGTH} (16 KiB) gets a 414, a header line over it, too
+    many headers or too many header bytes a 431, a malformed request a 400, and a client that
+    stalls while sending a request a 408 (an idle keep-alive connection is just closed).
+    """
+
+    log = Logger()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.requests:
+            path = _pathOf(getattr(self, "_path", b""))
+            self._answer(431, path, f"a request header line is over the limit of {self.MAX_LENGTH} bytes")
+        else:
+            path = _pathOf(line.split(b" ", 2)[1] if line.count(b" ") >= 1 else b"")
+            self._answer(414, path, f"the request line is over the limit of {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        path = _pathOf(getattr(self, "_path", b""))
+        headerCount = getattr(self, "_receivedHeaderCount", 0)
+        headerSize = getattr(self, "_receivedHeaderSize", 0)
+        if headerCount > self.maxHeaders:
+            self._answer(431, path, f"more than {self.maxHeaders} request headers")
+        elif headerSize > self.totalHeadersSize:
+            self._answer(431, path, f"the request line and headers are over the limit of {self.totalHeadersSize} bytes")
+        else:
+            self._answer(400, path, "malformed HTTP request")
+
+    def timeoutConnection(self) -> None:
+        pending = self.requests[-1] if self.requests else None
+        if isinstance(pending, ProxyRequest) and pending.incomplete:
+            pending.answerEarly(408, f"the request was not complete within {self.timeOut:g}s (--client-timeout)")
+        elif self.requests:
+            path = _pathOf(getattr(self, "_path", b""))
+            self._answer(408, path, f"the request headers were not complete within {self.timeOut:g}s (--client-timeout)")
+        super().timeoutConnection()
+
+    def _answer(self, status: int, path: bytes, message: str) -> None:
+        self.log.info("Refused a request with {status}: {message}", status=status, message=message)
+        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+            self.transport.write(_rawResponse(status, errorBodyFor(path, status, message)))
+        self.loseConnection()
+
+
+class ProxySite(Site):
+    """
+    The proxy's HTTP server: L{ProxyChannel}s making L{ProxyRequest}s, with the body limit.
+
+    @param maxBodySize: the largest request body accepted, in bytes.
+    @param timeout: how long a connection may stay silent while the client sends a request (its
+        headers or its body) or between requests; while the proxy answers, it never times out.
+    """
+
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+
+    def __init__(
+        self, resource: IResource, maxBodySize: int = DEFAULT_MAX_BODY, timeout: float = DEFAULT_CLIENT_TIMEOUT,
+        **kwargs: Any
+    ) -> None:
+        super().__init__(resource, timeout=timeout, **kwargs)
+        self.maxBodySize = maxBodySize
+
+    def protocol(self) -> ProxyChannel:  # type: ignore[override]
+        # A plain HTTP/1.1 channel: TabbyAPI's clients speak HTTP/1.1, and twisted.web's HTTP/2
+        # switch (only used with TLS and the h2 package) would bypass these guards.
+        return ProxyChannel()
+
+
+class CORSResource(Resource):
+    """
+    Cross-origin access for browsers, off unless origins are configured: a request whose
+    C{Origin} is allowed gets C{Access-Control-Allow-Origin}, and its preflight (C{OPTIONS} with
+    C{Access-Control-Request-Method}) a 204 listing the methods and headers it may use.  Any
+    other request goes to the wrapped resource untouched.
+
+    @param origins: the allowed origins, exactly as browsers send them
+        (C{https://chat.example.org}), or C{*} for any.
+    """
+
+    isLeaf = True
+
+    ALLOWED_METHODS = b"GET, POST, DELETE, HEAD, OPTIONS"
+    ALLOWED_HEADERS = b"Authorization, Content-Type, X-API-Key, X-Admin-Key"
+    MAX_AGE = b"600"
+
+    def __init__(self, wrapped: IResource, origins: Sequence[str]) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+        self._any = "*" in origins
+        self._origins = frozenset(origin.encode("utf-8") for origin in origins if origin != "*")
+
+    def render(self, request: IRequest) -> Any:
+        origin = request.getHeader(b"origin")
+        allowed = origin is not None and (self._any or origin in self._origins)
+        if origin is not None:
+            request.responseHeaders.addRawHeader(b"Vary", b"Origin")
+        if allowed:
+            assert origin is not None
+            request.setHeader(b"Access-Control-Allow-Origin", b"*" if self._any else origin)
+            if request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method"):
+                request.setHeader(b"Access-Control-Allow-Methods", self.ALLOWED_METHODS)
+                request.setHeader(b"Access-Control-Allow-Headers", self.ALLOWED_HEADERS)
+                request.setHeader(b"Access-Control-Max-Age", self.MAX_AGE)
+                request.setResponseCode(204)
+                return b""
+        return self._wrapped.render(request)

@@ -1,0 +1,401 @@
+"""
+Bad input gets a clear 4xx in the error shape of the route it was sent to, and the proxy keeps
+serving everyone else: malformed and non-object bodies, unknown or path-like model ids, a bad
+keep_alive on every route (in memory); bodies over the size limit (refused before they are
+buffered), requests that stall, absurd request lines and headers, and pipelining (over real TCP,
+through the HTTP server the proxy really runs); and a hypothesis fuzz of every route's body.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from treq import content
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Request
+
+from tests.fakes import FakeTabby, InMemoryProxy
+from tests.proxysupport import RunningProxy
+from tests.proxysupport import reactor as _reactor
+
+reactor: Any = _reactor
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "qwen": {"model": {"model_name": "Qwen"}, "template": {"temperature": 0.5, "system": "Be brief."}},
+    "coding/llama": {"model": {"model_name": "Llama"}},
+}
+
+# Every route that reads a JSON body, with the shape of its errors.
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/token/encode", "/v1/token/decode")
+OLLAMA_ROUTES = ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/api/embeddings")
+PASSTHROUGH_ROUTES = ("/v1/embeddings", "/v1/token/encode", "/v1/token/decode")
+
+
+def assertRouteError(testCase: SynchronousTestCase, path: str, status: int, code: int, raw: bytes) -> str:
+    """
+    C{raw} is an error of C{path}'s API with status C{code} (which is C{status}); return its message.
+    """
+    testCase.assertEqual(code, status, raw)
+    document = json.loads(raw)
+    if path.startswith("/v1/"):
+        error = document["error"]
+        testCase.assertEqual(set(error), {"message", "type", "code"})
+        return str(error["message"])
+    testCase.assertEqual(set(document), {"error"})
+    testCase.assertIsInstance(document["error"], str)
+    return str(document["error"])
+
+
+class TabbyLike(FakeTabby):
+    """
+    L{FakeTabby}, answering the embeddings and token routes in TabbyAPI's shapes as well, so the
+    Ollama translation sees well-formed answers and only the client's input is on trial.
+    """
+
+    def render(self, request: Request) -> Any:
+        path = request.path.decode()
+        if path not in ("/v1/embeddings", "/v1/token/encode", "/v1/token/decode"):
+            return super().render(request)
+        raw = request.content.read() if request.content is not None else b""
+        body = json.loads(raw) if raw else {}
+        request.setHeader(b"Content-Type", b"application/json")
+        if path == "/v1/embeddings":
+            inputs = body.get("input")
+            count = len(inputs) if isinstance(inputs, list) else 1
+            data = [{"object": "embedding", "index": i, "embedding": [0.5, 0.25]} for i in range(count)]
+            return json.dumps({"object": "list", "data": data, "model": "Qwen",
+                               "usage": {"prompt_tokens": 1, "total_tokens": 1}}).encode()
+        if path == "/v1/token/encode":
+            return json.dumps({"tokens": [1, 2], "length": 2}).encode()
+        return json.dumps({"text": "decoded"}).encode()
+
+
+class InMemoryBadInputTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        d = self.proxy.client.post("http://proxy" + path, data=body, headers={"Content-Type": "application/json"})
+        self.proxy.flush()
+        response = self.successResultOf(d)
+        return response.code, self.successResultOf(content(response))
+
+    def test_sameMistakesOnEveryRoute(self) -> None:
+        """
+        On every route that reads a body: malformed JSON and bodies that are not objects are
+        400s; unknown models, model ids with C{..}, absolute paths or NUL bytes are 404s naming
+        the model; a malformed keep_alive is a 400 naming it (on the generating routes).  Each
+        answer is in the route's own error shape, and no child is started.
+        """
+        bad: list[tuple[bytes, int, str]] = [
+            (b'{"model": "qwen", "messages": [', 400, "not valid JSON"),
+            (b"[1, 2]", 400, "must be a JSON object"),
+            (b'"qwen"', 400, "must be a JSON object"),
+            (b"\xff\xfe", 400, "not valid JSON"),
+            (b'{"model": "gpt-4"}', 404, "'gpt-4' not found"),
+            (b'{"model": "../qwen"}', 404, "not found"),
+            (b'{"model": "coding/../qwen"}', 404, "not found"),
+            (b'{"model": "/etc/passwd"}', 404, "not found"),
+            (b'{"model": "qwen\\u0000"}', 404, "not found"),
+        ]
+        for path in OPENAI_ROUTES + OLLAMA_ROUTES:
+            for body, status, fragment in bad:
+                message = assertRouteError(self, path, status, *self.post(path, body))
+                self.assertIn(fragment, message, (path, body))
+        for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/embed"):
+            raw = json.dumps({"model": "qwen", "messages": [], "prompt": "x", "input": "x", "keep_alive": "5 minutes"})
+            self.assertIn("keep_alive", assertRouteError(self, path, 400, *self.post(path, raw.encode("utf-8"))))
+        self.assertEqual(self.proxy.reactor.spawned, [])
+
+    def test_keepsServingAfterBadInput(self) -> None:
+        """
+        After a burst of bad requests the proxy answers a good one as usual.
+        """
+        for path in OPENAI_ROUTES + OLLAMA_ROUTES:
+            self.post(path, b"{")
+        code, raw = self.post("/v1/completions", json.dumps({"model": "qwen", "prompt": "x"}).encode())
+        self.assertEqual(code, 200, raw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Over real TCP: the HTTP server's own guards
+
+
+class _Exchange(Protocol):
+    """
+    Writes C{data} and collects everything the server sends until it closes the connection.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.received = bytearray()
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self.closed.callback(bytes(self.received))
+
+
+async def exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """
+    Send raw bytes to the proxy; return all it answers before it closes the connection.
+    """
+    protocol = _Exchange(data)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: protocol))
+    closed = protocol.closed
+    closed.addTimeout(timeout, reactor, onTimeoutCancel=lambda result, t: protocol.transport.abortConnection())  # type: ignore[union-attr]
+    return await closed
+
+
+def responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """
+    The HTTP/1.1 responses in C{raw}, each (status, headers by lower-case name, body), framed
+    by Content-Length or chunked.
+    """
+    found = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].startswith("HTTP/1.1 "), head
+        status = int(lines[0].split(" ")[1])
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size, _, raw = raw.partition(b"\r\n")
+                length = int(size, 16)
+                body, raw = body + raw[:length], raw[length + 2:]
+                if length == 0:
+                    break
+        else:
+            length = int(headers.get("content-length", "0"))
+            body, raw = raw[:length], raw[length:]
+        found.append((status, headers, body))
+    return found
+
+
+class HTTPGuardTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.proxy = RunningProxy(self, PROFILES, "--max-body-size", "1000", "--client-timeout", "0.5")
+
+    async def assertStillServing(self) -> None:
+        response = await self.proxy.http.get(self.proxy.url + "/health")
+        self.assertEqual(response.code, 200)
+        await response.content()
+
+    def only(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        [response] = responses(raw)
+        return response
+
+    async def test_contentLengthOverLimitIsRefusedAtOnce(self) -> None:
+        """
+        A Content-Length over --max-body-size is answered with a 413 in the route's error shape
+        as soon as the headers are in: the body is never sent, let alone buffered, and the
+        connection is closed.  With C{Expect: 100-continue} no "100 Continue" invites the body.
+        """
+        for path in ("/v1/chat/completions", "/api/chat"):
+            head = (f"POST {path} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {10**9}\r\nExpect: 100-continue\r\n\r\n").encode()
+            raw = await exchange(self.proxy.port, head)
+            self.assertNotIn(b"100 Continue", raw)
+            status, headers, body = self.only(raw)
+            self.assertEqual(headers["connection"], "close")
+            message = assertRouteError(self, path, 413, status, body)
+            self.assertIn("request body of 1000000000 bytes is over the limit of 1000 bytes", message)
+        await self.assertStillServing()
+
+    async def test_chunkedBodyOverLimitIsCutShort(self) -> None:
+        """
+        A chunked body is counted as it arrives: once it passes the limit the client gets a 413
+        and the connection is closed, before the body ends.
+        """
+        chunk = b"x" * 400
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        raw = await exchange(self.proxy.port, head + b"".join(b"190\r\n" + chunk + b"\r\n" for _ in range(3)))
+        status, _, body = self.only(raw)
+        self.assertIn("over the limit of 1000 bytes", assertRouteError(self, "/v1/", 413, status, body))
+        await self.assertStillServing()
+
+    async def test_bodyWithinLimitIsRead(self) -> None:
+        """
+        A body under the limit, chunked or not, reaches the route as usual.
+        """
+        body = json.dumps({"model": "nope", "prompt": "x" * 800}).encode()
+        plain = (b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                 % (len(body), body))
+        chunked = (b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                   b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        status, _, answer = self.only(await exchange(self.proxy.port, plain))
+        self.assertIn("'nope' not found", assertRouteError(self, "/v1/", 404, status, answer))
+        status, _, answer = self.only(await exchange(self.proxy.port, chunked))
+        self.assertIn("'nope' not found", assertRouteError(self, "/api/", 404, status, answer))
+
+    async def test_bodyThatNeverComesTimesOut(self) -> None:
+        """
+        A request whose body stops coming is answered with a 408 in the route's shape after
+        --client-timeout, and its connection closed; so is one whose headers stop coming.
+        """
+        started = reactor.seconds()
+        raw = await exchange(self.proxy.port, b"POST /api/chat HTTP/1.1\r\nHost: proxy\r\nContent-Length: 100\r\n\r\n{\"mo")
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        status, _, body = self.only(raw)
+        self.assertIn("not complete within 0.5s (--client-timeout)", assertRouteError(self, "/api/", 408, status, body))
+
+        raw = await exchange(self.proxy.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n")
+        status, _, body = self.only(raw)
+        self.assertIn("headers were not complete", assertRouteError(self, "/v1/", 408, status, body))
+        await self.assertStillServing()
+
+    async def test_idleKeepAliveConnectionClosesQuietly(self) -> None:
+        """
+        A keep-alive connection left idle after a complete answer is closed after
+        --client-timeout without a 408 (clients reuse such connections).
+        """
+        raw = await exchange(self.proxy.port, b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        [(status, _, body)] = responses(raw)
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+
+    async def test_absurdRequestLineAndHeaders(self) -> None:
+        """
+        A request line over 16 KiB gets a 414, a header line over it or over 500 headers or
+        16 KiB of headers a 431, a malformed request line a 400: each JSON in the route's shape,
+        where twisted.web alone would close the connection silently or send an empty 400.
+        """
+        cases = [
+            (b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: proxy\r\n\r\n", "/v1/", 414, "request line is over"),
+            (b"GET /api/tags HTTP/1.1\r\nHost: proxy\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", "/api/", 431,
+             "header line is over"),
+            (b"GET /status HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(600)) + b"\r\n", "/", 431,
+             "more than 500 request headers"),
+            (b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20)) + b"\r\n",
+             "/v1/", 431, "over the limit of 16384 bytes"),
+            (b"GARBAGE\r\n\r\n", "/", 400, "malformed HTTP request"),
+        ]
+        for request, path, code, fragment in cases:
+            status, _, body = self.only(await exchange(self.proxy.port, request))
+            self.assertIn(fragment, assertRouteError(self, path, code, status, body))
+        await self.assertStillServing()
+
+    async def test_pipelinedRequestsAnsweredInOrder(self) -> None:
+        """
+        Requests pipelined on one connection, bodies included, are answered in order.
+        """
+        body = json.dumps({"model": "gpt-4", "prompt": "x"}).encode()
+        raw = await exchange(self.proxy.port, (
+            b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /api/version HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n" % (len(body), body)))
+        answers = responses(raw)
+        self.assertEqual([status for status, _, _ in answers], [200, 404, 200])
+        self.assertEqual(json.loads(answers[0][2]), {"status": "ok"})
+        self.assertIn("'gpt-4' not found", json.loads(answers[1][2])["error"]["message"])
+        self.assertIn("version", json.loads(answers[2][2]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fuzz
+
+JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+
+
+def mostly(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """
+    Usually a well-typed value (so bodies get past validation and reach the upstream and the
+    translations), sometimes any JSON at all.
+    """
+    return st.one_of(good, good, good, JSON_VALUES)
+
+
+TEXT = st.text(max_size=20)
+MODELS = mostly(st.sampled_from(["qwen", "qwen:latest", "coding/llama"])) | st.sampled_from(
+    ["gpt-4", "../qwen", "/qwen", "", "qwen\0", "qwen:7b"])
+MESSAGE = st.fixed_dictionaries(
+    {"role": mostly(st.sampled_from(["system", "user", "assistant", "tool"])), "content": mostly(TEXT)},
+    optional={"images": mostly(st.lists(st.sampled_from(["aGVsbG8=", "not base64"]), max_size=2)),
+              "tool_calls": JSON_VALUES, "thinking": mostly(TEXT)},
+)
+OPTIONS = st.fixed_dictionaries({}, optional={
+    "num_predict": mostly(st.integers(-2, 50)), "temperature": mostly(st.floats(0, 2)), "top_k": mostly(st.integers(0, 50)),
+    "stop": mostly(st.lists(TEXT, max_size=2)), "num_ctx": mostly(st.integers(0, 10**6)), "seed": mostly(st.integers()),
+    "unknown": JSON_VALUES,
+})
+KNOWN_FIELDS = {
+    "model": MODELS, "name": MODELS, "messages": mostly(st.lists(MESSAGE, max_size=3)), "prompt": mostly(TEXT),
+    "input": mostly(TEXT | st.lists(TEXT, max_size=3)), "stream": mostly(st.booleans()),
+    "keep_alive": mostly(st.sampled_from([0, -1, 5, 0.5, "5m", "0", "-1m", "1h30m", "300ms", "5 minutes", "", 1e308])),
+    "options": mostly(OPTIONS), "format": mostly(st.sampled_from(["json", "", {"type": "object"}])),
+    "think": mostly(st.booleans() | st.sampled_from(["low", "high"])), "tools": mostly(st.just([])), "system": mostly(TEXT),
+    "template": mostly(TEXT), "raw": mostly(st.booleans()), "suffix": mostly(TEXT), "images": mostly(st.lists(st.sampled_from(["aGVsbG8="]), max_size=1)),
+    "max_tokens": mostly(st.integers(0, 50)), "temperature": mostly(st.floats(0, 2)), "tokens": mostly(st.lists(st.integers(0, 9))),
+    "text": mostly(TEXT), "context": mostly(st.lists(st.integers(0, 9), max_size=3)), "truncate": mostly(st.booleans()), "stream_options": mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
+}
+OBJECTS = st.fixed_dictionaries({}, optional=KNOWN_FIELDS).map(lambda body: json.dumps(body).encode())
+BODIES = st.one_of(OBJECTS, OBJECTS, OBJECTS, OBJECTS, JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+                   st.binary(max_size=40))
+ROUTES = st.sampled_from(OPENAI_ROUTES + OLLAMA_ROUTES + ("/unload",))
+
+
+class FuzzTests(SynchronousTestCase):
+    @settings(max_examples=400, derandomize=True, database=None, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(route=ROUTES, body=BODIES)
+    def test_noBodyBreaksARoute(self, route: str, body: bytes) -> None:
+        """
+        Whatever body a client sends to whichever route, the answer is not a 5xx, nothing is
+        logged as a failure (no traceback), errors are JSON in the route's shape, and the proxy
+        answers the next request normally.
+        """
+        proxy = self.fuzzProxy()
+        with capturedLogs() as events:
+            d = proxy.client.post("http://proxy" + route, data=body, headers={"Content-Type": "application/json"})
+            proxy.flush()
+            proxy.reactor.advance(0)
+            response = self.successResultOf(d)
+            raw = self.successResultOf(content(response))
+        if response.code == 503 and route in PASSTHROUGH_ROUTES:
+            # A body that names no model goes to the running model; with none running, TabbyAPI's
+            # own answer is a 503 "no model loaded", and the proxy keeps that.
+            self.assertIn(b"no model is loaded", raw)
+        else:
+            self.assertLess(response.code, 500, (route, body, raw))
+        failures = [e["log_failure"].getTraceback() for e in events if e.get("log_failure") is not None]
+        self.assertEqual(failures, [], (route, body))
+        if response.code >= 400:
+            assertRouteError(self, route, response.code, response.code, raw)
+        healthy = self.successResultOf(proxy.client.get("http://proxy/health"))
+        self.assertEqual(healthy.code, 200)
+        self.assertEqual(proxy.supervisor.status()["in_flight"], 0)
+
+    _proxy: InMemoryProxy | None = None
+
+    def fuzzProxy(self) -> InMemoryProxy:
+        """
+        One in-memory proxy for all the examples of a test run, with a TabbyAPI that answers
+        every route in its real shape.
+        """
+        if self._proxy is None:
+            proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+            # The same resource keeps serving both of the proxy's TabbyAPI clients; it now answers
+            # the embeddings and token routes too.
+            proxy.tabby.__class__ = TabbyLike
+            self._proxy = proxy
+        return self._proxy

@@ -1,0 +1,271 @@
+"""
+Security (issue 4): keys never reach a log line, admin routes need the admin key, the proxy
+listens on loopback by default, CORS is off unless configured, and the generated TabbyAPI
+config and the other runtime files are private (0600 in a 0700 directory) and removed on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import ILogObserver, LogEvent, capturedLogs, formatEvent, globalLogPublisher
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import provider
+
+from tabbyproxy.config import Keys
+from tabbyproxy.tap import Options
+from tests.fakes import InMemoryProxy, writeProfiles
+from tests.proxysupport import RunningProxy, waitUntil
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "alpha": {"model": {"model_name": "Alpha"}},
+    "deep/beta": {"model": {"model_name": "Beta"}},
+}
+WRONG_KEY = "wrong-key-5f0c2a9d1e7b"
+
+
+def everything(event: LogEvent) -> str:
+    """
+    All an observer could write about C{event}: its formatted text and every field.
+    """
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += failure.getTraceback()
+    return text + repr(event)
+
+
+class KeysNeverLoggedTests(TestCase):
+    timeout = 60
+
+    async def test_keysAbsentFromEveryLogEvent(self) -> None:
+        """
+        With auth on, a session that uses every way of sending keys (right, wrong, missing, API
+        key on an admin route; Bearer and x-api-key), starts and crashes a child and unloads
+        it, leaves no key, nor the wrong key a client sent, in any log event the proxy emitted.
+        """
+        events: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        proxy = RunningProxy(self, PROFILES, "--simulate-auth", "--stop-grace", "1")
+        keys = proxy.supervisor.install.keys
+        self.assertTrue(keys.enabled)
+        secrets = [*keys.apiKeys, keys.adminKey, WRONG_KEY]
+        api, admin = keys.apiKeys[0], keys.adminKey
+
+        async def call(method: str, path: str, headers: dict[str | bytes, str | bytes], body: Any = None) -> int:
+            response = await proxy.http.request(method, proxy.url + path, headers=headers, json=body)
+            await response.content()
+            code: int = response.code
+            return code
+
+        chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        self.assertEqual(await call("GET", "/v1/models", {}), 401)
+        self.assertEqual(await call("GET", "/v1/models", {"Authorization": f"Bearer {WRONG_KEY}"}), 401)
+        self.assertEqual(await call("GET", "/api/tags", {"x-api-key": WRONG_KEY}), 401)
+        self.assertEqual(await call("POST", "/v1/chat/completions", {"Authorization": f"Bearer {api}"}, chat), 200)
+        self.assertEqual(await call("POST", "/api/chat", {"x-api-key": api}, {**chat, "stream": False}), 200)
+        self.assertEqual(await call("POST", "/v1/chat/completions", {"x-api-key": api},
+                                    {**chat, "model": "nope/../alpha"}), 404)
+        self.assertEqual(await call("POST", "/unload", {"Authorization": f"Bearer {api}"}), 401)
+        self.assertEqual(await call("POST", "/unload", {"x-admin-key": admin}), 200)
+        self.assertEqual(await call("POST", "/api/generate", {"x-api-key": api},
+                                    {"model": "deep/beta", "prompt": "x", "stream": False}), 200)
+        await proxy.service.stopService()
+
+        self.assertGreater(len(events), 20)
+        for event in events:
+            text = everything(event)
+            for secret in secrets:
+                self.assertNotIn(secret, text, formatEvent(event))
+
+    def test_childOutputIsRedacted(self) -> None:
+        """
+        A line the child prints that holds a key (TabbyAPI prints the keys it generates) is
+        logged, and kept for error reports, with the key replaced by C{[redacted]}.
+        """
+        keys = Keys(enabled=True, apiKeys=("api-secret-1",), adminKey="admin-secret-2")
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=keys)
+        proxy.tabby.healthy = False
+        waiting = proxy.supervisor.acquire(proxy.catalog.profiles["alpha"])
+        [process] = proxy.reactor.spawned
+        with capturedLogs() as events:
+            process.print("Your API key is: api-secret-1\nYour admin key is: admin-secret-2\n")
+            process.exit(1)
+        failure = self.failureResultOf(waiting)
+        lines = [event["line"] for event in events if "line" in event]
+        self.assertEqual(lines, ["Your API key is: [redacted]", "Your admin key is: [redacted]"])
+        self.assertNotIn("secret", str(failure.value))
+        self.assertIn("Your admin key is: [redacted]", str(failure.value))
+
+    def test_keysNotInRepr(self) -> None:
+        """
+        The keys' container never shows them in its repr (which ends up in logs and tracebacks).
+        """
+        text = repr(Keys(enabled=True, apiKeys=("api-secret-1",), adminKey="admin-secret-2"))
+        self.assertNotIn("secret", text)
+
+
+class AdminKeyTests(SynchronousTestCase):
+    def test_unloadNeedsTheAdminKey(self) -> None:
+        """
+        /unload (GET and POST) refuses a missing key and any API key, in every header form, and
+        takes the admin key in every header form.
+        """
+        keys = Keys(enabled=True, apiKeys=("api-1", "api-2"), adminKey="admin-key")
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=keys)
+        forms = [lambda key: {"Authorization": f"Bearer {key}"}, lambda key: {"x-api-key": key},
+                 lambda key: {"x-admin-key": key}]
+        for method in ("GET", "POST"):
+            def call(headers: dict[str, str]) -> tuple[int, Any]:
+                response = self.successResultOf(proxy.client.request(method, "http://proxy/unload", headers=headers))
+                return response.code, json.loads(self.successResultOf(response.content()))
+
+            code, document = call({})
+            self.assertEqual((code, document["error"]), (401, "please provide an admin key "
+                                                               "(Authorization: Bearer KEY, or x-api-key: KEY)"))
+            for form in forms:
+                for apiKey in keys.apiKeys:
+                    self.assertEqual(call(form(apiKey)), (401, {"error": "this route needs the admin key"}))
+                self.assertEqual(call(form("admin-key"))[0], 200)
+
+
+class ListenTests(SynchronousTestCase):
+    def test_loopbackByDefault(self) -> None:
+        """
+        Without --listen the proxy listens on 127.0.0.1 only.
+        """
+        configDir = Path(self.mktemp())
+        writeProfiles(configDir, PROFILES)
+        options = Options()
+        options.parseOptions(["--simulate", "--config-dir", str(configDir)])
+        self.assertEqual(options["listen"], "tcp:9000:interface=127.0.0.1")
+
+
+class CORSTests(TestCase):
+    timeout = 30
+
+    async def call(self, proxy: RunningProxy, method: str, path: str, headers: dict[str | bytes, str | bytes]) -> Any:
+        response = await proxy.http.request(method, proxy.url + path, headers=headers)
+        await response.content()
+        return response
+
+    async def test_offByDefault(self) -> None:
+        """
+        Without --cors-origin no response carries CORS headers, whatever the Origin, and a
+        preflight is not answered as one (a 405 in the route's shape).
+        """
+        proxy = RunningProxy(self, PROFILES)
+        response = await self.call(proxy, "GET", "/v1/models", {"Origin": "https://evil.example"})
+        self.assertEqual(response.code, 200)
+        self.assertFalse([name for name, _ in response.headers.getAllRawHeaders() if name.lower().startswith(b"access-control")])
+        preflight = await self.call(proxy, "OPTIONS", "/v1/chat/completions", {
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        self.assertEqual(preflight.code, 405)
+        self.assertIsNone(preflight.headers.getRawHeaders("access-control-allow-origin"))
+
+    async def test_configuredOrigins(self) -> None:
+        """
+        With --cors-origin (repeatable), a preflight from a listed origin gets a 204 with the
+        methods and headers it may use, its requests carry C{Access-Control-Allow-Origin} (with
+        C{Vary: Origin}), and other origins get no CORS header at all.
+        """
+        proxy = RunningProxy(self, PROFILES, "--cors-origin", "https://chat.example", "--cors-origin", "http://localhost:3000/")
+        preflight = await self.call(proxy, "OPTIONS", "/api/chat", {
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        self.assertEqual(preflight.code, 204)
+        self.assertEqual(preflight.headers.getRawHeaders("access-control-allow-origin"), ["http://localhost:3000"])
+        self.assertIn("POST", preflight.headers.getRawHeaders("access-control-allow-methods")[0])
+        allowedHeaders = preflight.headers.getRawHeaders("access-control-allow-headers")[0].lower()
+        for header in ("authorization", "content-type", "x-api-key"):
+            self.assertIn(header, allowedHeaders)
+
+        response = await self.call(proxy, "GET", "/v1/models", {"Origin": "https://chat.example"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("access-control-allow-origin"), ["https://chat.example"])
+        self.assertEqual(response.headers.getRawHeaders("vary"), ["Origin"])
+
+        other = await self.call(proxy, "GET", "/v1/models", {"Origin": "https://evil.example"})
+        self.assertIsNone(other.headers.getRawHeaders("access-control-allow-origin"))
+        errors = await self.call(proxy, "GET", "/v1/nothing", {"Origin": "https://chat.example"})
+        self.assertEqual(errors.code, 404)
+        self.assertEqual(errors.headers.getRawHeaders("access-control-allow-origin"), ["https://chat.example"])
+
+    async def test_anyOrigin(self) -> None:
+        """
+        --cors-origin '*' lets any origin in, with C{Access-Control-Allow-Origin: *}.
+        """
+        proxy = RunningProxy(self, PROFILES, "--cors-origin", "*")
+        response = await self.call(proxy, "GET", "/api/tags", {"Origin": "https://anything.example"})
+        self.assertEqual(response.headers.getRawHeaders("access-control-allow-origin"), ["*"])
+
+    def test_badOrigin(self) -> None:
+        """
+        An origin without a scheme is refused at start-up with a message saying what to give.
+        """
+        configDir = Path(self.mktemp())
+        writeProfiles(configDir, PROFILES)
+        error = self.assertRaises(UsageError, Options().parseOptions,
+                                  ["--simulate", "--config-dir", str(configDir), "--cors-origin", "chat.example"])
+        self.assertIn("give an origin such as https://chat.example.org, or *", str(error))
+
+
+class PrivateFilesTests(TestCase):
+    timeout = 30
+
+    async def test_runtimeFilesArePrivateAndRemoved(self) -> None:
+        """
+        The runtime directory is 0700 and every file in it (the generated TabbyAPI config, the
+        simulator's config and keys) is 0600, whatever the umask; the child's config file is
+        gone once the child exits, and the whole directory once the proxy has stopped.
+        """
+        import os
+
+        previous = os.umask(0)
+        self.addCleanup(os.umask, previous)
+        proxy = RunningProxy(self, PROFILES, "--simulate-auth")
+        os.umask(previous)
+        apiKey: dict[str | bytes, str | bytes] = {"x-api-key": proxy.supervisor.install.keys.apiKeys[0]}
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"},
+                                         headers=apiKey)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        runtime = proxy.supervisor.runtimeDirectory
+        childConfig = runtime / "tabby-1.yml"
+        self.assertTrue(childConfig.exists())
+        seen = 0
+        for path in [runtime, *runtime.rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            self.assertEqual(mode, 0o700 if path.is_dir() else 0o600, f"{path}: {oct(mode)}")
+            seen += 1
+        self.assertGreaterEqual(seen, 6)
+
+        await proxy.service.stopService()
+        self.assertFalse(childConfig.exists())
+        self.assertFalse(runtime.exists())
+
+    async def test_directoryRemovedOnlyAfterTheChildExits(self) -> None:
+        """
+        Stopping the proxy removes the runtime directory only once the child, which reads its
+        files, has exited (even when that takes the whole grace period).
+        """
+        proxy = RunningProxy(self, {"deaf": {"model": {"model_name": "Deaf"}, "simulator": {"ignore_sigterm": True}}},
+                             "--stop-grace", "0.5")
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "deaf", "prompt": "x"})
+        await response.content()
+        runtime = proxy.supervisor.runtimeDirectory
+        stopped = proxy.service.stopService()
+        await waitUntil(lambda: proxy.supervisor.status()["state"] == "stopping")
+        self.assertTrue(runtime.exists())
+        await stopped
+        self.assertFalse(runtime.exists())
