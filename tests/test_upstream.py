@@ -1,0 +1,261 @@
+"""
+The relay's hot path in L{tabbyproxy.upstream}: the chunked decoder, and the persistent
+connections to TabbyAPI that use it (on real loopback TCP, since what is pinned is how Twisted's
+HTTP client uses them).
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor as _globalReactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import Agent, FileBodyProducer, ResponseDone, ResponseFailed
+from twisted.web.http import _DataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from tabbyproxy.upstream import ChunkedDecoder, MalformedChunkedBody, makeConnectionPool
+
+reactor: Any = _globalReactor
+
+deterministic = settings(derandomize=True, max_examples=300, deadline=None, database=None)
+
+
+def chunked(pieces: list[bytes], trailers: list[bytes] = []) -> bytes:  # noqa: B006
+    """
+    C{pieces} framed as a chunked body, ending with C{trailers}.
+    """
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces if piece)
+    return framed + b"0\r\n" + b"".join(trailer + b"\r\n" for trailer in trailers) + b"\r\n"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.finished: list[bytes] = []
+        self.decoder = ChunkedDecoder(self.data.append, self.finished.append)
+
+    def feed(self, wire: bytes, cuts: list[int]) -> list[int]:
+        """
+        Feed C{wire} cut at C{cuts}; return how many data callbacks each call made.
+        """
+        calls = []
+        start = 0
+        for end in [*sorted(set(cuts)), len(wire)]:
+            before = len(self.data)
+            self.decoder.dataReceived(wire[start:end])
+            calls.append(len(self.data) - before)
+            start = end
+        return calls
+
+
+class ChunkedDecoderTests(SynchronousTestCase):
+    @deterministic
+    @given(
+        pieces=st.lists(st.binary(max_size=300), max_size=20),
+        trailers=st.lists(st.sampled_from([b"X-Usage: 12", b"Expires: never"]), max_size=2),
+        rest=st.binary(max_size=10),
+        data=st.data(),
+    )
+    def test_anyCutGivesTheBody(self, pieces: list[bytes], trailers: list[bytes], rest: bytes, data: Any) -> None:
+        """
+        However the bytes are cut, the body arrives whole and in order, each read's bytes in at
+        most one callback, and the finish callback gets what followed the last chunk.
+        """
+        body = chunked(pieces, trailers)
+        wire = body + rest
+        # The parser hands over what follows the body in the read that ends the body.
+        cuts = data.draw(st.lists(st.integers(0, len(body) - 1), max_size=12))
+        recorder = Recorder()
+        calls = recorder.feed(wire, cuts)
+        self.assertEqual(b"".join(recorder.data), b"".join(pieces))
+        self.assertTrue(all(count <= 1 for count in calls))
+        self.assertEqual(recorder.finished, [rest])
+        self.assertEqual(recorder.decoder.state, "FINISHED")
+        recorder.decoder.noMoreData()
+
+    def test_restAfterTheLastChunk(self) -> None:
+        """
+        Bytes after the terminating chunk in the same read go to the finish callback.
+        """
+        recorder = Recorder()
+        recorder.decoder.dataReceived(chunked([b"hello"]) + b"HTTP/1.1 200")
+        self.assertEqual((recorder.data, recorder.finished), ([b"hello"], [b"HTTP/1.1 200"]))
+
+    def test_chunkExtensionsIgnored(self) -> None:
+        """
+        A chunk size may carry extensions after a semicolon.
+        """
+        recorder = Recorder()
+        recorder.decoder.dataReceived(b"5;name=value\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual(recorder.data, [b"hello"])
+
+    def test_malformedSizes(self) -> None:
+        """
+        A size that is not plain hexadecimal digits breaks the body.
+        """
+        for line in (b"", b"0x5", b"+5", b" 5", b"5 ", b"1_0", b"g"):
+            recorder = Recorder()
+            with self.subTest(line=line):
+                self.assertRaises(MalformedChunkedBody, recorder.decoder.dataReceived, line + b"\r\nhello\r\n")
+
+    def test_chunkWithoutCRLF(self) -> None:
+        """
+        A chunk whose data is not followed by CRLF breaks the body.
+        """
+        recorder = Recorder()
+        self.assertRaises(MalformedChunkedBody, recorder.decoder.dataReceived, b"5\r\nhelloXX0\r\n\r\n")
+
+    def test_endlessSizeLine(self) -> None:
+        """
+        A size line that never ends is refused once it is over Twisted's limit, even in pieces.
+        """
+        recorder = Recorder()
+        recorder.decoder.dataReceived(b"1" * 1000)
+        self.assertRaises(MalformedChunkedBody, recorder.decoder.dataReceived, b"1" * 100)
+
+    def test_endlessTrailer(self) -> None:
+        """
+        Trailers are bounded too.
+        """
+        recorder = Recorder()
+        recorder.decoder.dataReceived(b"0\r\n")
+        self.assertRaises(MalformedChunkedBody, recorder.decoder.dataReceived, b"X" * 70000)
+
+    def test_cutShort(self) -> None:
+        """
+        A connection that ends inside the body is data loss, which Twisted's parser turns into
+        a failed response.
+        """
+        for wire in (b"", b"5\r\nhel", b"5\r\nhello\r\n", b"5\r\nhello\r\n0\r\n"):
+            recorder = Recorder()
+            recorder.decoder.dataReceived(wire)
+            with self.subTest(wire=wire):
+                self.assertRaises(_DataLoss, recorder.decoder.noMoreData)
+
+    def test_dataAfterTheEnd(self) -> None:
+        """
+        The parser never feeds a finished decoder; if it did, that is a bug, not data.
+        """
+        recorder = Recorder()
+        recorder.decoder.dataReceived(chunked([b"x"]))
+        self.assertRaises(RuntimeError, recorder.decoder.dataReceived, b"more")
+
+
+class Tokens(Resource):
+    """
+    Streams C{count} small chunks, each written on its own like TabbyAPI's tokens, and records the
+    client port of each request (to see connections being reused).
+    """
+
+    isLeaf = True
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.clientPorts: list[int] = []
+        self.bodies: list[bytes] = []
+        self.headers: list[Headers] = []
+
+    def render(self, request: IRequest) -> int:
+        self.clientPorts.append(request.getClientAddress().port)
+        self.bodies.append(request.content.read() if request.content is not None else b"")
+        self.headers.append(request.requestHeaders)
+        request.setHeader(b"content-type", b"text/event-stream")
+        for index in range(self.count):
+            request.write(b"data: %d\r\n\r\n" % index)
+        request.finish()
+        return NOT_DONE_YET
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+class RelayPoolTests(TestCase):
+    def setUp(self) -> None:
+        self.tokens = Tokens(200)
+        self.port = reactor.listenTCP(0, Site(self.tokens), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.pool = makeConnectionPool(reactor)
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.url = b"http://127.0.0.1:%d/v1/chat/completions" % (self.port.getHost().port,)
+
+    async def relay(self) -> list[bytes]:
+        response = await self.agent.request(b"POST", self.url, Headers(), FileBodyProducer(BytesIO(b'{"a":1}')))
+        self.assertEqual(response.code, 200)
+        collect = Collect()
+        response.deliverBody(collect)
+        await collect.done
+        return collect.pieces
+
+    async def test_bodyIsCoalesced(self) -> None:
+        """
+        An answer of 200 chunks arrives whole, in far fewer pieces than chunks: the pool's
+        connections decode with L{ChunkedDecoder}, which hands on a read at a time.
+        """
+        pieces = await self.relay()
+        self.assertEqual(b"".join(pieces), b"".join(b"data: %d\r\n\r\n" % i for i in range(200)))
+        self.assertLess(len(pieces), 20)
+
+    async def test_connectionReused(self) -> None:
+        """
+        Requests one after another use one persistent connection.
+        """
+        await self.relay()
+        await self.relay()
+        await self.relay()
+        self.assertEqual(len(set(self.tokens.clientPorts)), 1)
+
+    async def test_protocolIsTheRelayOne(self) -> None:
+        """
+        The pool's connections are the relay's protocol (a Twisted upgrade that changes how the
+        pool builds them would silently bring back the slow decoder; this notices).
+        """
+        await self.relay()
+        connections = [c for cached in self.pool._connections.values() for c in cached]
+        self.assertTrue(connections)
+        self.assertTrue(all(isinstance(c, HTTP11ClientProtocol) and type(c).__name__ == "_RelayClientProtocol"
+                            for c in connections))
+
+    async def test_brokenBodyFails(self) -> None:
+        """
+        A chunked answer that is cut short fails the body instead of ending it quietly.
+        """
+
+        class Broken(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(  # type: ignore[union-attr]
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nb\r\ndata: 1\r\n\r\n")
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Broken), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = b"http://127.0.0.1:%d/" % (port.getHost().port,)
+        response = await self.agent.request(b"GET", url, Headers())
+        collect = Collect()
+        response.deliverBody(collect)
+        with self.assertRaises(ResponseFailed):
+            await collect.done
