@@ -501,9 +501,7 @@ class Supervisor(Service):
             if problem is not None:
                 self._unhealthy(child, problem)
 
-        check: Deferred[None] = Deferred.fromCoroutine(self._healthProblem(child.baseURL + "/health")).addCallback(
-            judged
-        )
+        check: Deferred[None] = Deferred.fromCoroutine(self._judgeHealth(child)).addCallback(judged)
         check.addErrback(self._checkBroke, child)
         if not check.called:
             child.healthCheck = check
@@ -622,24 +620,40 @@ class Supervisor(Service):
             await deferLater(self.reactor, self.settings.healthInterval)
 
     async def _healthy(self, url: str) -> bool:
-        return await self._healthProblem(url) is None
+        answered, problem = await self._healthProblem(url)
+        return problem is None
 
-    async def _healthProblem(self, url: str) -> str | None:
+    async def _judgeHealth(self, child: Child) -> str | None:
         """
-        What is wrong with the child that serves C{url}, or C{None} when it answers 200.
+        What is wrong with a ready child, or C{None} when its C{/health} answers 200.  A child
+        that does not answer at all is asked once more after a short while: it may be dying,
+        and then its exit, not its health, is what to report.
+        """
+        url = child.baseURL + "/health"
+        answered, problem = await self._healthProblem(url)
+        if problem is not None and not answered:
+            await deferLater(self.reactor, self.settings.healthInterval)
+            answered, problem = await self._healthProblem(url)
+        return problem
+
+    async def _healthProblem(self, url: str) -> tuple[bool, str | None]:
+        """
+        Ask C{url} once.
+
+        @return: whether an HTTP answer came, and what is wrong (C{None} for a 200).
         """
         timeout = self.settings.healthTimeout
         try:
             response = await self.http.get(url, timeout=timeout, reactor=self.reactor)
             raw = await response.content()
         except (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseFailed, ResponseNeverReceived) as e:
-            return f"GET /health failed: {e}"
+            return False, f"GET /health failed: {e}"
         except CancelledError:
             # The request's own timeout cancels it (and so does a stop, which ignores the answer).
-            return f"GET /health did not answer within {timeout:g}s"
+            return False, f"GET /health did not answer within {timeout:g}s"
         if response.code == 200:
-            return None
-        return f"GET /health answered {response.code}{_healthIssues(raw)}"
+            return True, None
+        return True, f"GET /health answered {response.code}{_healthIssues(raw)}"
 
     def _ready(self, child: Child) -> None:
         if child.loadTimeoutCall is not None and child.loadTimeoutCall.active():

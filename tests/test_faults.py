@@ -167,13 +167,31 @@ class UnhealthyChildTests(SynchronousTestCase):
 
     def test_unansweredHealthCheckCounts(self) -> None:
         """
-        A child whose C{/health} does not answer at all (its port closed) is replaced too.
+        A child whose C{/health} does not answer at all (its port closed) is asked once more a
+        moment later, and replaced when it still does not answer.
         """
         lease = self.successResultOf(self.acquire())
         self.supervisor.http = _Refusing()
         lease.release()
+        self.assertEqual(self.reactor.spawned[0].signals, [])
+        self.reactor.advance(0.2)
         self.assertEqual(self.reactor.spawned[0].signals, ["TERM"])
         self.assertIn("GET /health failed", self.supervisor.status()["last_error"])
+
+    def test_dyingChildIsReportedAsACrash(self) -> None:
+        """
+        When C{/health} does not answer because the child is dying (it exits with status 1
+        before the second try), the status reports the exit, and nothing else is signalled.
+        """
+        lease = self.successResultOf(self.acquire())
+        process = self.reactor.spawned[0]
+        self.supervisor.http = _Refusing()
+        lease.release()
+        process.exit(1)
+        self.reactor.advance(0.2)
+        self.assertEqual(process.signals, [])
+        self.assertEqual(self.supervisor.status()["last_error"], "TabbyAPI for a (pid 1000) exited with status 1 unexpectedly")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_crashWhileBeingReplacedIsReported(self) -> None:
         """

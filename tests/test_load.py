@@ -33,8 +33,8 @@ class ConcurrentLoadTests(TestCase):
     async def test_twoHundredRequestsAcrossThreeModels(self) -> None:
         """
         200 requests from 20 concurrent clients over 3 models, streaming and not, in 10 rounds:
-        in each round half the clients ask for the loaded model and, while those are in flight,
-        the other half ask for the next one.  Every request gets its own model's complete answer
+        in each round half the clients ask for the loaded model and, once the proxy has taken all
+        of those (most still in flight), the other half ask for the next one.  Every request gets its own model's complete answer
         (the simulator's text starts with the model folder name; streams end with [DONE]), no
         stream is cut by the swaps, and the spawns are exactly what the rules predict: the first
         model, then one per round (the second half's model, which the next round's first half
@@ -68,7 +68,10 @@ class ConcurrentLoadTests(TestCase):
         for round in range(ROUNDS):
             loaded, following = MODELS[round % 3], MODELS[(round + 1) % 3]
             first = [Deferred.fromCoroutine(one(client, loaded)) for client in range(CLIENTS // 2)]
-            await waitUntil(lambda: proxy.supervisor.status()["in_flight"] > 0)
+            # The second half goes out once the proxy has granted every request of the first half
+            # (each is in flight or done): arrival order across connections is not send order.
+            await waitUntil(lambda: proxy.supervisor.status()["in_flight"] + sum(d.called for d in first)
+                            >= CLIENTS // 2)
             second = [Deferred.fromCoroutine(one(client, following)) for client in range(CLIENTS // 2, CLIENTS)]
             await gatherResults(first + second).addTimeout(30, reactor)
 
