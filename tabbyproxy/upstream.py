@@ -19,16 +19,20 @@ from typing import Any, Callable, Mapping, cast
 
 import treq
 import treq.client
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss, _DataLoss, maxChunkSizeLineLength
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IRequest, IResponse
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from tabbyproxy.supervisor import Lease
 
@@ -42,15 +46,11 @@ class UpstreamBroken(Exception):
     """
 
 
-def makeHTTPClient(reactor: Any, pool: HTTPConnectionPool) -> Any:
+def makeHTTPClient(reactor: Any, pool: HTTPConnectionPool) -> TabbyClient:
     """
-    A treq client for talking to TabbyAPI over C{pool}: no redirects followed, and a cookie jar
-    that never stores anything, so no client's cookies reach another.
+    The client for talking to TabbyAPI over C{pool}: see L{TabbyClient}.
     """
-    return treq.client.HTTPClient(
-        Agent(reactor, pool=pool),
-        cookiejar=cast(Any, CookieJar(DefaultCookiePolicy(allowed_domains=[]))),
-    )
+    return TabbyClient(reactor, pool)
 
 
 def makeConnectionPool(reactor: Any) -> HTTPConnectionPool:
@@ -63,6 +63,71 @@ def makeConnectionPool(reactor: Any) -> HTTPConnectionPool:
     pool.maxPersistentPerHost = 256
     pool.retryAutomatically = False
     return pool
+
+
+class TabbyClient(treq.client.HTTPClient):
+    """
+    A treq client for TabbyAPI whose L{relay} sends the proxy's forwarded requests straight to
+    its Agent.
+
+    treq wraps every request in a cookie jar and gzip decoding, parses its URL with hyperlink and
+    writes its body from a cooperator task on a later turn of the reactor; the proxy needs none
+    of that to talk to its own child, and it was an eighth of the proxy's CPU in a profile of
+    streaming load.  The treq API stays for the rest (the supervisor's health polls), with a
+    cookie jar that never stores anything, so no client's cookies reach another.
+    """
+
+    def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
+        self.agent = Agent.usingEndpointFactory(reactor, _TCPEndpoints(reactor), pool=pool)
+        super().__init__(self.agent, cookiejar=cast(Any, CookieJar(DefaultCookiePolicy(allowed_domains=[]))))
+
+    def relay(self, method: bytes, url: bytes, headers: Headers, body: bytes | None) -> Deferred[IResponse]:
+        """
+        Send one request; its body, if any, is written at once.
+        """
+        producer = None if body is None else _BytesProducer(body)
+        response: Deferred[IResponse] = self.agent.request(method, url, headers, producer)
+        return response
+
+
+@implementer(IAgentEndpointFactory)
+class _TCPEndpoints:
+    """
+    Plain TCP endpoints: TabbyAPI listens on a loopback address, so the proxy needs neither TLS nor
+    L{HostnameEndpoint}'s name handling, which the default Agent redoes for every request.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme != b"http":
+            raise SchemeNotSupported(f"TabbyAPI is reached over http, not {uri.scheme!r}")
+        return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body that is all there at once.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class MalformedChunkedBody(Exception):
@@ -193,6 +258,9 @@ class _RelayClientProtocol(HTTP11ClientProtocol):
 
 
 class _RelayClientFactory(_HTTP11ClientFactory):
+    # Not a log line for each connection opened and closed.
+    noisy = False
+
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
         return _RelayClientProtocol(self._quiescentCallback)
 
@@ -248,7 +316,8 @@ class Upstream:
 
     def __init__(self, http: Any, reactor: Any, headers: Mapping[bytes, list[bytes]]) -> None:
         """
-        @param http: a treq C{HTTPClient} (or C{StubTreq} in tests).
+        @param http: a L{TabbyClient}, or any treq-like client (C{StubTreq} in tests), which is
+            then used through treq's C{request}.
         @param headers: sent with every request: TabbyAPI's key, when auth is on.
         """
         self.http = http
@@ -262,6 +331,9 @@ class Upstream:
         headers = dict(self.headers)
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
+        if isinstance(self.http, TabbyClient):
+            url = (lease.baseURL + path).encode("ascii")
+            return self.http.relay(method.encode("ascii"), url, Headers(headers), body)
         d: Deferred[IResponse] = self.http.request(
             method,
             lease.baseURL + path,

@@ -1,12 +1,11 @@
 """
-The relay's hot path in L{tabbyproxy.upstream}: the chunked decoder, and the persistent
-connections to TabbyAPI that use it (on real loopback TCP, since what is pinned is how Twisted's
-HTTP client uses them).
+The relay's hot path in L{tabbyproxy.upstream}: the chunked decoder, and the client that sends the
+proxy's requests to TabbyAPI over persistent connections (on real loopback TCP, since what is
+pinned is how Twisted's HTTP client uses them).
 """
 
 from __future__ import annotations
 
-from io import BytesIO
 from typing import Any
 
 from hypothesis import given, settings
@@ -17,14 +16,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import Agent, FileBodyProducer, ResponseDone, ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import _DataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tabbyproxy.upstream import ChunkedDecoder, MalformedChunkedBody, makeConnectionPool
+from tabbyproxy.upstream import ChunkedDecoder, MalformedChunkedBody, TabbyClient, makeConnectionPool
 
 reactor: Any = _globalReactor
 
@@ -193,18 +192,18 @@ class Collect(Protocol):
             self.done.errback(reason)
 
 
-class RelayPoolTests(TestCase):
+class TabbyClientTests(TestCase):
     def setUp(self) -> None:
         self.tokens = Tokens(200)
         self.port = reactor.listenTCP(0, Site(self.tokens), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.pool = makeConnectionPool(reactor)
         self.addCleanup(self.pool.closeCachedConnections)
-        self.agent = Agent(reactor, pool=self.pool)
+        self.client = TabbyClient(reactor, self.pool)
         self.url = b"http://127.0.0.1:%d/v1/chat/completions" % (self.port.getHost().port,)
 
     async def relay(self) -> list[bytes]:
-        response = await self.agent.request(b"POST", self.url, Headers(), FileBodyProducer(BytesIO(b'{"a":1}')))
+        response = await self.client.relay(b"POST", self.url, Headers({b"x-api-key": [b"k"]}), b'{"a":1}')
         self.assertEqual(response.code, 200)
         collect = Collect()
         response.deliverBody(collect)
@@ -219,6 +218,16 @@ class RelayPoolTests(TestCase):
         pieces = await self.relay()
         self.assertEqual(b"".join(pieces), b"".join(b"data: %d\r\n\r\n" % i for i in range(200)))
         self.assertLess(len(pieces), 20)
+
+    async def test_requestAsSent(self) -> None:
+        """
+        The body and the given headers reach the server; the body is sent with its length.
+        """
+        await self.relay()
+        self.assertEqual(self.tokens.bodies, [b'{"a":1}'])
+        [headers] = self.tokens.headers
+        self.assertEqual(headers.getRawHeaders(b"x-api-key"), [b"k"])
+        self.assertEqual(headers.getRawHeaders(b"content-length"), [b"7"])
 
     async def test_connectionReused(self) -> None:
         """
@@ -240,6 +249,14 @@ class RelayPoolTests(TestCase):
         self.assertTrue(all(isinstance(c, HTTP11ClientProtocol) and type(c).__name__ == "_RelayClientProtocol"
                             for c in connections))
 
+    async def test_treqAPIStillWorks(self) -> None:
+        """
+        The treq API of the same client (used for health polls) goes over the same connections.
+        """
+        response = await self.client.get(self.url.decode("ascii"))
+        body = await response.content()
+        self.assertTrue(body.startswith(b"data: 0\r\n\r\n"))
+
     async def test_brokenBodyFails(self) -> None:
         """
         A chunked answer that is cut short fails the body instead of ending it quietly.
@@ -254,7 +271,7 @@ class RelayPoolTests(TestCase):
         port = reactor.listenTCP(0, Factory.forProtocol(Broken), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         url = b"http://127.0.0.1:%d/" % (port.getHost().port,)
-        response = await self.agent.request(b"GET", url, Headers())
+        response = await self.client.relay(b"GET", url, Headers(), None)
         collect = Collect()
         response.deliverBody(collect)
         with self.assertRaises(ResponseFailed):
