@@ -20,10 +20,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Request
 
-from tests.fakes import FakeTabby, InMemoryProxy
+from tabbyproxy.tap import Options
+from tests.fakes import FakeTabby, InMemoryProxy, writeProfiles
 from tests.proxysupport import RunningProxy
 from tests.proxysupport import reactor as _reactor
 
@@ -399,3 +401,17 @@ class FuzzTests(SynchronousTestCase):
             proxy.tabby.__class__ = TabbyLike
             self._proxy = proxy
         return self._proxy
+
+
+class GuardOptionsTests(SynchronousTestCase):
+    def test_defaultsAndChecks(self) -> None:
+        """
+        --client-timeout defaults to 60 s and, like --max-body-size, must be positive.
+        """
+        configDir = Path(self.mktemp())
+        writeProfiles(configDir, PROFILES)
+        options = Options()
+        options.parseOptions(["--simulate", "--config-dir", str(configDir)])
+        self.assertEqual((options["client-timeout"], options["max-body-size"]), (60.0, 16 * 1024 * 1024))
+        for bad in (["--client-timeout", "0"], ["--client-timeout", "soon"], ["--max-body-size", "-1"]):
+            self.assertRaises(UsageError, Options().parseOptions, ["--simulate", "--config-dir", str(configDir), *bad])
