@@ -7,6 +7,8 @@ listening on a loopback port, spawning the simulator as a real child process.  B
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -212,6 +214,12 @@ class TwistdProxy(ProcessProtocol):
                 return int(line.split()[1]) * 1024
         raise AssertionError("no VmRSS line")
 
+    def runtimeDirectories(self) -> set[Path]:
+        """
+        The private directories of the children twistd started, from its log.
+        """
+        return {Path(match) for match in re.findall(r"--config (\S+)/tabby-\d+\.yml", self.text)}
+
     async def _cleanUp(self) -> None:
         await self.pool.closeCachedConnections()
         if self.exitReason is None:
@@ -220,6 +228,9 @@ class TwistdProxy(ProcessProtocol):
         for pid in self.childPids:
             if pidAlive(pid):
                 os.kill(pid, signal.SIGKILL)
+        # A SIGKILLed twistd cannot remove its runtime directory; the test does.
+        for directory in self.runtimeDirectories():
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def pidAlive(pid: int) -> bool:
