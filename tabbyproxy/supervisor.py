@@ -54,6 +54,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from tabbyproxy.config import Profile, TabbyInstall, writePrivate
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
+from tabbyproxy.metrics import Metrics
 
 LAST_LINES = 30
 
@@ -62,6 +63,21 @@ class ChildState(Enum):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
+
+
+class StopReason(Enum):
+    """
+    Why the supervisor stopped a child: a metrics label and the start of a log line.
+    """
+
+    IDLE = "idle"
+    KEEP_ALIVE_ZERO = "keep_alive_zero"
+    UNLOAD = "unload"
+    SWAP = "swap"
+    UNHEALTHY = "unhealthy"
+    LOAD_TIMEOUT = "load_timeout"
+    ABANDONED = "abandoned"
+    SHUTDOWN = "shutdown"
 
 
 class SchedulingError(Exception):
@@ -175,7 +191,8 @@ class Child:
     readyAt: float | None = None
     inFlight: int = 0
     drainThenStop: bool = False
-    drainReason: str = "unload requested"
+    drainReason: StopReason = field(factory=lambda: StopReason.UNLOAD)
+    stopReason: StopReason | None = None
     ended: Deferred[None] = field(factory=Deferred)
     loadTimeoutCall: IDelayedCall | None = None
     killCall: IDelayedCall | None = None
@@ -277,6 +294,10 @@ class Supervisor(Service):
     @param runtimeDirectory: a private directory for the generated TabbyAPI config files.
     @param wrapCommand: turns the child's command line into the one spawned; L{diesWithParent}
         makes the child die with the proxy even when the proxy is killed.
+    @param metrics: counts starts, stops, failures and crashes, and times loads.
+
+    @ivar defaultModel: the profile to start again whenever an idle model has been unloaded
+        and nothing else is wanted (C{--default-model}), or C{None}.
     """
 
     log = Logger()
@@ -291,6 +312,7 @@ class Supervisor(Service):
         pickPort: Callable[[], int] = pickFreePort,
         wallClock: Callable[[], float] = time.time,
         wrapCommand: Callable[[Sequence[str]], Sequence[str]] = tuple,
+        metrics: Metrics | None = None,
     ) -> None:
         self.install = install
         self.reactor = reactor
@@ -300,6 +322,8 @@ class Supervisor(Service):
         self.pickPort = pickPort
         self.wallClock = wallClock
         self.wrapCommand = wrapCommand
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.defaultModel: Callable[[], Profile | None] = lambda: None
         self.current: Child | None = None
         self.lastError: str | None = None
         self.starts = 0
@@ -360,9 +384,9 @@ class Supervisor(Service):
             return succeed(None)
         if child.state is ChildState.STARTING:
             self._failStart(child, f"the start of {child.profile.id} was cancelled by an unload")
-            self._stop(child, "unload requested")
+            self._stop(child, StopReason.UNLOAD, "unload requested")
         elif child.inFlight == 0 and child.state is ChildState.READY:
-            self._stop(child, "unload requested")
+            self._stop(child, StopReason.UNLOAD, "unload requested")
         else:
             child.drainThenStop = True
         return _chain(child.ended)
@@ -439,7 +463,7 @@ class Supervisor(Service):
             self._markStopped(None)
             return succeed(None)
         if child.state is not ChildState.STOPPING:
-            self._stop(child, "the proxy is stopping")
+            self._stop(child, StopReason.SHUTDOWN, "the proxy is stopping")
         return _chain(child.ended).addCallback(self._markStopped)
 
     def _markStopped(self, result: None) -> None:
@@ -476,18 +500,18 @@ class Supervisor(Service):
         if child.state is not ChildState.READY:
             return
         if child.drainThenStop:
-            self._stop(child, child.drainReason)
+            self._stop(child, child.drainReason, f"{child.drainReason.value} requested")
         elif self._waiting and self._waiting[0].profile.id != child.profile.id:
             pass  # _pump swaps the model for the waiting request.
         elif child.keepAlive <= 0:
-            self._stop(child, "keep_alive is 0")
+            self._stop(child, StopReason.KEEP_ALIVE_ZERO, "keep_alive is 0")
         else:
             self._timer.arm(child.keepAlive)
 
     def _idleExpired(self) -> None:
         child = self.current
         if child is not None and child.state is ChildState.READY and child.inFlight == 0:
-            self._stop(child, f"idle for {describeDuration(child.keepAlive)}")
+            self._stop(child, StopReason.IDLE, f"idle for {describeDuration(child.keepAlive)}")
 
     def _checkHealth(self, child: Child) -> None:
         """
@@ -522,9 +546,9 @@ class Supervisor(Service):
             inFlight=child.inFlight,
         )
         child.drainThenStop = True
-        child.drainReason = "unhealthy"
+        child.drainReason = StopReason.UNHEALTHY
         if child.inFlight == 0:
-            self._stop(child, child.drainReason)
+            self._stop(child, StopReason.UNHEALTHY, problem)
 
     def _pump(self) -> None:
         """
@@ -559,9 +583,9 @@ class Supervisor(Service):
                 continue
             if child.state is ChildState.STARTING:
                 self._failStart(child, f"the start of {child.profile.id} was abandoned: no request wants it any more")
-                self._stop(child, f"swapping to {head.profile.id}")
+                self._stop(child, StopReason.ABANDONED, f"swapping to {head.profile.id}")
             elif child.state is ChildState.READY and child.inFlight == 0:
-                self._stop(child, f"swapping to {head.profile.id}")
+                self._stop(child, StopReason.SWAP, f"swapping to {head.profile.id}")
             return
 
     # -- the child's life
@@ -581,6 +605,7 @@ class Supervisor(Service):
             startedAt=self.wallClock(),
         )
         self.current = child
+        self.metrics.starts.labels(profile.id).inc()
         command = (*self.install.command, "--config", str(configPath))
         self.log.info(
             "Starting {model} on port {port}: {command}", model=profile.id, port=port, command=" ".join(command)
@@ -631,7 +656,9 @@ class Supervisor(Service):
         """
         url = child.baseURL + "/health"
         answered, problem = await self._healthProblem(url)
-        if problem is not None and not answered:
+        # A stop cancels the check; the cancelled request reads as "no answer", and there is
+        # nothing left to ask.
+        if problem is not None and not answered and child.state is ChildState.READY:
             await deferLater(self.reactor, self.settings.healthInterval)
             answered, problem = await self._healthProblem(url)
         return problem
@@ -661,6 +688,7 @@ class Supervisor(Service):
         child.state = ChildState.READY
         child.readyAt = self.wallClock()
         self.lastError = None
+        self.metrics.loadSeconds.labels(child.profile.id).observe(child.readyAt - child.startedAt)
         self.log.info(
             "{model} is ready (pid {pid}) after {seconds:.2f}s",
             model=child.profile.id,
@@ -678,7 +706,8 @@ class Supervisor(Service):
                 f"{child.profile.id} did not become ready within "
                 f"{describeDuration(self.settings.loadTimeout)} (--load-timeout)",
             )
-            self._stop(child, "load timeout")
+            self.metrics.failedStarts.labels(child.profile.id).inc()
+            self._stop(child, StopReason.LOAD_TIMEOUT, "load timeout")
 
     def _failStart(self, child: Child, message: str) -> None:
         lines = child.lastLines()
@@ -694,9 +723,11 @@ class Supervisor(Service):
         for waiter in failing:
             waiter.deferred.errback(StartFailed(message))
 
-    def _stop(self, child: Child, why: str) -> None:
+    def _stop(self, child: Child, reason: StopReason, why: str) -> None:
         if child.state is ChildState.STOPPING:
             return
+        child.stopReason = reason
+        self.metrics.stops.labels(child.profile.id, reason.value).inc()
         if child.state is ChildState.STARTING and child.loadTimeoutCall is not None:
             if child.loadTimeoutCall.active():
                 child.loadTimeoutCall.cancel()
@@ -746,10 +777,12 @@ class Supervisor(Service):
         child.configPath.unlink(missing_ok=True)
         how = describeExit(reason)
         if stateAtExit is ChildState.STARTING:
+            self.metrics.failedStarts.labels(child.profile.id).inc()
             self._failStart(child, f"TabbyAPI for {child.profile.id} {how} while loading the model")
         elif stateAtExit is ChildState.READY or _killedByOthers(reason, child.signalsSent):
             # A stop can race a crash (a health check fails because the child is dying): the
             # crash is what the status should tell.
+            self.metrics.crashes.labels(child.profile.id).inc()
             self.lastError = f"TabbyAPI for {child.profile.id} (pid {child.pid}) {how} unexpectedly"
             self.log.error("{message}", message=self.lastError, model=child.profile.id)
         else:
@@ -759,6 +792,36 @@ class Supervisor(Service):
             self._timer.stop()
         child.ended.callback(None)
         self._pump()
+        if child.stopReason in (StopReason.IDLE, StopReason.KEEP_ALIVE_ZERO):
+            self._returnToDefault()
+
+    def _returnToDefault(self) -> None:
+        """
+        After an idle unload, start the default model (if one is set) when nothing else runs or
+        waits.  It stays loaded until a request for another model swaps it out.
+        """
+        profile = self.defaultModel()
+        if profile is None or self.current is not None or self._waiting or self._shuttingDown:
+            return
+        self.log.info("Starting the default model {model} again", model=profile.id)
+        self.preload(profile, FOREVER)
+
+    def preload(self, profile: Profile, keepAlive: float | None = None) -> Deferred[None]:
+        """
+        Load C{profile}'s model without a request: it starts (or waits its turn) and then idles
+        for C{keepAlive}, or its usual idle time.
+
+        @return: fires when the model is ready, or has failed to start (which is logged).
+        """
+
+        def loaded(lease: Lease) -> None:
+            lease.release()
+
+        def failed(failure: Failure) -> None:
+            failure.trap(SchedulingError)
+            self.log.error("Could not load {model}: {why}", model=profile.id, why=failure.getErrorMessage())
+
+        return self.acquire(profile, keepAlive).addCallbacks(loaded, failed)
 
 
 def _killedByOthers(reason: Failure, signalsSent: set[str]) -> bool:
