@@ -162,6 +162,30 @@ class Catalog:
             profiles[profile.id] = profile
         return cls(profiles=profiles)
 
+    def reloaded(self, configDir: Path) -> tuple[Catalog, list[str]]:
+        """
+        The profiles as they are on disk now, for a reload while the proxy runs: new files
+        appear, removed files disappear, and a file that is now broken keeps its previous
+        profile (if it had one) instead of stopping anything.
+
+        @return: the new catalog and one message per broken file.
+        """
+        if not configDir.is_dir():
+            return self, [f"{configDir}: the config directory does not exist; kept every profile"]
+        profiles: dict[str, Profile] = {}
+        problems = []
+        for path in _profilePaths(configDir):
+            try:
+                profile = loadProfile(configDir, path)
+            except ConfigError as e:
+                previous = self.profiles.get(path.relative_to(configDir).with_suffix("").as_posix())
+                if previous is not None:
+                    profiles[previous.id] = previous
+                problems.append(f"{e}; {'kept the previous version' if previous else 'skipped'}")
+                continue
+            profiles[profile.id] = profile
+        return Catalog(profiles=profiles), problems
+
     def resolve(self, name: object) -> Profile | None:
         """
         The profile a client means by C{name}: its id, or its id with an Ollama tag
@@ -334,22 +358,32 @@ class TabbyInstall:
             "model": {"model_dir": "models"},
         }
         writePrivate(directory / "config.yml", yaml.safe_dump(baseConfig))
-        for profile in catalog:
-            modelFolder = directory / "models" / profile.modelName
-            _makePrivateDirectories(directory, modelFolder)
-            maxSeqLen = profile.modelSection.get("max_seq_len") or 8192
-            writePrivate(
-                modelFolder / "config.json",
-                json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                            "max_position_embeddings": maxSeqLen}),
-            )
-        return cls(
+        install = cls(
             directory=directory,
             command=(sys.executable, "-m", "tabbyproxy.simulator"),
             baseConfig=baseConfig,
             keys=cls._keysFor(directory, baseConfig),
             modelDirOverride="models",
         )
+        install.addSimulatedModels(catalog)
+        return install
+
+    def addSimulatedModels(self, catalog: Catalog) -> None:
+        """
+        Give every profile of C{catalog} a model folder the simulator can load (in the simulator's
+        private directory; profiles added by a reload need theirs too).
+        """
+        for profile in catalog:
+            modelFolder = self.directory / "models" / profile.modelName
+            if (modelFolder / "config.json").exists():
+                continue
+            _makePrivateDirectories(self.directory, modelFolder)
+            maxSeqLen = profile.modelSection.get("max_seq_len") or 8192
+            writePrivate(
+                modelFolder / "config.json",
+                json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                            "max_position_embeddings": maxSeqLen}),
+            )
 
     def childConfig(self, profile: Profile, port: int) -> dict[str, Any]:
         """
