@@ -14,11 +14,14 @@ error shape of the route the request was for.
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from http import HTTPStatus
 from typing import Any, Callable, Sequence, cast
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -26,6 +29,8 @@ from twisted.web.server import Request, Site
 
 from tabbyproxy.auth import Permission, authProblem
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.logbuffer import LogBuffer
+from tabbyproxy.metrics import Metrics
 from tabbyproxy.supervisor import Supervisor
 from tabbyproxy.upstream import Upstream
 
@@ -61,6 +66,8 @@ class ProxyState:
     upstream: Upstream
     clock: Any
     maxBodySize: int = DEFAULT_MAX_BODY
+    metrics: Metrics = field(factory=Metrics)
+    logs: LogBuffer = field(factory=LogBuffer)
 
     @property
     def keys(self) -> Keys:
@@ -163,10 +170,50 @@ def _rawResponse(status: int, body: bytes) -> bytes:
     return head + body
 
 
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+# Paths whose last part is a name: one metrics label for all of them.
+_NAMED_ROUTES = ((b"/v1/models/", "/v1/models/{model}"), (b"/api/blobs/", "/api/blobs/{digest}"))
+
+# Answers whose body is a stream of events, counted per event for the chunk metrics.
+_EVENT_SEPARATORS = {b"text/event-stream": b"data:", b"application/x-ndjson": b"\n"}
+
+
+def requestIdOf(request: IRequest) -> str | None:
+    """
+    The id the proxy gave C{request} (sent back as C{X-Request-Id}), for log events about it.
+    """
+    return request.requestId if isinstance(request, ProxyRequest) else None
+
+
+def noteModel(request: IRequest, modelId: str) -> None:
+    """
+    Say which model C{request} is for, so its access log line and metrics carry it.
+    """
+    if isinstance(request, ProxyRequest):
+        request.modelId = modelId
+
+
+def routeLabel(path: bytes, status: int) -> str:
+    """
+    The route a path belongs to, with few enough values to be a metrics label.
+    """
+    if status == 404:
+        return "unmatched"
+    for prefix, label in _NAMED_ROUTES:
+        if path.startswith(prefix):
+            return label
+    return path.decode("utf-8", "replace")
+
+
 class ProxyRequest(Request):
     """
-    A request that never buffers a body over the site's limit: a C{Content-Length} over it, or a
-    chunked body that grows past it, is answered with a 413 at once and the connection closed.
+    A request with an id (the client's C{X-Request-Id} when it sent a sane one, else a new one,
+    always sent back), an access log line and metrics when it ends, and a body limit: a
+    C{Content-Length} over the site's limit, or a chunked body that grows past it, is answered
+    with a 413 at once and the connection closed, without buffering it.
+
+    @ivar modelId: the profile the request is for, once a route knows it.
     """
 
     log = Logger()
@@ -174,6 +221,75 @@ class ProxyRequest(Request):
     _refused = False
     _bodySize = 0
     _awaitingBody = False
+    requestId = ""
+    modelId: str | None = None
+    _arrivedAt = 0.0
+    _firstByteAt: float | None = None
+    _eventSeparator: bytes | None = None
+    _events = 0
+    _accounted = False
+    # Kept from the start: twisted.web drops the channel (and with it the site) once finished.
+    _proxySite: ProxySite | None = None
+
+    def process(self) -> None:
+        site = self._proxySite = self._site()
+        self._arrivedAt = site.reactor.seconds() if site is not None else 0.0
+        sent = self.getHeader(b"x-request-id")
+        if sent is not None and _CLIENT_REQUEST_ID.fullmatch(sent):
+            self.requestId = sent.decode("ascii")
+        else:
+            self.requestId = uuid.uuid4().hex[:16]
+        self.setHeader(b"X-Request-Id", self.requestId.encode("ascii"))
+        super().process()
+
+    def write(self, data: bytes) -> None:
+        if self._firstByteAt is None:
+            site = self._proxySite
+            self._firstByteAt = site.reactor.seconds() if site is not None else 0.0
+            contentType = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+            self._eventSeparator = _EVENT_SEPARATORS.get(contentType.split(b";", 1)[0].strip())
+        if self._eventSeparator is not None:
+            self._events += data.count(self._eventSeparator)
+        super().write(data)
+
+    def finish(self) -> None:
+        super().finish()
+        self._account(self.code)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if not self.finished:
+            # nginx's "client closed request": the client left before the answer ended.
+            self._account(499)
+
+    def _account(self, status: int) -> None:
+        site = self._proxySite
+        if self._accounted or site is None or not self.requestId:
+            return
+        self._accounted = True
+        seconds = site.reactor.seconds() - self._arrivedAt
+        path = _pathOf(self.uri)
+        route = routeLabel(path, status)
+        model = self.modelId or ""
+        metrics = site.metrics
+        metrics.requests.labels(route, model, str(status)).inc()
+        metrics.requestSeconds.labels(route, model).observe(seconds)
+        if self._firstByteAt is not None and model:
+            metrics.firstByteSeconds.labels(route, model).observe(self._firstByteAt - self._arrivedAt)
+        if self._events and model:
+            metrics.chunks.labels(model).inc(self._events)
+        self.log.info(
+            "{method} {path} {status} {seconds:.3f}s{forModel}",
+            method=self.method.decode("latin-1"),
+            path=self.uri.decode("latin-1"),
+            status=status,
+            seconds=seconds,
+            forModel=f" ({model})" if model else "",
+            request_id=self.requestId,
+            route=route,
+            model=self.modelId,
+            client=getattr(self.getClientAddress(), "host", None),
+        )
 
     def _site(self) -> ProxySite | None:
         site = getattr(self.channel, "site", None)
@@ -316,6 +432,7 @@ class ProxySite(Site):
     @param maxBodySize: the largest request body accepted, in bytes.
     @param timeout: how long a connection may stay silent while the client sends a request (its
         headers or its body) or between requests; while the proxy answers, it never times out.
+    @param metrics: where each request's count, duration and time to first byte go.
     """
 
     requestFactory = ProxyRequest
@@ -323,10 +440,15 @@ class ProxySite(Site):
 
     def __init__(
         self, resource: IResource, maxBodySize: int = DEFAULT_MAX_BODY, timeout: float = DEFAULT_CLIENT_TIMEOUT,
-        **kwargs: Any
+        metrics: Metrics | None = None, **kwargs: Any
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
         self.maxBodySize = maxBodySize
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    def log(self, request: http.Request) -> None:
+        # Each ProxyRequest logs itself, with structured fields, when it ends.
+        pass
 
     def protocol(self) -> ProxyChannel:  # type: ignore[override]
         # A plain HTTP/1.1 channel: TabbyAPI's clients speak HTTP/1.1, and twisted.web's HTTP/2
