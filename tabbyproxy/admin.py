@@ -1,21 +1,30 @@
 """
 The proxy's own routes: C{/status} (what runs and why), C{/unload} (stop the model now),
-C{/health} (the proxy itself answers), and C{/}, which answers as Ollama's root does so Ollama
-clients find the server.
+C{/health} (the proxy itself answers), C{/metrics} (Prometheus), C{/logs} and C{/logs/stream}
+(the recent and the live log, the proxy's and TabbyAPI's), and C{/}, which answers as Ollama's
+root does so Ollama clients find the server.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Callable
 
 from attrs import define
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from tabbyproxy import __version__
 from tabbyproxy.auth import Permission
+from tabbyproxy.keepalive import FOREVER
+from tabbyproxy.logbuffer import Record
 from tabbyproxy.web import ClientError, ProxyState, writeJSON
+
+LogFilter = Callable[[Record], bool]
 
 
 @define
@@ -39,9 +48,69 @@ class AdminRoutes:
 
     @app.route("/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
-        document: dict[str, Any] = self.state.supervisor.status()
-        document["models"] = sorted(profile.id for profile in self.state.catalog())
+        supervisor = self.state.supervisor
+        document: dict[str, Any] = supervisor.status()
+        profiles = sorted(self.state.catalog(), key=lambda profile: profile.id)
+        document["models"] = [profile.id for profile in profiles]
+        default = supervisor.defaultModel()
+        document["default_model"] = default.id if default is not None else None
+        document["profiles"] = [
+            {
+                "id": profile.id,
+                "model_name": profile.modelName,
+                "loaded": document["model"] == profile.id,
+                "unload_timer_seconds": None if profile.unloadTimer in (None, FOREVER) else profile.unloadTimer,
+                "unload_never": profile.unloadTimer == FOREVER,
+            }
+            for profile in profiles
+        ]
+        document["version"] = __version__
         return writeJSON(request, 200, document)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.state.metrics.registry)
+
+    @app.route("/logs", methods=["GET"])
+    def logs(self, request: IRequest) -> bytes:
+        try:
+            self.state.requireKey(request, Permission.ADMIN)
+            wanted = _logFilter(request)
+        except ClientError as e:
+            return writeJSON(request, e.status, {"error": e.message})
+        return writeJSON(request, 200, {"logs": [record for record in self.state.logs if wanted(record)]})
+
+    @app.route("/logs/stream", methods=["GET"])
+    async def logStream(self, request: IRequest) -> bytes | None:
+        """
+        The log as server-sent events, one record per event: the recent lines first (unless
+        C{?no-history}), then each new line as it happens, until the client leaves.
+        """
+        try:
+            self.state.requireKey(request, Permission.ADMIN)
+            wanted = _logFilter(request)
+        except ClientError as e:
+            return writeJSON(request, e.status, {"error": e.message})
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+
+        def send(record: Record) -> None:
+            if wanted(record):
+                request.write(b"data: " + json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n\n")
+
+        if b"no-history" not in request.args:
+            for record in self.state.logs:
+                send(record)
+        # Comments make the headers go out now, so a client sees the stream has started.
+        request.write(b": live\n\n")
+        unsubscribe = self.state.logs.subscribe(send)
+        try:
+            await Deferred()  # Until the client leaves, which cancels this route.
+        finally:
+            unsubscribe()
+        return None
 
     @app.route("/unload", methods=["GET", "POST"])
     async def unload(self, request: IRequest) -> bytes:
@@ -62,3 +131,17 @@ class AdminRoutes:
     @app.handle_errors(MethodNotAllowed)
     def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
         return writeJSON(request, 405, {"error": f"{request.method.decode('ascii', 'replace')} is not allowed here"})
+
+
+def _logFilter(request: IRequest) -> LogFilter:
+    """
+    Which records a C{/logs} request wants: C{?source=tabby|proxy}, C{?model=ID}, C{?level=NAME}.
+    """
+    criteria: dict[str, str] = {}
+    for name in ("source", "model", "level"):
+        values = request.args.get(name.encode("ascii"))
+        if values:
+            criteria[name] = values[0].decode("utf-8", "replace")
+    if criteria.get("source") not in (None, "tabby", "proxy"):
+        raise ClientError(400, "source must be tabby or proxy")
+    return lambda record: all(record.get(name) == value for name, value in criteria.items())

@@ -6,6 +6,7 @@ build (the web site, the TabbyAPI supervisor, and the private runtime directory)
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,16 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.client import HTTPConnectionPool
 
 from tabbyproxy.admin import AdminRoutes
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
-from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
+from tabbyproxy.keepalive import FOREVER, KeepAliveError, parseKeepAlive
+from tabbyproxy.logbuffer import LogBuffer, LogBufferService
+from tabbyproxy.metrics import Metrics
 from tabbyproxy.ollama import OllamaRoutes
 from tabbyproxy.openai import OpenAIRoutes
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
@@ -75,6 +79,10 @@ class Options(usage.Options):
         ["max-waiting", None, 512, "How many requests may wait for a model; more get a 503.", _positiveInt],
         ["max-body-size", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes; larger gets a 413.",
          _positiveInt],
+        ["preload", None, None, "Start this model (a profile id) when the proxy starts."],
+        ["default-model", None, None,
+         "Keep this model (a profile id) loaded whenever no other is wanted: it starts with the proxy, "
+         "and again after any idle unload, and stays until a request for another model swaps it out."],
         ["client-timeout", None, DEFAULT_CLIENT_TIMEOUT,
          "How long a client connection may stay silent while sending a request (a stalled body gets a 408) "
          "or between requests.", _positiveSeconds],
@@ -109,6 +117,14 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from e
         if not self.catalog.profiles:
             raise usage.UsageError(f"{self['config-dir']}: no model profiles (*.yml) found")
+        for option in ("preload", "default-model"):
+            if self[option] is not None and self.catalog.resolve(self[option]) is None:
+                raise usage.UsageError(
+                    f"--{option} {self[option]}: no such profile in {self['config-dir']} "
+                    f"(there are: {', '.join(sorted(self.catalog.profiles))})"
+                )
+        if self["preload"] is not None and self["default-model"] is not None:
+            raise usage.UsageError("--default-model already loads its model at start; give it or --preload, not both")
         if self["simulate-auth"] and not self["simulate"]:
             raise usage.UsageError("--simulate-auth only makes sense with --simulate")
         if self["simulate"]:
@@ -146,6 +162,82 @@ class _RuntimeDirectory(Service):
         return self.supervisor.whenStopped().addCallback(remove)
 
 
+class ProfileReloader(Service):
+    """
+    Holds the current profiles and re-reads them on SIGHUP: new profiles appear, removed ones
+    disappear (a removed model that runs is unloaded once its requests are done), a changed
+    profile takes effect at its model's next start, and a broken file keeps its previous profile.
+    """
+
+    log = Logger()
+
+    def __init__(self, catalog: Catalog, configDir: Path, supervisor: Supervisor, simulated: bool) -> None:
+        self.catalog = catalog
+        self.configDir = configDir
+        self.supervisor = supervisor
+        self.simulated = simulated
+        self._previousHandler: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        def onHangUp(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
+
+        self._previousHandler = signal.signal(signal.SIGHUP, onHangUp)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+
+    def reload(self) -> None:
+        """
+        Re-read the config directory now.
+        """
+        old = self.catalog.profiles
+        catalog, problems = self.catalog.reloaded(self.configDir)
+        for problem in problems:
+            self.log.error("Profile reload: {problem}", problem=problem)
+        new = catalog.profiles
+        if self.simulated:
+            self.supervisor.install.addSimulatedModels(catalog)
+        self.catalog = catalog
+        added = sorted(new.keys() - old.keys())
+        removed = sorted(old.keys() - new.keys())
+        changed = sorted(key for key in new.keys() & old.keys() if new[key] != old[key])
+        self.log.info(
+            "Reloaded the profiles in {directory}: added {added}, removed {removed}, changed {changed}",
+            directory=str(self.configDir), added=added, removed=removed, changed=changed,
+        )
+        running = self.supervisor.current
+        if running is not None and running.profile.id in removed:
+            self.log.info("Unloading {model}: its profile was removed", model=running.profile.id)
+            self.supervisor.unload()
+
+
+class _Preload(Service):
+    """
+    Loads a model once the reactor runs.
+    """
+
+    def __init__(
+        self, supervisor: Supervisor, profileId: str, catalog: ProfileReloader, keepAlive: float | None
+    ) -> None:
+        self.supervisor = supervisor
+        self.profileId = profileId
+        self.catalog = catalog
+        self.keepAlive = keepAlive
+
+    def startService(self) -> None:
+        super().startService()
+        profile = self.catalog.catalog.resolve(self.profileId)
+        if profile is not None:
+            self.supervisor.preload(profile, self.keepAlive)
+
+
 class _ConnectionPool(Service):
     """
     Closes the persistent connections to TabbyAPI when the proxy stops.
@@ -174,6 +266,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         simulatorDirectory.mkdir(mode=0o700)
         install = TabbyInstall.simulated(simulatorDirectory, options.catalog, auth=options["simulate-auth"])
 
+    metrics = Metrics()
+    logs = LogBuffer()
+    LogBufferService(logs, globalLogPublisher).setServiceParent(top)
+
     pool = makeConnectionPool(reactor)
     _ConnectionPool(pool).setServiceParent(top)
     http = makeHTTPClient(reactor, pool)
@@ -189,23 +285,35 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             maxWaiting=options["max-waiting"],
         ),
         wrapCommand=diesWithParent,
+        metrics=metrics,
     )
+    metrics.watch(supervisor.status)
     # Stopped after the supervisor (services stop in reverse order), and waits for it.
     _RuntimeDirectory(runtime, supervisor).setServiceParent(top)
     supervisor.setServiceParent(top)
 
-    catalog = options.catalog
+    profiles = ProfileReloader(options.catalog, Path(options["config-dir"]), supervisor, options.install is None)
+    profiles.setServiceParent(top)
+    defaultModel = options["default-model"]
+    if defaultModel is not None:
+        supervisor.defaultModel = lambda: profiles.catalog.resolve(defaultModel)
+        _Preload(supervisor, defaultModel, profiles, FOREVER).setServiceParent(top)
+    elif options["preload"] is not None:
+        _Preload(supervisor, options["preload"], profiles, None).setServiceParent(top)
+
     state = ProxyState(
-        catalog=lambda: catalog,
+        catalog=lambda: profiles.catalog,
         install=install,
         supervisor=supervisor,
         upstream=Upstream(http, reactor, install.keys.upstreamHeaders),
         clock=reactor,
         maxBodySize=options["max-body-size"],
+        metrics=metrics,
+        logs=logs,
     )
     admin = AdminRoutes(state).app.resource()
     root = Router(openai=OpenAIRoutes(state).app.resource(), ollama=OllamaRoutes(state).app.resource(), admin=admin)
     served: Resource = CORSResource(root, options["cors-origin"]) if options["cors-origin"] else root
-    site = ProxySite(served, maxBodySize=options["max-body-size"], timeout=options["client-timeout"])
+    site = ProxySite(served, maxBodySize=options["max-body-size"], timeout=options["client-timeout"], metrics=metrics)
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
     return top
