@@ -58,7 +58,7 @@ from tabbyproxy.ollamawire import (
 from tabbyproxy.openai import upstreamErrorMessage
 from tabbyproxy.supervisor import ChildState, Lease, SchedulingError
 from tabbyproxy.upstream import EventDecoder, UpstreamBroken
-from tabbyproxy.web import ClientError, ProxyState, readJSONObject, writeJSON
+from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, writeJSON
 
 OLLAMA_VERSION = "0.12.0"
 """
@@ -251,6 +251,7 @@ class OllamaRoutes:
         self.state.requireKey(request)
         body = readJSONObject(request, self.state.maxBodySize)
         name, profile = self._profileFor(body)
+        noteModel(request, profile.id)
         return body, name, profile, self._keepAlive(body)
 
     def _profileFor(self, body: dict[str, Any]) -> tuple[str, Profile]:

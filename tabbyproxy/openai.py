@@ -26,7 +26,7 @@ from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.supervisor import Lease, SchedulingError
 from tabbyproxy.upstream import UpstreamBroken
-from tabbyproxy.web import ClientError, ProxyState, readJSONObject, writeJSON
+from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, writeJSON
 
 _CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large"}
 
@@ -157,6 +157,7 @@ class OpenAIRoutes:
         """
         Get C{profile}'s model, send it the request, and relay its answer as it arrives.
         """
+        noteModel(request, profile.id)
         try:
             lease = await self.state.supervisor.acquire(profile, keepAlive)
         except SchedulingError as e:

@@ -1,0 +1,251 @@
+"""
+What the people who run the proxy see and use: metrics, request ids and logs, preloading and the
+default model, reloading profiles on SIGHUP, and running as a daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import treq
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import provider
+
+from tabbyproxy.keepalive import FOREVER
+from tabbyproxy.supervisor import pickFreePort
+from tests.proxysupport import RunningProxy, TwistdProxy, pidAlive, waitForExit, waitUntil
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "alpha": {"model": {"model_name": "Alpha"}},
+    "beta": {"model": {"model_name": "Beta"}},
+}
+
+
+async def chat(proxy: RunningProxy | TwistdProxy, model: str, **extra: Any) -> Any:
+    response = await proxy.http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}], **extra},
+    )
+    return response
+
+
+class MetricsAndLogsTests(TestCase):
+    timeout = 60
+
+    async def test_metricsAfterARequest(self) -> None:
+        """
+        /metrics parses with Prometheus' parser and counts the request (route, model, status),
+        the model's start and load time, and shows the loaded model and nothing in flight.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        response = await chat(proxy, "alpha")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        text = await (await proxy.http.get(proxy.url + "/metrics")).text()
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+
+        def sample(family: str, suffix: str = "", **labels: str) -> float:
+            for found in families[family].samples:
+                if found.name == family + suffix and all(found.labels.get(k) == v for k, v in labels.items()):
+                    return float(found.value)
+            raise AssertionError(f"no {family}{suffix} sample with {labels}")
+
+        self.assertEqual(sample("tabbyproxy_requests", "_total", route="/v1/chat/completions", model="alpha",
+                                status="200"), 1)
+        self.assertEqual(sample("tabbyproxy_model_starts", "_total", model="alpha"), 1)
+        self.assertEqual(sample("tabbyproxy_model_load_seconds", "_count", model="alpha"), 1)
+        self.assertEqual(sample("tabbyproxy_time_to_first_byte_seconds", "_count", model="alpha"), 1)
+        self.assertEqual(sample("tabbyproxy_requests_in_flight"), 0)
+        self.assertEqual(sample("tabbyproxy_model_loaded", model="alpha", state="ready"), 1)
+
+    async def test_requestIdInHeaderAndLog(self) -> None:
+        """
+        Every answer carries X-Request-Id (the client's own when it sent one), and the access
+        log event for the request carries the same id, its route, model and status.
+        """
+        events: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if event.get("request_id") is not None:
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        proxy = RunningProxy(self, PROFILES)
+        response = await proxy.http.post(
+            proxy.url + "/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 2},
+            headers={"X-Request-Id": "trace-42"},
+        )
+        await response.content()
+        self.assertEqual(response.headers.getRawHeaders("x-request-id"), ["trace-42"])
+        generated = await proxy.http.get(proxy.url + "/status")
+        await generated.content()
+        [generatedId] = generated.headers.getRawHeaders("x-request-id")
+        self.assertRegex(generatedId, "^[0-9a-f]{16}$")
+        await waitUntil(lambda: any(e["request_id"] == generatedId for e in events))
+        [access] = [e for e in events if e["request_id"] == "trace-42" and "route" in e]
+        self.assertEqual((access["route"], access["model"], access["status"]), ("/v1/completions", "beta", 200))
+
+    async def test_logsAndLiveStream(self) -> None:
+        """
+        /logs returns the recent proxy and TabbyAPI lines (filterable by source), and
+        /logs/stream streams new ones as they happen, so a person can watch a model load.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        stream = await proxy.http.get(proxy.url + "/logs/stream?no-history&source=tabby", unbuffered=True)
+        self.assertEqual(stream.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+        received: list[bytes] = []
+        done = treq.collect(stream, received.append)
+        response = await chat(proxy, "alpha")
+        await response.content()
+        await waitUntil(lambda: b"Model successfully loaded." in b"".join(received))
+        events = [json.loads(line[len(b"data: "):]) for line in b"".join(received).split(b"\n")
+                  if line.startswith(b"data: ")]
+        self.assertTrue(events)
+        self.assertEqual({event["source"] for event in events}, {"tabby"})
+        self.assertEqual({event["model"] for event in events}, {"alpha"})
+        stream.original._transport.stopProducing()  # type: ignore[attr-defined]
+        await self.assertFailure(done, Exception)
+
+        recent = await (await proxy.http.get(proxy.url + "/logs?source=proxy")).json()
+        texts = [record["text"] for record in recent["logs"]]
+        self.assertTrue(any(text.startswith("Starting alpha on port") for text in texts))
+        self.assertEqual({record["source"] for record in recent["logs"]}, {"proxy"})
+
+
+class ModelsAtStartTests(TestCase):
+    timeout = 60
+
+    async def test_preload(self) -> None:
+        """
+        --preload starts the model with the proxy, before any request.
+        """
+        proxy = RunningProxy(self, PROFILES, "--preload", "beta")
+        await waitUntil(lambda: proxy.supervisor.status()["state"] == "ready")
+        self.assertEqual(proxy.supervisor.status()["model"], "beta")
+
+    async def test_defaultModelReturnsAfterIdleUnload(self) -> None:
+        """
+        --default-model loads its model at start and keeps it loaded; after another model was
+        used and unloaded when idle, the default model is started again.
+        """
+        proxy = RunningProxy(self, PROFILES, "--default-model", "alpha")
+        await waitUntil(lambda: proxy.supervisor.status()["state"] == "ready")
+        self.assertEqual(proxy.supervisor.current.keepAlive, FOREVER)  # type: ignore[union-attr]
+        response = await chat(proxy, "beta", keep_alive=0)
+        self.assertIn("Beta ", (await response.json())["choices"][0]["message"]["content"])
+        await waitUntil(lambda: proxy.supervisor.status()["model"] == "alpha"
+                        and proxy.supervisor.status()["state"] == "ready")
+        self.assertEqual(proxy.supervisor.starts, 3)
+
+    def test_unknownModelOptionsAreRefused(self) -> None:
+        """
+        --preload and --default-model must name a profile; the error lists the ones there are.
+        """
+        from twisted.python.usage import UsageError
+
+        from tabbyproxy.tap import Options
+
+        config = Path(self.mktemp())
+        config.mkdir()
+        (config / "alpha.yml").write_text("model: {model_name: Alpha}\n")
+        for option in ("--preload", "--default-model"):
+            error = self.assertRaises(UsageError, Options().parseOptions,
+                                      ["--simulate", "--config-dir", str(config), option, "gamma"])
+            self.assertIn("no such profile", str(error))
+            self.assertIn("alpha", str(error))
+
+
+class ReloadTests(TestCase):
+    timeout = 60
+
+    async def test_sighupRereadsProfiles(self) -> None:
+        """
+        SIGHUP re-reads the profiles: a new one appears, a removed one disappears (and is unloaded
+        when it runs), and a broken file keeps its previous profile and says why in the log.
+        """
+        proxy = TwistdProxy(self, {**PROFILES, "gamma": {"model": {"model_name": "Gamma"}}})
+        await proxy.started()
+        response = await chat(proxy, "beta")
+        await response.content()
+        await proxy.childPid()
+        configDir = proxy.root / "config"
+        (configDir / "beta.yml").unlink()
+        (configDir / "gamma.yml").write_text("model: [\n")
+        (configDir / "delta.yml").write_text(yaml.safe_dump({"model": {"model_name": "Delta"}}))
+        proxy.signal("HUP")
+        await proxy.printed("Reloaded the profiles")
+        await proxy.printed("Unloading beta: its profile was removed")
+        models = await (await proxy.http.get(proxy.url + "/v1/models")).json()
+        self.assertEqual(sorted(card["id"] for card in models["data"]), ["alpha", "delta", "gamma"])
+        self.assertIn("gamma.yml: not valid YAML", proxy.text)
+        response = await chat(proxy, "delta")
+        self.assertIn("Delta ", (await response.json())["choices"][0]["message"]["content"])
+        await proxy.childPid()
+
+
+class _Exited(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+class DaemonTests(TestCase):
+    timeout = 60
+
+    async def test_daemonWithPidfileAndLogfile(self) -> None:
+        """
+        `twistd tabbyproxy` without -n runs in the background with --pidfile and --logfile:
+        it serves, logs to the file, and on SIGTERM stops its TabbyAPI child and exits.
+        """
+        root = Path(self.mktemp()).absolute()
+        (root / "config").mkdir(parents=True)
+        (root / "config" / "alpha.yml").write_text(yaml.safe_dump(PROFILES["alpha"]))
+        port = pickFreePort()
+        pidfile, logfile = root / "twistd.pid", root / "twistd.log"
+        launcher = _Exited()
+        reactor.spawnProcess(
+            launcher, sys.executable,
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "--pidfile", str(pidfile), "--logfile", str(logfile), "tabbyproxy", "--simulate",
+             "--config-dir", str(root / "config"), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            env=dict(os.environ), path=str(root),
+        )
+        # The launcher returns once the daemon has forked off.
+        await launcher.ended
+        await waitUntil(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        daemonPid = int(pidfile.read_text())
+        self.addCleanup(lambda: pidAlive(daemonPid) and os.kill(daemonPid, signal.SIGKILL))
+        client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        url = f"http://127.0.0.1:{port}"
+
+        await waitUntil(lambda: logfile.exists() and f"starting on {port}" in logfile.read_text())
+        response = await client.post(url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2})
+        self.assertEqual(response.code, 200)
+        await response.content()
+        childPid = (await (await client.get(url + "/status")).json())["pid"]
+        self.addCleanup(lambda: pidAlive(childPid) and os.kill(childPid, signal.SIGKILL))
+        os.kill(daemonPid, signal.SIGTERM)
+        await waitForExit(daemonPid, 20)
+        self.assertFalse(pidAlive(childPid))
+        self.assertFalse(pidfile.exists())
+        log = logfile.read_text()
+        self.assertIn("Starting alpha on port", log)
+        self.assertIn("alpha stopped", log)
+
