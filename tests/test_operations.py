@@ -88,7 +88,7 @@ class MetricsAndLogsTests(TestCase):
         proxy = RunningProxy(self, PROFILES)
         response = await proxy.http.post(
             proxy.url + "/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 2},
-            headers={"X-Request-Id": "trace-42"},
+            headers={b"X-Request-Id": b"trace-42"},
         )
         await response.content()
         self.assertEqual(response.headers.getRawHeaders("x-request-id"), ["trace-42"])
@@ -231,7 +231,7 @@ class DaemonTests(TestCase):
         await launcher.ended
         await waitUntil(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
         daemonPid = int(pidfile.read_text())
-        self.addCleanup(lambda: pidAlive(daemonPid) and os.kill(daemonPid, signal.SIGKILL))
+        self.addCleanup(killIfAlive, daemonPid)
         client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         url = f"http://127.0.0.1:{port}"
 
@@ -240,7 +240,7 @@ class DaemonTests(TestCase):
         self.assertEqual(response.code, 200)
         await response.content()
         childPid = (await (await client.get(url + "/status")).json())["pid"]
-        self.addCleanup(lambda: pidAlive(childPid) and os.kill(childPid, signal.SIGKILL))
+        self.addCleanup(killIfAlive, childPid)
         os.kill(daemonPid, signal.SIGTERM)
         await waitForExit(daemonPid, 20)
         self.assertFalse(pidAlive(childPid))
@@ -249,3 +249,10 @@ class DaemonTests(TestCase):
         self.assertIn("Starting alpha on port", log)
         self.assertIn("alpha stopped", log)
 
+
+def killIfAlive(pid: int) -> None:
+    """
+    Cleanup for a process a test started but could not reap: make sure it is gone.
+    """
+    if pidAlive(pid):
+        os.kill(pid, signal.SIGKILL)
