@@ -22,6 +22,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from zope.interface import provider
 
 from tabbyproxy.keepalive import FOREVER
@@ -88,7 +89,7 @@ class MetricsAndLogsTests(TestCase):
         proxy = RunningProxy(self, PROFILES)
         response = await proxy.http.post(
             proxy.url + "/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 2},
-            headers={b"X-Request-Id": b"trace-42"},
+            headers=Headers({b"X-Request-Id": [b"trace-42"]}),
         )
         await response.content()
         self.assertEqual(response.headers.getRawHeaders("x-request-id"), ["trace-42"])
