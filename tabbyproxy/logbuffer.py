@@ -5,12 +5,13 @@ event of the proxy and every line TabbyAPI printed, as small JSON-ready records.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, LogEvent, LogPublisher, formatEvent
+from twisted.logger import ILogObserver, LogEvent, LogPublisher, formatEvent, jsonFileLogObserver
 from zope.interface import implementer
 
 Record = dict[str, Any]
@@ -89,3 +90,12 @@ class LogBufferService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.publisher.removeObserver(self.buffer)
+
+
+def jsonLogObserver() -> ILogObserver:
+    """
+    A log observer factory for twistd's C{--logger} option: every event as one JSON object per
+    line on standard output (C{twistd -n --logger tabbyproxy.logbuffer.jsonLogObserver
+    tabbyproxy ...}), with all its structured fields (model, request_id, route, status, ...).
+    """
+    return jsonFileLogObserver(sys.stdout)
