@@ -392,31 +392,28 @@ class AuthKeys:
         """
         Return the 401 message for an API route, or None when the request may proceed.
         """
-        if self.disabled:
-            return None
-        apiKey = request.getHeader("x-api-key")
-        if apiKey is not None:
-            return None if self.isApi(apiKey) else "Invalid API key"
-        authorization = request.getHeader("authorization")
-        if authorization is not None:
-            bearer = _bearerToken(authorization)
-            return None if bearer is not None and self.isApi(bearer) else "Invalid API key"
-        return "Please provide an API key"
+        return self._check(request, "x-api-key", self.isApi, "API")
 
     def checkAdminKey(self, request: Request) -> str | None:
         """
         Return the 401 message for an admin route, or None when the request may proceed.
         """
+        return self._check(request, "x-admin-key", self.isAdmin, "admin")
+
+    def _check(self, request: Request, header: str, valid: Callable[[str], bool], kind: str) -> str | None:
+        """
+        TabbyAPI's rule for both kinds of route: its own header first, else C{Authorization:
+        Bearer}; a present but wrong key fails even when the other header would pass.
+        """
         if self.disabled:
             return None
-        adminKey = request.getHeader("x-admin-key")
-        if adminKey is not None:
-            return None if self.isAdmin(adminKey) else "Invalid admin key"
-        authorization = request.getHeader("authorization")
-        if authorization is not None:
-            bearer = _bearerToken(authorization)
-            return None if bearer is not None and self.isAdmin(bearer) else "Invalid admin key"
-        return "Please provide an admin key"
+        key = request.getHeader(header)
+        if key is None:
+            authorization = request.getHeader("authorization")
+            if authorization is None:
+                return f"Please provide an {kind} key"
+            key = _bearerToken(authorization)
+        return None if key is not None and valid(key) else f"Invalid {kind} key"
 
     def permission(self, request: Request) -> str | None:
         """
