@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import treq
-import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -27,6 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from tabbyproxy.supervisor import Supervisor, pickFreePort
 from tabbyproxy.tap import Options, makeService
+from tests.fakes import writeProfiles
 
 T = TypeVar("T")
 
@@ -39,12 +39,8 @@ class RunningProxy:
     """
 
     def __init__(self, testCase: TestCase, profiles: dict[str, dict[str, Any]], *arguments: str) -> None:
-        root = Path(testCase.mktemp())
-        configDir = root / "config"
-        for profileId, document in profiles.items():
-            path = configDir / f"{profileId}.yml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(document))
+        configDir = Path(testCase.mktemp()) / "config"
+        writeProfiles(configDir, profiles)
         self.port = pickFreePort()
         self.options = Options()
         self.options.parseOptions(
@@ -103,10 +99,7 @@ class TwistdProxy(ProcessProtocol):
     def __init__(self, testCase: TestCase, profiles: dict[str, dict[str, Any]], *arguments: str) -> None:
         self.root = Path(testCase.mktemp()).absolute()
         configDir = self.root / "config"
-        for profileId, document in profiles.items():
-            path = configDir / f"{profileId}.yml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(document))
+        writeProfiles(configDir, profiles)
         self.port = pickFreePort()
         self.output = bytearray()
         self.childPids: set[int] = set()
