@@ -344,6 +344,9 @@ class OllamaRoutes:
             self.log.error("{message}", message=message, model=lease.profile.id)
             return writeJSON(request, 502, errorLine(message))
         if response.code >= 400:
+            if response.code == 503:
+                # TabbyAPI answers 503 once its generator failed; its /health then tells.
+                lease.suspect()
             raw = await upstream.read(response)
             return writeJSON(request, response.code, errorLine(upstreamErrorMessage(response.code, raw)))
         return response

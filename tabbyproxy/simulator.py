@@ -836,6 +836,11 @@ def validateSampler(body: JSON, required: Sequence[str]) -> None:
     for name in required:
         if name not in body:
             errors.append(validationError("missing", ["body", name], "Field required", body))
+    for name in ("max_tokens", "max_completion_tokens", "max_length"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            errors.append(validationError(
+                "int_type", ["body", name], "Input should be a valid integer", value))
     for name in ("max_tokens", "frequency_penalty", "presence_penalty"):
         value = body.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:

@@ -286,6 +286,17 @@ class GenerationTests(SimulatorTestCase):
                           usage["total_tokens"]), (1, 3, 4))
         self.assertIsInstance(usage["completion_time"], float)
 
+    async def test_lengthOfWrongTypeIs422(self) -> None:
+        """
+        A max_tokens that is not an integer is a 422 validation error, as pydantic answers in
+        TabbyAPI, not a crash.
+        """
+        process = await self.start(models=["alpha"], modelName="alpha")
+        code, _, raw = await self.post(process, "/v1/chat/completions", dict(CHAT, max_tokens="x"))
+        self.assertEqual(code, 422)
+        [problem] = json.loads(raw)["detail"]
+        self.assertEqual((problem["type"], problem["loc"]), ("int_type", ["body", "max_tokens"]))
+
     async def test_streamingUsageChunk(self) -> None:
         """
         With include_usage, the last text chunk's finish_reason is null and an extra chunk with
