@@ -264,6 +264,7 @@ class WrkResult:
     requests: int
     errors: int
     cpu: list[float]
+    cpuSeconds: list[float]
 
 
 def _seconds(text: str) -> float:
@@ -287,7 +288,7 @@ def runWrk(root: Path, port: int, path: str, body: dict[str, Any], connections: 
                "-s", str(script), f"http://127.0.0.1:{port}{path}"]
     cpu = CPUWatch(watch)
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    usage = cpu.percent()
+    usage, used = cpu.percent(), cpu.seconds()
     percentiles: dict[str, float] = {}
     requests = errors = 0
     perSecond = 0.0
@@ -311,7 +312,7 @@ def runWrk(root: Path, port: int, path: str, body: dict[str, Any], connections: 
             errors += sum(int(part.split()[-1]) for part in line.split(":", 1)[1].split(",")
                           if "timeout" in part)
     return WrkResult(perSecond, percentiles.get("50%", 0.0), percentiles.get("99%", 0.0),
-                     requests, errors, usage)
+                     requests, errors, usage, used)
 
 
 def runCurlTTFB(root: Path, port: int, path: str, body: dict[str, Any], parallel: int,
@@ -508,9 +509,14 @@ def small(servers: Servers, report: Report, settings: Settings) -> None:
     body = chatBody("bench", False, 16)
     for connections in settings.smallConcurrency:
         load = f"c={connections}"
-        straight = runWrk(servers.root, servers.directPorts["fast"], CHAT, body, connections, settings.seconds, [])
-        relayed = runWrk(servers.root, servers.proxyPort, CHAT, body, connections, settings.seconds, [])
+        straight = runWrk(servers.root, servers.directPorts["fast"], CHAT, body, connections, settings.seconds,
+                          [servers.directPids["fast"]])
+        relayed = runWrk(servers.root, servers.proxyPort, CHAT, body, connections, settings.seconds,
+                         [servers.proxyPid])
         report.ratio("b small", load, "requests/s", straight.requestsPerSecond, relayed.requestsPerSecond, None)
+        report.ratio("b small", load, "CPU us per request (direct: sim)",
+                     1e6 * straight.cpuSeconds[0] / max(straight.requests, 1),
+                     1e6 * relayed.cpuSeconds[0] / max(relayed.requests, 1), None, fmt="{:.0f}")
         report.added("b small", load, "latency p50 ms", 1000 * straight.latencyP50, 1000 * relayed.latencyP50, None)
         report.added("b small", load, "latency p99 ms", 1000 * straight.latencyP99, 1000 * relayed.latencyP99, None)
         for what, result in (("direct", straight), ("proxy", relayed)):
