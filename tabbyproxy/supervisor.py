@@ -199,6 +199,7 @@ class Child:
     readinessPoll: Deferred[None] | None = None
     healthCheck: Deferred[None] | None = None
     spawnedPid: int | None = None
+    lastIdleCheck: float = float("-inf")
     signalsSent: set[str] = field(factory=set)
 
     @property
@@ -267,7 +268,11 @@ class SupervisorSettings:
     @ivar loadTimeout: how long a start may take before it is abandoned.
     @ivar stopGrace: how long a child has to exit after SIGTERM before SIGKILL.
     @ivar maxWaiting: how many requests may wait for a model before new ones get a 503.
-    @ivar healthInterval: how often a starting child's C{/health} is polled.
+    @ivar healthInterval: how often a starting child's C{/health} is polled; short, because a
+        cold start costs on average half of it on top of TabbyAPI's own start.
+    @ivar idleHealthInterval: how often, at most, a child's C{/health} is checked when its last
+        request in flight ends (a request that saw a failure checks at once, see
+        L{Lease.suspect}).
     @ivar healthTimeout: how long one C{/health} request may take before the child counts as
         not answering.
     """
@@ -276,8 +281,9 @@ class SupervisorSettings:
     loadTimeout: float = 600.0
     stopGrace: float = 10.0
     maxWaiting: int = 512
-    healthInterval: float = 0.2
+    healthInterval: float = 0.05
     healthTimeout: float = 5.0
+    idleHealthInterval: float = 5.0
 
 
 class _Reactor(IReactorProcess, IReactorTime):
@@ -491,9 +497,12 @@ class Supervisor(Service):
         if idle:
             self._becameIdle(child)
         self._pump()
-        if idle:
+        now = self.reactor.seconds()
+        if idle and now - child.lastIdleCheck >= self.settings.idleHealthInterval:
             # A generation that failed inside TabbyAPI leaves its /health at 503 for good; finding
-            # out now, while nothing runs, lets the next request get a fresh child.
+            # out now, while nothing runs, lets the next request get a fresh child.  Not after
+            # every request: at one request at a time that would double the proxy's work.
+            child.lastIdleCheck = now
             self._checkHealth(child)
 
     def _becameIdle(self, child: Child) -> None:
