@@ -58,7 +58,7 @@ from tabbyproxy.ollamawire import (
 from tabbyproxy.openai import upstreamErrorMessage
 from tabbyproxy.supervisor import ChildState, Lease, SchedulingError
 from tabbyproxy.upstream import EventDecoder, UpstreamBroken
-from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, writeJSON
+from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, requestIdOf, writeJSON
 
 OLLAMA_VERSION = "0.12.0"
 """
@@ -373,7 +373,9 @@ class OllamaRoutes:
         if relay.error is None and not relay.complete:
             relay.error = f"TabbyAPI's stream for {lease.profile.id} ended before it was complete"
         if relay.error is not None:
-            self.log.error("{message}", message=relay.error, model=lease.profile.id)
+            # TabbyAPI's own error event (or a broken stream): its /health may be 503 for good now.
+            lease.suspect()
+            self.log.error("{message}", message=relay.error, model=lease.profile.id, request_id=requestIdOf(request))
             if streaming:
                 relay.write(errorLine(relay.error))
                 return None

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from attrs import define, field
 from klein import Klein
 from twisted.internet.defer import CancelledError
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest, IResponse
@@ -26,7 +27,7 @@ from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.supervisor import Lease, SchedulingError
 from tabbyproxy.upstream import UpstreamBroken
-from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, writeJSON
+from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, requestIdOf, writeJSON
 
 _CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large"}
 
@@ -38,6 +39,41 @@ def errorDocument(status: int, message: str, kind: str = "invalid_request_error"
     if status >= 500:
         kind = "server_error"
     return {"error": {"message": message, "type": kind, "code": _CODES.get(status, str(status))}}
+
+
+_ERROR_EVENT = b'data: {"error"'
+
+# How often a streaming request waiting for its model hears that it still waits.
+LOADING_COMMENT_INTERVAL = 5.0
+
+
+class _LoadingComments:
+    """
+    While a streaming request waits for its model: the answer's headers at once, then an SSE
+    comment (which clients skip) every L{LOADING_COMMENT_INTERVAL} seconds, saying what it waits
+    for and for how long.
+    """
+
+    def __init__(self, request: IRequest, modelId: str, clock: Any) -> None:
+        self.request = request
+        self.modelId = modelId
+        self.clock = clock
+        self.since = clock.seconds()
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        self.call = LoopingCall(self.comment)
+        self.call.clock = clock
+        self.call.start(LOADING_COMMENT_INTERVAL, now=True)
+
+    def comment(self) -> None:
+        waited = self.clock.seconds() - self.since
+        self.request.write(f": loading {self.modelId} ... {waited:.0f}s\r\n\r\n".encode("utf-8"))
+
+    def stop(self) -> None:
+        if self.call.running:
+            self.call.stop()
 
 
 def sseEvent(document: object) -> bytes:
@@ -156,17 +192,38 @@ class OpenAIRoutes:
     ) -> bytes | None:
         """
         Get C{profile}'s model, send it the request, and relay its answer as it arrives.
+
+        A streaming request that has to wait for its model gets its answer's headers at once and
+        an SSE comment every few seconds while it waits, so clients with read timeouts survive
+        long loads; errors after that arrive as SSE events.
         """
         noteModel(request, profile.id)
+        acquiring = self.state.supervisor.acquire(profile, keepAlive)
+        comments = None
+        if streaming and not acquiring.called:
+            comments = _LoadingComments(request, profile.id, self.state.clock)
         try:
-            lease = await self.state.supervisor.acquire(profile, keepAlive)
+            lease = await acquiring
         except SchedulingError as e:
-            return writeJSON(request, e.status, errorDocument(e.status, str(e)))
+            return self._error(request, e.status, str(e))
+        finally:
+            if comments is not None:
+                comments.stop()
         try:
             payload = None if body is None else json.dumps(body).encode("utf-8")
             return await self._relay(request, lease, method, path, payload, streaming)
         finally:
             lease.release()
+
+    @staticmethod
+    def _error(request: IRequest, status: int, message: str) -> bytes | None:
+        """
+        Answer with an error: JSON with C{status}, or one more SSE event once a stream started.
+        """
+        if request.startedWriting:  # type: ignore[attr-defined]
+            request.write(sseEvent(errorDocument(status, message)))
+            return None
+        return writeJSON(request, status, errorDocument(status, message))
 
     async def _relay(
         self, request: IRequest, lease: Lease, method: str, path: str, payload: bytes | None, streaming: bool
@@ -178,22 +235,30 @@ class OpenAIRoutes:
             raise
         except Exception as e:
             message = f"TabbyAPI for {lease.profile.id} did not answer: {e}"
-            self.log.error("{message}", message=message, model=lease.profile.id)
-            return writeJSON(request, 502, errorDocument(502, message))
+            self.log.error("{message}", message=message, model=lease.profile.id, request_id=requestIdOf(request))
+            return self._error(request, 502, message)
         if response.code >= 400:
+            if response.code == 503:
+                # TabbyAPI answers 503 once its generator failed; its /health then tells.
+                lease.suspect()
             raw = await upstream.read(response)
-            message = upstreamErrorMessage(response.code, raw)
-            return writeJSON(request, response.code, errorDocument(response.code, message))
-        upstream.copyHeaders(response, request)
+            return self._error(request, response.code, upstreamErrorMessage(response.code, raw))
+        if not request.startedWriting:  # type: ignore[attr-defined]
+            upstream.copyHeaders(response, request)
+
+        def relayed(data: bytes) -> None:
+            # TabbyAPI's own in-stream error event; its /health may be 503 for good now.
+            if _ERROR_EVENT in data:
+                lease.suspect()
+            request.write(data)
+
         try:
-            await upstream.pipe(response, request, request.write)
+            await upstream.pipe(response, request, relayed if streaming else request.write)
         except UpstreamBroken as e:
             message = f"{e} (model {lease.profile.id}); see GET /status"
-            self.log.error("{message}", message=message, model=lease.profile.id)
-            if streaming:
-                request.write(sseEvent(errorDocument(502, message)))
-            elif not request.startedWriting:  # type: ignore[attr-defined]
-                return writeJSON(request, 502, errorDocument(502, message))
+            self.log.error("{message}", message=message, model=lease.profile.id, request_id=requestIdOf(request))
+            if streaming or not request.startedWriting:  # type: ignore[attr-defined]
+                return self._error(request, 502, message)
         return None
 
     # -- listing and passthrough

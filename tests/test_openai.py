@@ -231,3 +231,75 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
         [(_, _, headers)] = self.proxy.tabby.requests
         self.assertEqual(headers["authorization"], ["Bearer admin-key"])
+
+
+class LoadingFeedbackTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+        self.proxy.tabby.healthy = False
+
+    def streamChat(self) -> Any:
+        d = self.proxy.client.post("http://proxy/v1/chat/completions", json={
+            "model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        return d
+
+    def test_commentsWhileTheModelStarts(self) -> None:
+        """
+        A streaming request that waits for its model gets its headers at once and an SSE
+        comment every few seconds (clients skip comments), then the model's stream.
+        """
+        d = self.streamChat()
+        self.proxy.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+        body = content(response)
+        self.proxy.reactor.advance(5)
+        self.proxy.tabby.healthy = True
+        self.proxy.reactor.advance(0.05)
+        self.proxy.flush()
+        raw = self.successResultOf(body)
+        self.assertEqual(raw, b": loading qwen ... 0s\r\n\r\n: loading qwen ... 5s\r\n\r\n" + b"".join(self.proxy.tabby.chunks))
+
+    def test_failedStartAfterCommentsIsAnEvent(self) -> None:
+        """
+        When the model fails to start after the stream began, the error arrives as an SSE event
+        in OpenAI's error shape.
+        """
+        d = self.streamChat()
+        self.proxy.flush()
+        body = content(self.successResultOf(d))
+        self.proxy.reactor.spawned[0].exit(1)
+        self.proxy.flush()
+        lines = self.successResultOf(body).split(b"\r\n\r\n")
+        self.assertTrue(lines[0].startswith(b": loading qwen"))
+        error = json.loads(lines[1][len(b"data: "):])["error"]
+        self.assertIn("exited with status 1", error["message"])
+        self.assertEqual(error["type"], "server_error")
+
+    def test_noCommentsWhenTheModelIsReady(self) -> None:
+        """
+        A request for a ready model gets no comment at all: its stream is TabbyAPI's, untouched.
+        """
+        self.proxy.tabby.healthy = True
+        self.successResultOf(self.proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "x"}))
+        response = self.successResultOf(self.streamChat())
+        self.assertEqual(self.successResultOf(content(response)), b"".join(self.proxy.tabby.chunks))
+
+
+class SuspectAnswerTests(SynchronousTestCase):
+    def test_inStreamErrorChecksHealth(self) -> None:
+        """
+        TabbyAPI's in-stream error event makes the proxy check /health at once; an unhealthy
+        child is replaced before the next request.
+        """
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+        proxy.tabby.chunks = [b'data: {"error":{"message":"Chat completion aborted.","trace":null}}\r\n\r\n']
+        first = self.successResultOf(proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "x"}))
+        self.successResultOf(content(first))
+        proxy.tabby.healthy = False
+        response = self.successResultOf(proxy.client.post("http://proxy/v1/completions", json={
+            "model": "qwen", "prompt": "x", "stream": True}))
+        self.successResultOf(content(response))
+        self.assertEqual(proxy.reactor.spawned[0].signals, ["TERM"])
+        self.assertIn("is unhealthy", proxy.supervisor.status()["last_error"])
