@@ -231,6 +231,12 @@ class ProxyRequest(Request):
     # Kept from the start: twisted.web drops the channel (and with it the site) once finished.
     _proxySite: ProxySite | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Every route reads JSON: parsing form bodies into request.args would be wasted work
+        # (and a multipart body is costly to parse).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kwargs)
+
     def process(self) -> None:
         site = self._proxySite = self._site()
         self._arrivedAt = site.reactor.seconds() if site is not None else 0.0
