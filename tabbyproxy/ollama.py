@@ -101,9 +101,10 @@ class _StreamRelay:
     _decoder: EventDecoder = field(factory=EventDecoder)
 
     def dataReceived(self, data: bytes) -> None:
+        pending: list[object] = []
         for payload in self._decoder.feed(data):
             if self.error is not None:
-                return
+                break
             if payload.strip() == b"[DONE]":
                 self.complete = True
                 continue
@@ -119,10 +120,12 @@ class _StreamRelay:
                 lines = self.translator.feed(chunk)
             except UpstreamError as e:
                 self.error = str(e)
-                return
-            if self.streaming:
-                for line in lines:
-                    self.write(line)
+                break
+            if self.streaming and lines:
+                pending.extend(lines)
+        if pending:
+            # One write per read from TabbyAPI, however many tokens it carried.
+            self.request.write(b"".join(ndjsonLine(line) for line in pending))
 
     def write(self, document: object) -> None:
         self.request.write(ndjsonLine(document))

@@ -28,6 +28,7 @@ import base64
 import binascii
 import hashlib
 import json
+import functools
 import math
 import os
 import re
@@ -84,9 +85,15 @@ def ollamaTimestamp(seconds: float) -> str:
     if nanos >= 1_000_000_000:
         whole += 1
         nanos -= 1_000_000_000
-    moment = _EPOCH + timedelta(seconds=whole)
     fraction = f"{nanos:09d}".rstrip("0") or "000000000"
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + "." + fraction + "Z"
+    return _secondText(whole) + "." + fraction + "Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _secondText(whole: int) -> str:
+    # Every streamed line carries a time stamp; the date and time of day change once a second,
+    # and formatting them was a seventh of the Ollama path's cost.
+    return (_EPOCH + timedelta(seconds=whole)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def errorLine(message: str) -> dict[str, Any]:
