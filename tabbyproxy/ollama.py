@@ -30,7 +30,6 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy.config import Profile
 from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
-from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.ollamawire import (
     EMBEDDINGS_PATH,
     OllamaRequestError,
@@ -58,7 +57,15 @@ from tabbyproxy.ollamawire import (
 from tabbyproxy.openai import upstreamErrorMessage
 from tabbyproxy.supervisor import ChildState, Lease, SchedulingError
 from tabbyproxy.upstream import EventDecoder, UpstreamBroken
-from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, requestIdOf, writeJSON
+from tabbyproxy.web import (
+    ClientError,
+    ProxyState,
+    noteModel,
+    readJSONObject,
+    requestIdOf,
+    takeKeepAlive,
+    writeJSON,
+)
 
 OLLAMA_VERSION = "0.12.0"
 """
@@ -255,7 +262,7 @@ class OllamaRoutes:
         body = readJSONObject(request, self.state.maxBodySize)
         name, profile = self._profileFor(body)
         noteModel(request, profile.id)
-        return body, name, profile, self._keepAlive(body)
+        return body, name, profile, takeKeepAlive(body)
 
     def _profileFor(self, body: dict[str, Any]) -> tuple[str, Profile]:
         """
@@ -270,16 +277,6 @@ class OllamaRoutes:
         if profile is None:
             raise ClientError(404, f"model '{name}' not found")
         return name, profile
-
-    @staticmethod
-    def _keepAlive(body: dict[str, Any]) -> float | None:
-        value = body.get("keep_alive")
-        if value is None:
-            return None
-        try:
-            return parseKeepAlive(value)
-        except KeepAliveError as e:
-            raise ClientError(400, str(e)) from e
 
     @staticmethod
     def _streaming(body: dict[str, Any]) -> bool:

@@ -24,10 +24,17 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy.config import Profile
 from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
-from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.supervisor import Lease, SchedulingError
 from tabbyproxy.upstream import UpstreamBroken
-from tabbyproxy.web import ClientError, ProxyState, noteModel, readJSONObject, requestIdOf, writeJSON
+from tabbyproxy.web import (
+    ClientError,
+    ProxyState,
+    noteModel,
+    readJSONObject,
+    requestIdOf,
+    takeKeepAlive,
+    writeJSON,
+)
 
 _CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large"}
 
@@ -139,7 +146,7 @@ class OpenAIRoutes:
             self.state.requireKey(request)
             body = readJSONObject(request, self.state.maxBodySize)
             profile = self._profileFor(body)
-            keepAlive = self._keepAlive(body)
+            keepAlive = takeKeepAlive(body)
             self._applyTemplate(body, profile, chat)
         except ClientError as e:
             return writeJSON(request, e.status, errorDocument(e.status, e.message, e.kind))
@@ -160,16 +167,6 @@ class OpenAIRoutes:
                 404, f"model '{shown}' not found: GET /v1/models lists the available ids"
             )
         return profile
-
-    @staticmethod
-    def _keepAlive(body: dict[str, Any]) -> float | None:
-        value = body.pop("keep_alive", None)
-        if value is None:
-            return None
-        try:
-            return parseKeepAlive(value)
-        except KeepAliveError as e:
-            raise ClientError(400, str(e)) from e
 
     def _applyTemplate(self, body: dict[str, Any], profile: Profile, chat: bool) -> None:
         template = profile.template
@@ -327,14 +324,14 @@ class OpenAIRoutes:
             keepAlive = None
             if body is not None and body.get("model") is not None:
                 profile = self._profileFor(body)
-                keepAlive = self._keepAlive(body)
+                keepAlive = takeKeepAlive(body)
             else:
                 running = self.state.supervisor.current
                 if running is None:
                     raise ClientError(503, "no model is loaded; name one with \"model\" to start it")
                 profile = running.profile
                 if body is not None:
-                    keepAlive = self._keepAlive(body)
+                    keepAlive = takeKeepAlive(body)
         except ClientError as e:
             return writeJSON(request, e.status, errorDocument(e.status, e.message, e.kind))
         return await self.forward(request, profile, keepAlive, path, body, streaming=False, method=method)

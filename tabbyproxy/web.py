@@ -29,6 +29,7 @@ from twisted.web.server import Request, Site
 
 from tabbyproxy.auth import Permission, authProblem
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer
 from tabbyproxy.metrics import Metrics
 from tabbyproxy.supervisor import Supervisor
@@ -106,6 +107,22 @@ def readJSONObject(request: IRequest, maxBodySize: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ClientError(400, f"request body must be a JSON object, not a JSON {type(body).__name__}")
     return body
+
+
+def takeKeepAlive(body: dict[str, Any]) -> float | None:
+    """
+    Remove C{keep_alive} from a request body (it is the proxy's, never TabbyAPI's) and parse it.
+
+    @return: the idle time in seconds, or C{None} when the request did not say.
+    @raise ClientError: 400 for a value that is neither seconds nor a duration.
+    """
+    value = body.pop("keep_alive", None)
+    if value is None:
+        return None
+    try:
+        return parseKeepAlive(value)
+    except KeepAliveError as e:
+        raise ClientError(400, str(e)) from e
 
 
 def writeJSON(request: IRequest, status: int, document: object) -> bytes:
