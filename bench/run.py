@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from streams import Stream, firstByteWhenUp, runStreams  # noqa: E402
+from streams import Stream, firstTokenWhenUp, runStreams  # noqa: E402
 
 MODEL_NAME = "BenchModel"
 MESSAGES = [{"role": "user", "content": "Tell me the story of the lighthouse keeper and the storm."}]
@@ -423,7 +423,7 @@ def coldStart(servers: Servers, report: Report, settings: Settings) -> None:
         started = time.perf_counter()
         process = spawnSimulator(directory)
         try:
-            direct.append(firstByteWhenUp(port, CHAT, body) - started)
+            direct.append(firstTokenWhenUp(port, CHAT, body) - started)
         finally:
             process.terminate()
             process.wait(15)
@@ -431,7 +431,7 @@ def coldStart(servers: Servers, report: Report, settings: Settings) -> None:
         if status != 200:
             raise SystemExit(f"/unload answered {status}: {raw[:200]!r}")
         started = time.perf_counter()
-        proxied.append(firstByteWhenUp(servers.proxyPort, CHAT, body) - started)
+        proxied.append(firstTokenWhenUp(servers.proxyPort, CHAT, body) - started)
     report.added("d cold start", f"median of {settings.coldRepeats}", "start to first token ms",
                  1000 * statistics.median(direct), 1000 * statistics.median(proxied), 150)
 

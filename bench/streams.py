@@ -234,11 +234,12 @@ def runStreams(
     return streams
 
 
-def firstByteWhenUp(port: int, path: str, body: bytes, timeout: float = 60.0, retry: float = 0.005) -> float:
+def firstTokenWhenUp(port: int, path: str, body: bytes, timeout: float = 60.0, retry: float = 0.005) -> float:
     """
-    Send one request as soon as C{port} accepts a connection, retrying every C{retry} seconds,
-    and return the C{time.perf_counter} of the answer's first byte; the answer is then read to
-    its end.
+    Send one streaming request as soon as C{port} accepts a connection, retrying every C{retry}
+    seconds, and return the C{time.perf_counter} when its first C{data:} event (the first token)
+    arrived; SSE comments before it (the proxy's "loading" comments) do not count.  The answer is
+    then read to its end.
     """
     deadline = time.perf_counter() + timeout
     while True:
@@ -251,10 +252,13 @@ def firstByteWhenUp(port: int, path: str, body: bytes, timeout: float = 60.0, re
             time.sleep(retry)
     with sock:
         sock.sendall(requestBytes(port, path, body))
-        first = sock.recv(65536)
+        received = b""
+        while b"\ndata:" not in received:
+            piece = sock.recv(65536)
+            if not piece:
+                raise ConnectionError(f"port {port} closed the connection before the first token")
+            received += piece
         arrived = time.perf_counter()
-        if not first:
-            raise ConnectionError(f"port {port} closed the connection without answering")
         while sock.recv(262144):
             pass
     return arrived
