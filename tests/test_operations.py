@@ -221,6 +221,8 @@ class DaemonTests(TestCase):
         port = pickFreePort()
         pidfile, logfile = root / "twistd.pid", root / "twistd.log"
         launcher = _Exited()
+        # Whatever happens below, the daemon (and its child) must not outlive the test.
+        self.addCleanup(killDaemon, pidfile)
         reactor.spawnProcess(
             launcher, sys.executable,
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -232,7 +234,6 @@ class DaemonTests(TestCase):
         await launcher.ended
         await waitUntil(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
         daemonPid = int(pidfile.read_text())
-        self.addCleanup(killIfAlive, daemonPid)
         client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         url = f"http://127.0.0.1:{port}"
 
@@ -255,5 +256,13 @@ def killIfAlive(pid: int) -> None:
     """
     Cleanup for a process a test started but could not reap: make sure it is gone.
     """
-    if pidAlive(pid):
+    if pid and pidAlive(pid):
         os.kill(pid, signal.SIGKILL)
+
+
+def killDaemon(pidfile: Path) -> None:
+    """
+    Cleanup for a daemon known only by its pidfile.
+    """
+    if pidfile.exists():
+        killIfAlive(int(pidfile.read_text().strip() or 0))
