@@ -9,7 +9,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
@@ -31,29 +31,55 @@ from tabbyproxy.upstream import Upstream, makeConnectionPool, makeHTTPClient
 from tabbyproxy.web import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, CORSResource, ProxySite, ProxyState, Router
 
 
-def _duration(text: str) -> float:
-    try:
-        return parseKeepAlive(text)
-    except KeepAliveError as e:
-        raise ValueError(str(e)) from e
+def _duration(option: str) -> Callable[[str], float]:
+    """
+    The value of C{--option}: seconds or a duration like C{15m}; negative means never.
+    """
+
+    def coerce(text: str) -> float:
+        try:
+            return parseKeepAlive(text)
+        except KeepAliveError:
+            raise ValueError(f"--{option} {text!r}: give seconds, or a duration such as 15m or 1h30m "
+                             f"(negative: never)") from None
+
+    coerce.coerceDoc = "Seconds, or a duration like 15m; negative means never."  # type: ignore[attr-defined]
+    return coerce
 
 
-def _positiveSeconds(text: str) -> float:
-    seconds = float(text)
-    if not seconds > 0:
-        raise ValueError(f"{text} is not a positive number of seconds")
-    return seconds
+def _positiveSeconds(option: str) -> Callable[[str], float]:
+    """
+    The value of C{--option}: a positive number of seconds.
+    """
+
+    def coerce(text: str) -> float:
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = 0.0
+        if not seconds > 0 or seconds == float("inf"):
+            raise ValueError(f"--{option} {text!r}: give a positive number of seconds")
+        return seconds
+
+    coerce.coerceDoc = "Seconds."  # type: ignore[attr-defined]
+    return coerce
 
 
-def _positiveInt(text: str) -> int:
-    number = int(text)
-    if number <= 0:
-        raise ValueError(f"{text} is not a positive whole number")
-    return number
+def _positiveInt(option: str) -> Callable[[str], int]:
+    """
+    The value of C{--option}: a positive whole number.
+    """
 
+    def coerce(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise ValueError(f"--{option} {text!r}: give a positive whole number")
+        return number
 
-_duration.coerceDoc = "Seconds, or a duration like 15m; negative means never."  # type: ignore[attr-defined]
-_positiveSeconds.coerceDoc = "Seconds."  # type: ignore[attr-defined]
+    return coerce
 
 
 class Options(usage.Options):
@@ -73,19 +99,22 @@ class Options(usage.Options):
         ["config-dir", "c", "config", "Directory of model profiles: DIR/<id>.yml, searched recursively."],
         ["unload-timer", None, 900.0,
          "Idle time before a model is unloaded, when neither the request's keep_alive nor the "
-         "profile's model.unload_timer says otherwise.", _duration],
-        ["load-timeout", None, 600.0, "How long a model start may take before it is abandoned.", _positiveSeconds],
-        ["stop-grace", None, 10.0, "How long TabbyAPI has to exit after SIGTERM before SIGKILL.", _positiveSeconds],
-        ["max-waiting", None, 512, "How many requests may wait for a model; more get a 503.", _positiveInt],
+         "profile's model.unload_timer says otherwise.", _duration("unload-timer")],
+        ["load-timeout", None, 600.0, "How long a model start may take before it is abandoned.",
+         _positiveSeconds("load-timeout")],
+        ["stop-grace", None, 10.0, "How long TabbyAPI has to exit after SIGTERM before SIGKILL.",
+         _positiveSeconds("stop-grace")],
+        ["max-waiting", None, 512, "How many requests may wait for a model; more get a 503.",
+         _positiveInt("max-waiting")],
         ["max-body-size", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes; larger gets a 413.",
-         _positiveInt],
+         _positiveInt("max-body-size")],
         ["preload", None, None, "Start this model (a profile id) when the proxy starts."],
         ["default-model", None, None,
          "Keep this model (a profile id) loaded whenever no other is wanted: it starts with the proxy, "
          "and again after any idle unload, and stays until a request for another model swaps it out."],
         ["client-timeout", None, DEFAULT_CLIENT_TIMEOUT,
          "How long a client connection may stay silent while sending a request (a stalled body gets a 408) "
-         "or between requests.", _positiveSeconds],
+         "or between requests.", _positiveSeconds("client-timeout")],
     ]
     optFlags = [
         ["simulate", None,
