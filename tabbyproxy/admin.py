@@ -22,7 +22,7 @@ from tabbyproxy import __version__
 from tabbyproxy.auth import Permission
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.logbuffer import Record
-from tabbyproxy.web import ClientError, ProxyState, writeJSON
+from tabbyproxy.web import ClientError, ProxyState, noRoute, writeJSON
 
 LogFilter = Callable[[Record], bool]
 
@@ -126,11 +126,11 @@ class AdminRoutes:
 
     @app.handle_errors(NotFound)
     def notFound(self, request: IRequest, failure: Failure) -> bytes:
-        return writeJSON(request, 404, {"error": f"no route {request.path.decode('utf-8', 'replace')}"})
+        return noRoute(request, 404)
 
     @app.handle_errors(MethodNotAllowed)
     def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
-        return writeJSON(request, 405, {"error": f"{request.method.decode('ascii', 'replace')} is not allowed here"})
+        return noRoute(request, 405)
 
 
 def _logFilter(request: IRequest) -> LogFilter:

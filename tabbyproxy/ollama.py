@@ -60,6 +60,7 @@ from tabbyproxy.upstream import EventDecoder, UpstreamBroken
 from tabbyproxy.web import (
     ClientError,
     ProxyState,
+    noRoute,
     noteModel,
     readJSONObject,
     requestIdOf,
@@ -452,9 +453,8 @@ class OllamaRoutes:
 
     @app.handle_errors(NotFound)
     def notFound(self, request: IRequest, failure: Failure) -> bytes:
-        return writeJSON(request, 404, errorLine(f"no route {request.path.decode('utf-8', 'replace')}"))
+        return noRoute(request, 404)
 
     @app.handle_errors(MethodNotAllowed)
     def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
-        method = request.method.decode("ascii", "replace")
-        return writeJSON(request, 405, errorLine(f"{method} is not allowed here"))
+        return noRoute(request, 405)

@@ -29,24 +29,14 @@ from tabbyproxy.upstream import UpstreamBroken
 from tabbyproxy.web import (
     ClientError,
     ProxyState,
+    errorDocument,
+    noRoute,
     noteModel,
     readJSONObject,
     requestIdOf,
     takeKeepAlive,
     writeJSON,
 )
-
-_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large"}
-
-
-def errorDocument(status: int, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    """
-    OpenAI's error body.
-    """
-    if status >= 500:
-        kind = "server_error"
-    return {"error": {"message": message, "type": kind, "code": _CODES.get(status, str(status))}}
-
 
 _ERROR_EVENT = b'data: {"error"'
 
@@ -340,8 +330,8 @@ class OpenAIRoutes:
 
     @app.handle_errors(NotFound)
     def notFound(self, request: IRequest, failure: Failure) -> bytes:
-        return writeJSON(request, 404, errorDocument(404, f"no route {request.path.decode('utf-8', 'replace')}"))
+        return noRoute(request, 404)
 
     @app.handle_errors(MethodNotAllowed)
     def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
-        return writeJSON(request, 405, errorDocument(405, f"{request.method.decode('ascii', 'replace')} is not allowed here"))
+        return noRoute(request, 405)

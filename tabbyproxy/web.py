@@ -153,6 +153,22 @@ class Router(Resource):
         return self._bySegment.get(first, self._admin).render(request)
 
 
+# OpenAI's error codes for the statuses the proxy answers with.
+_OPENAI_CODES = {
+    400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found", 408: "request_timeout",
+    413: "request_too_large", 414: "uri_too_long", 431: "headers_too_large",
+}
+
+
+def errorDocument(status: int, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """
+    OpenAI's error body: C{{"error": {"message", "type", "code"}}}.
+    """
+    if status >= 500:
+        kind = "server_error"
+    return {"error": {"message": message, "type": kind, "code": _OPENAI_CODES.get(status, str(status))}}
+
+
 def errorBodyFor(path: bytes, status: int, message: str) -> bytes:
     """
     An error document in the shape of the API C{path} belongs to: OpenAI's under C{/v1/},
@@ -160,16 +176,24 @@ def errorBodyFor(path: bytes, status: int, message: str) -> bytes:
     """
     document: object
     if path.startswith(b"/v1/") or path == b"/v1":
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        document = {"error": {"message": message, "type": kind, "code": _EARLY_CODES.get(status, str(status))}}
+        document = errorDocument(status, message)
     else:
         document = {"error": message}
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
-# The codes openai.errorDocument gives these statuses, for answers sent before any route runs.
-_EARLY_CODES = {400: "invalid_request", 408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
-                431: "headers_too_large"}
+def noRoute(request: IRequest, status: int) -> bytes:
+    """
+    The answer for a path no route has (404) or a method the route does not take (405), in the
+    error shape of the API the path belongs to.
+    """
+    if status == 404:
+        message = f"no route {request.path.decode('utf-8', 'replace')}"
+    else:
+        message = f"{request.method.decode('ascii', 'replace')} is not allowed here"
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    return errorBodyFor(request.path, status, message)
 
 
 def _rawResponse(status: int, body: bytes) -> bytes:
