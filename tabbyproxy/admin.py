@@ -14,15 +14,13 @@ from attrs import define
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy import __version__
 from tabbyproxy.auth import Permission
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.logbuffer import Record
-from tabbyproxy.web import ClientError, ProxyState, noRoute, writeJSON
+from tabbyproxy.web import ClientError, ProxyState, answerMissingRoutes, writeJSON
 
 LogFilter = Callable[[Record], bool]
 
@@ -34,6 +32,7 @@ class AdminRoutes:
     """
 
     app = Klein()
+    answerMissingRoutes(app)
 
     state: ProxyState
 
@@ -123,14 +122,6 @@ class AdminRoutes:
             return writeJSON(request, 200, {"status": "success", "unloaded": None})
         await self.state.supervisor.unload()
         return writeJSON(request, 200, {"status": "success", "unloaded": running.profile.id})
-
-    @app.handle_errors(NotFound)
-    def notFound(self, request: IRequest, failure: Failure) -> bytes:
-        return noRoute(request, 404)
-
-    @app.handle_errors(MethodNotAllowed)
-    def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
-        return noRoute(request, 405)
 
 
 def _logFilter(request: IRequest) -> LogFilter:

@@ -24,9 +24,7 @@ from attrs import define, field
 from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest, IResponse
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy.config import Profile
 from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
@@ -60,7 +58,7 @@ from tabbyproxy.upstream import EventDecoder, UpstreamBroken
 from tabbyproxy.web import (
     ClientError,
     ProxyState,
-    noRoute,
+    answerMissingRoutes,
     noteModel,
     readJSONObject,
     requestIdOf,
@@ -146,6 +144,7 @@ class OllamaRoutes:
     """
 
     app = Klein()
+    answerMissingRoutes(app)
     log = Logger()
 
     state: ProxyState
@@ -450,11 +449,3 @@ class OllamaRoutes:
         return writeJSON(request, 501, errorLine(NOT_MANAGED))
 
     # -- errors
-
-    @app.handle_errors(NotFound)
-    def notFound(self, request: IRequest, failure: Failure) -> bytes:
-        return noRoute(request, 404)
-
-    @app.handle_errors(MethodNotAllowed)
-    def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
-        return noRoute(request, 405)

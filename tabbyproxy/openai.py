@@ -18,9 +18,7 @@ from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest, IResponse
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy.config import Profile
 from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
@@ -30,7 +28,7 @@ from tabbyproxy.web import (
     ClientError,
     ProxyState,
     errorDocument,
-    noRoute,
+    answerMissingRoutes,
     noteModel,
     readJSONObject,
     requestIdOf,
@@ -116,6 +114,7 @@ class OpenAIRoutes:
     """
 
     app = Klein()
+    answerMissingRoutes(app)
     log = Logger()
 
     state: ProxyState
@@ -327,11 +326,3 @@ class OpenAIRoutes:
         return await self.forward(request, profile, keepAlive, path, body, streaming=False, method=method)
 
     # -- errors
-
-    @app.handle_errors(NotFound)
-    def notFound(self, request: IRequest, failure: Failure) -> bytes:
-        return noRoute(request, 404)
-
-    @app.handle_errors(MethodNotAllowed)
-    def wrongMethod(self, request: IRequest, failure: Failure) -> bytes:
-        return noRoute(request, 405)

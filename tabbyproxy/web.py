@@ -20,12 +20,15 @@ from http import HTTPStatus
 from typing import Any, Callable, Sequence, cast
 
 from attrs import field, frozen
+from klein import Klein
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy.auth import Permission, authProblem
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
@@ -180,6 +183,21 @@ def errorBodyFor(path: bytes, status: int, message: str) -> bytes:
     else:
         document = {"error": message}
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def answerMissingRoutes(app: Klein) -> None:
+    """
+    Make C{app} answer an unknown path with a 404 and a wrong method with a 405, as JSON in the
+    error shape of the API the path belongs to (Klein's own answers are HTML).
+    """
+
+    @app.handle_errors(NotFound)
+    def notFound(self: Any, request: IRequest, failure: Failure) -> bytes:
+        return noRoute(request, 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def wrongMethod(self: Any, request: IRequest, failure: Failure) -> bytes:
+        return noRoute(request, 405)
 
 
 def noRoute(request: IRequest, status: int) -> bytes:
