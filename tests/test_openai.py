@@ -191,6 +191,25 @@ class OpenAIRouteTests(SynchronousTestCase):
         self.assertOpenAIError(response, 404, "/v1/nothing")
 
 
+class MissingRouteTests(SynchronousTestCase):
+    def test_answersInEachAPIsShape(self) -> None:
+        """
+        A wrong method under /v1 is a 405 in OpenAI's shape; an unknown path or a wrong method
+        elsewhere outside /api is a 404 or 405 with C{{"error": "..."}}.
+        """
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+
+        def call(method: bytes, path: str) -> tuple[int, Any]:
+            response = self.successResultOf(proxy.client.request(method.decode(), "http://proxy" + path))
+            return response.code, self.successResultOf(json_content(response))
+
+        code, document = call(b"GET", "/v1/chat/completions")
+        self.assertEqual((code, document["error"]["message"]), (405, "GET is not allowed here"))
+        self.assertEqual(set(document["error"]), {"message", "type", "code"})
+        self.assertEqual(call(b"GET", "/nope"), (404, {"error": "no route /nope"}))
+        self.assertEqual(call(b"DELETE", "/status"), (405, {"error": "DELETE is not allowed here"}))
+
+
 class AuthTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=KEYS)
