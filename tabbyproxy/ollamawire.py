@@ -1234,14 +1234,6 @@ _TEMPLATE_TO_OLLAMA: Mapping[str, str] = {
 }
 
 
-def showParameters(profile: Profile, folder: Path) -> str:
-    """
-    The C{parameters} text of C{/api/show}: C{num_ctx} and the profile's sampler defaults under
-    Ollama's names, one C{key value} per line with strings quoted, as Ollama writes them.
-    """
-    return _showParameters(profile, _contextLength(profile, _ModelFolder.read(folder)))
-
-
 def _showParameters(profile: Profile, context: int) -> str:
     lines = [("num_ctx", str(context))]
     for key, value in profile.template.items():

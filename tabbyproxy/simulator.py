@@ -1409,7 +1409,6 @@ class EventStream:
     started: float = 0.0
     created: int = field(factory=lambda: int(time.time()))
     closed: bool = False
-    cancelled: bool = False
 
     @property
     def label(self) -> str:

@@ -45,7 +45,7 @@ from twisted.internet.error import (
     ProcessExitedAlready,
     ProcessTerminated,
 )
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -100,10 +100,6 @@ class StartFailed(SchedulingError):
 
 class ShuttingDown(SchedulingError):
     pass
-
-
-class ChildGone(SchedulingError):
-    status = 502
 
 
 class _ChildProtocol(ProcessProtocol):
@@ -284,10 +280,6 @@ class SupervisorSettings:
     healthInterval: float = 0.05
     healthTimeout: float = 5.0
     idleHealthInterval: float = 5.0
-
-
-class _Reactor(IReactorProcess, IReactorTime):
-    pass
 
 
 class Supervisor(Service):

@@ -26,7 +26,6 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-import treq
 from treq.client import HTTPClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
