@@ -80,11 +80,17 @@ NOT_MANAGED = (
 NDJSON = b"application/x-ndjson"
 
 
+# Built once: json.dumps with separators makes a new encoder per call, and every streamed token
+# is one line.
+_encodeCompact = json.JSONEncoder(separators=(",", ":")).encode
+_decodeJSON = json.JSONDecoder().decode
+
+
 def ndjsonLine(document: object) -> bytes:
     """
     One NDJSON line: compact JSON and a newline, nothing else.
     """
-    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+    return _encodeCompact(document).encode("utf-8") + b"\n"
 
 
 @define
@@ -115,7 +121,7 @@ class _StreamRelay:
                 self.complete = True
                 continue
             try:
-                chunk = json.loads(payload)
+                chunk = _decodeJSON(payload.decode("utf-8"))
             except ValueError:
                 self.log.warn("Skipped an event from TabbyAPI that is not JSON: {payload!r}",
                               payload=payload[:200])

@@ -765,6 +765,8 @@ class StreamTranslator:
         A non-final line with the tool calls complete so far (JSON arguments that parse), or all
         of them when C{flush}.
         """
+        if not self._toolCalls:
+            return []
         ready = []
         for index in sorted(self._toolCalls):
             call = self._toolCalls[index]
