@@ -249,20 +249,20 @@ class ProfileReloader(Service):
 
 class _Preload(Service):
     """
-    Loads a model once the reactor runs.
+    Loads a model when the proxy starts (C{--preload}, C{--default-model}).
     """
 
     def __init__(
-        self, supervisor: Supervisor, profileId: str, catalog: ProfileReloader, keepAlive: float | None
+        self, supervisor: Supervisor, profileId: str, profiles: ProfileReloader, keepAlive: float | None
     ) -> None:
         self.supervisor = supervisor
         self.profileId = profileId
-        self.catalog = catalog
+        self.profiles = profiles
         self.keepAlive = keepAlive
 
     def startService(self) -> None:
         super().startService()
-        profile = self.catalog.catalog.resolve(self.profileId)
+        profile = self.profiles.catalog.resolve(self.profileId)
         if profile is not None:
             self.supervisor.preload(profile, self.keepAlive)
 
