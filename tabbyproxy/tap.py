@@ -19,13 +19,13 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.client import HTTPConnectionPool
 
-from tabbyproxy.admin import AdminRoutes
+from tabbyproxy.routes.admin import AdminRoutes
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.keepalive import FOREVER, KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer, LogBufferService
 from tabbyproxy.metrics import Metrics
-from tabbyproxy.ollama import OllamaRoutes
-from tabbyproxy.openai import OpenAIRoutes
+from tabbyproxy.routes.ollama import OllamaRoutes
+from tabbyproxy.routes.openai import OpenAIRoutes
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
 from tabbyproxy.upstream import Upstream, makeConnectionPool, makeHTTPClient
 from tabbyproxy.web import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, CORSResource, ProxySite, ProxyState, Router

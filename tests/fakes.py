@@ -18,10 +18,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from tabbyproxy.admin import AdminRoutes
+from tabbyproxy.routes.admin import AdminRoutes
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
-from tabbyproxy.ollama import OllamaRoutes
-from tabbyproxy.openai import OpenAIRoutes
+from tabbyproxy.routes.ollama import OllamaRoutes
+from tabbyproxy.routes.openai import OpenAIRoutes
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings
 from tabbyproxy.upstream import Upstream
 from tabbyproxy.web import DEFAULT_MAX_BODY, ProxyState, Router

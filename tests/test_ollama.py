@@ -21,7 +21,7 @@ from twisted.web.server import Request
 
 from tabbyproxy.config import Keys
 from tabbyproxy.keepalive import FOREVER
-from tabbyproxy.ollama import NOT_MANAGED, OLLAMA_VERSION
+from tabbyproxy.routes.ollama import NOT_MANAGED, OLLAMA_VERSION
 from tabbyproxy.ollamawire import toolCallId
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.fakes import InMemoryProxy

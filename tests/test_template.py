@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt, timeStamp
+from tabbyproxy.template import applyRequestDefaults, applySystemPrompt, timeStamp
 
 # 2026-11-26 13:03:12 UTC, a Thursday.
 FIXED = datetime(2026, 11, 26, 13, 3, 12, tzinfo=timezone.utc)

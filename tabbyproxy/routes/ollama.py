@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest, IResponse
 
 from tabbyproxy.config import Profile
-from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
+from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.ollamawire import (
     EMBEDDINGS_PATH,
     OllamaRequestError,
@@ -52,7 +52,7 @@ from tabbyproxy.ollamawire import (
     unloadReply,
     upstreamEmbeddings,
 )
-from tabbyproxy.openai import upstreamErrorMessage
+from tabbyproxy.routes.openai import upstreamErrorMessage
 from tabbyproxy.supervisor import ChildState, Lease, SchedulingError
 from tabbyproxy.upstream import EventDecoder, UpstreamBroken
 from tabbyproxy.web import (

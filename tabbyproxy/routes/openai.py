@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest, IResponse
 
 from tabbyproxy.config import Profile
-from tabbyproxy.defaults import applyRequestDefaults, applySystemPrompt
+from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.supervisor import Lease, SchedulingError
 from tabbyproxy.upstream import UpstreamBroken
 from tabbyproxy.web import (
