@@ -382,29 +382,3 @@ class Upstream:
         """
         body: bytes = await treq.content(response)
         return body
-
-
-class EventDecoder:
-    """
-    Splits a server-sent event stream into the payloads of its C{data:} lines, however the bytes
-    are cut.  Comment lines (TabbyAPI's C{: ping}) and other fields are skipped; C{\\r\\n},
-    C{\\r} and C{\\n} all end a line, as TabbyAPI frames with C{\\r\\n}.
-    """
-
-    def __init__(self) -> None:
-        self._partial = b""
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """
-        @return: the payload of each complete C{data:} line in C{data}, in order.
-        """
-        lines = (self._partial + data).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        # A CRLF cut in two reads as CR then LF: the extra empty line is harmless, as empty
-        # lines carry no data.
-        self._partial = lines.pop()
-        payloads = []
-        for line in lines:
-            if line.startswith(b"data:"):
-                payload = line[5:]
-                payloads.append(payload[1:] if payload.startswith(b" ") else payload)
-        return payloads

@@ -52,9 +52,9 @@ from tabbyproxy.ollamawire import (
     unloadReply,
     upstreamEmbeddings,
 )
-from tabbyproxy.routes.openai import upstreamErrorMessage
 from tabbyproxy.supervisor import ChildState, Lease, SchedulingError
-from tabbyproxy.upstream import EventDecoder, UpstreamBroken
+from tabbyproxy.tabbywire import EventDecoder, upstreamErrorMessage
+from tabbyproxy.upstream import UpstreamBroken
 from tabbyproxy.web import (
     ClientError,
     ProxyState,

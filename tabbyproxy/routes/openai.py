@@ -23,6 +23,7 @@ from twisted.web.iweb import IRequest, IResponse
 from tabbyproxy.config import Profile
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.supervisor import Lease, SchedulingError
+from tabbyproxy.tabbywire import sseEvent, upstreamErrorMessage
 from tabbyproxy.upstream import UpstreamBroken
 from tabbyproxy.web import (
     ClientError,
@@ -69,42 +70,6 @@ class _LoadingComments:
     def stop(self) -> None:
         if self.call.running:
             self.call.stop()
-
-
-def sseEvent(document: object) -> bytes:
-    """
-    One server-sent event carrying C{document}, framed as TabbyAPI frames its own.
-    """
-    return b"data: " + json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\r\n\r\n"
-
-
-def upstreamErrorMessage(status: int, raw: bytes) -> str:
-    """
-    What went wrong, from an error TabbyAPI answered (C{{"detail": ...}} from FastAPI, a list of
-    validation errors, or an OpenAI-style body).
-    """
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        text = raw.decode("utf-8", "replace").strip()
-        return f"TabbyAPI answered {status}: {text or 'no details'}"
-    if isinstance(document, dict):
-        error = document.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        detail = document.get("detail")
-        if isinstance(detail, str):
-            return detail
-        if isinstance(detail, list):
-            return "; ".join(_validationProblem(problem) for problem in detail)
-    return f"TabbyAPI answered {status}: {raw.decode('utf-8', 'replace')}"
-
-
-def _validationProblem(problem: object) -> str:
-    if not isinstance(problem, dict):
-        return str(problem)
-    location = ".".join(str(part) for part in problem.get("loc", []) if part != "body")
-    return f"{location}: {problem.get('msg', 'invalid')}" if location else str(problem.get("msg"))
 
 
 @define
