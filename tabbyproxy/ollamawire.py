@@ -67,7 +67,7 @@ class OllamaRequestError(ValueError):
 class UpstreamError(Exception):
     """
     TabbyAPI reported an error in the middle of a stream; the message is TabbyAPI's.  The route
-    writes L{errorLine} of it as the last NDJSON line.
+    writes its message as the last NDJSON line ({"error": ...}).
     """
 
 
@@ -94,13 +94,6 @@ def _secondText(whole: int) -> str:
     # Every streamed line carries a time stamp; the date and time of day change once a second,
     # and formatting them was a seventh of the Ollama path's cost.
     return (_EPOCH + timedelta(seconds=whole)).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def errorLine(message: str) -> dict[str, Any]:
-    """
-    Ollama's error object: the whole body before a stream starts, the last line after.
-    """
-    return {"error": message}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,19 +16,21 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
-from twisted.web.resource import Resource
 from twisted.web.client import HTTPConnectionPool
 
-from tabbyproxy.routes.admin import AdminRoutes
+from tabbyproxy import channel
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.keepalive import FOREVER, KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer, LogBufferService
 from tabbyproxy.metrics import Metrics
-from tabbyproxy.routes.ollama import OllamaRoutes
-from tabbyproxy.routes.openai import OpenAIRoutes
+from tabbyproxy.relaypool import makeAgent, makeConnectionPool
+from tabbyproxy.routes.common import ProxyState
+from tabbyproxy.routes.root import makeSite
+from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
-from tabbyproxy.upstream import Upstream, makeConnectionPool, makeHTTPClient
-from tabbyproxy.web import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, CORSResource, ProxySite, ProxyState, Router
+from tabbyproxy.upstream import Upstream, treqClient
+
+log = Logger()
 
 
 def _duration(option: str) -> Callable[[str], float]:
@@ -299,13 +301,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     logs = LogBuffer()
     LogBufferService(logs, globalLogPublisher).setServiceParent(top)
 
+    missing = channel.missingHooks()
+    if missing:
+        log.warn("This Twisted lacks {names}: some malformed requests get Twisted's own answers",
+                 names=", ".join(missing))
     pool = makeConnectionPool(reactor)
     _ConnectionPool(pool).setServiceParent(top)
-    http = makeHTTPClient(reactor, pool)
+    agent = makeAgent(reactor, pool)
     supervisor = Supervisor(
         install,
         reactor,
-        http,
+        treqClient(agent),
         runtime,
         SupervisorSettings(
             unloadTimer=options["unload-timer"],
@@ -334,15 +340,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         catalog=lambda: profiles.catalog,
         install=install,
         supervisor=supervisor,
-        upstream=Upstream(http, reactor, install.keys.upstreamHeaders),
+        upstream=Upstream(agent, install.keys.upstreamHeaders),
         clock=reactor,
         maxBodySize=options["max-body-size"],
         metrics=metrics,
         logs=logs,
     )
-    admin = AdminRoutes(state).app.resource()
-    root = Router(openai=OpenAIRoutes(state).app.resource(), ollama=OllamaRoutes(state).app.resource(), admin=admin)
-    served: Resource = CORSResource(root, options["cors-origin"]) if options["cors-origin"] else root
-    site = ProxySite(served, maxBodySize=options["max-body-size"], timeout=options["client-timeout"], metrics=metrics)
+    site = makeSite(state, options["cors-origin"], options["client-timeout"])
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
     return top

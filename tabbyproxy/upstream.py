@@ -1,15 +1,15 @@
 """
-Talking to the TabbyAPI child: sending one request and streaming its answer back.
+The one exchange with a TabbyAPI child: send a request, and stream its answer back.
 
-The body of an upstream response is pumped into the client's request as it arrives, through a
-small body protocol whose transport is registered as the request's producer: a slow client pauses
-the upstream read instead of growing the proxy's memory, and a client that leaves stops it, which
-closes the connection to TabbyAPI so it stops generating.
+L{Upstream.call} sends a request and returns the response once TabbyAPI answered with success; it
+raises L{UpstreamUnreachable} when TabbyAPI did not answer and L{UpstreamAnswered} when it answered
+with an error (having reported a 503, TabbyAPI's sign of a failed generator, to the lease).  Any
+other exception is a bug, and reaches the route's error handler with its traceback.
 
-TabbyAPI sends every token as its own HTTP chunk, so the chunked decoding of its answers is the
-proxy's hottest loop.  The connections of L{makeConnectionPool} decode with L{ChunkedDecoder},
-which hands on everything one read of the socket holds in one piece: one write to the client per
-read instead of one per token, and a third of the time of Twisted's decoder per answer.
+The body of a response is pumped into the client's request as it arrives (L{Upstream.pipe}),
+through a small body protocol whose transport is registered as the request's producer: a slow
+client pauses the upstream read instead of growing the proxy's memory, and a client that leaves
+stops it, which closes the connection to TabbyAPI so it stops generating.
 """
 
 from __future__ import annotations
@@ -18,26 +18,58 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Mapping, cast
 
 import treq
-import treq.client
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
-from twisted.web.error import SchemeNotSupported
-from twisted.web.http import PotentialDataLoss, _DataLoss, maxChunkSizeLineLength
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IRequest, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IRequest, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from tabbyproxy.supervisor import Lease
+from tabbyproxy.tabbywire import upstreamErrorMessage
 
 # Headers of TabbyAPI's answer worth passing on; hop-by-hop and framing headers are the proxy's.
 RELAYED_HEADERS = (b"content-type", b"cache-control", b"x-accel-buffering")
+
+# What a request that never got an answer fails with.
+_NO_ANSWER = (ConnectError, ConnectingCancelledError, ResponseNeverReceived, ResponseFailed)
+
+
+def treqClient(agent: IAgent) -> HTTPClient:
+    """
+    treq's API over C{agent}, for the supervisor's C{/health} checks, with a cookie jar that never
+    stores anything.
+    """
+    return HTTPClient(agent, cookiejar=cast(Any, CookieJar(DefaultCookiePolicy(allowed_domains=[]))))
+
+
+class UpstreamUnreachable(Exception):
+    """
+    TabbyAPI did not answer a request: no connection, or the connection ended before an answer.
+
+    @ivar model: the profile id of the child asked.
+    """
+
+    def __init__(self, model: str, problem: str) -> None:
+        super().__init__(f"TabbyAPI for {model} did not answer: {problem}")
+        self.model = model
+
+
+class UpstreamAnswered(Exception):
+    """
+    TabbyAPI answered with an error status; C{message} says what it said, fit for the client.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class UpstreamBroken(Exception):
@@ -46,68 +78,8 @@ class UpstreamBroken(Exception):
     """
 
 
-def makeHTTPClient(reactor: Any, pool: HTTPConnectionPool) -> TabbyClient:
-    """
-    The client for talking to TabbyAPI over C{pool}: see L{TabbyClient}.
-    """
-    return TabbyClient(reactor, pool)
-
-
-def makeConnectionPool(reactor: Any) -> HTTPConnectionPool:
-    """
-    Persistent connections to TabbyAPI, enough for many concurrent streams, whose chunked answers
-    are decoded by L{ChunkedDecoder}.  Requests are not retried: a generation request is not safe
-    to send twice.
-    """
-    pool = _RelayConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 256
-    pool.retryAutomatically = False
-    return pool
-
-
-class TabbyClient(treq.client.HTTPClient):
-    """
-    A treq client for TabbyAPI whose L{relay} sends the proxy's forwarded requests straight to
-    its Agent.
-
-    treq wraps every request in a cookie jar and gzip decoding, parses its URL with hyperlink and
-    writes its body from a cooperator task on a later turn of the reactor; the proxy needs none
-    of that to talk to its own child, and it was an eighth of the proxy's CPU in a profile of
-    streaming load.  The treq API stays for the rest (the supervisor's health polls), with a
-    cookie jar that never stores anything, so no client's cookies reach another.
-    """
-
-    def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
-        self.agent = Agent.usingEndpointFactory(reactor, _TCPEndpoints(reactor), pool=pool)
-        super().__init__(self.agent, cookiejar=cast(Any, CookieJar(DefaultCookiePolicy(allowed_domains=[]))))
-
-    def relay(self, method: bytes, url: bytes, headers: Headers, body: bytes | None) -> Deferred[IResponse]:
-        """
-        Send one request; its body, if any, is written at once.
-        """
-        producer = None if body is None else _BytesProducer(body)
-        response: Deferred[IResponse] = self.agent.request(method, url, headers, producer)
-        return response
-
-
-@implementer(IAgentEndpointFactory)
-class _TCPEndpoints:
-    """
-    Plain TCP endpoints: TabbyAPI listens on a loopback address, so the proxy needs neither TLS nor
-    L{HostnameEndpoint}'s name handling, which the default Agent redoes for every request.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        if uri.scheme != b"http":
-            raise SchemeNotSupported(f"TabbyAPI is reached over http, not {uri.scheme!r}")
-        return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port)
-
-
 @implementer(IBodyProducer)
-class _BytesProducer:
+class BytesProducer:
     """
     A request body that is all there at once.
     """
@@ -128,145 +100,6 @@ class _BytesProducer:
 
     def stopProducing(self) -> None:
         pass
-
-
-class MalformedChunkedBody(Exception):
-    """
-    The upstream's chunked framing is broken; the connection is given up.
-    """
-
-
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-
-
-class ChunkedDecoder:
-    """
-    Decodes a body sent with C{Transfer-Encoding: chunked}, a drop-in for Twisted's
-    C{_ChunkedTransferDecoder} in an C{HTTPClientParser}.
-
-    Each call to L{dataReceived} hands all the body bytes it found to C{dataCallback} at once,
-    however many chunks they came in, and walks the framing with C{bytes.find} rather than one
-    method call per state.  Trailers are read and dropped.
-
-    @ivar state: C{"CHUNK_LENGTH"}, C{"BODY"}, C{"CRLF"}, C{"TRAILER"} or C{"FINISHED"}.
-    """
-
-    def __init__(self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]) -> None:
-        """
-        @param dataCallback: called with body bytes as they are decoded.
-        @param finishCallback: called once after the last chunk, with the bytes that followed it.
-        """
-        self.dataCallback = dataCallback
-        self.finishCallback = finishCallback
-        self.state = "CHUNK_LENGTH"
-        # Bytes of the current chunk still to come, in state BODY.
-        self._remaining = 0
-        # The start of a size line, the CRLF after a chunk or a trailer line, cut by a read.
-        self._partial = b""
-        self._trailerSize = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Decode C{data}, the next bytes of the body.
-
-        @raise MalformedChunkedBody: when the framing is broken.
-        """
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        pieces: list[bytes] = []
-        position, end = 0, len(data)
-        state = self.state
-        while position < end:
-            if state == "BODY":
-                stop = position + self._remaining
-                pieces.append(data[position:stop])
-                if stop > end:
-                    self._remaining = stop - end
-                    position = end
-                    break
-                position, state = stop, "CRLF"
-            elif state == "CRLF":
-                if end - position < 2:
-                    break
-                if data[position:position + 2] != b"\r\n":
-                    raise MalformedChunkedBody("a chunk did not end with CRLF")
-                position += 2
-                state = "CHUNK_LENGTH"
-            elif state == "CHUNK_LENGTH":
-                lineEnd = data.find(b"\r\n", position, position + maxChunkSizeLineLength)
-                if lineEnd == -1:
-                    if end - position >= maxChunkSizeLineLength:
-                        raise MalformedChunkedBody("a chunk size line is too long")
-                    break
-                size = data[position:lineEnd].split(b";", 1)[0]
-                if not size or size.strip(_HEX_DIGITS):
-                    raise MalformedChunkedBody(f"a chunk size is not a hexadecimal number: {size!r}")
-                self._remaining = int(size, 16)
-                position = lineEnd + 2
-                state = "BODY" if self._remaining else "TRAILER"
-            elif state == "TRAILER":
-                lineEnd = data.find(b"\r\n", position)
-                if lineEnd == -1:
-                    if self._trailerSize + end - position > 2**16:
-                        raise MalformedChunkedBody("the trailer is too long")
-                    break
-                if lineEnd > position:
-                    self._trailerSize += lineEnd + 2 - position
-                    position = lineEnd + 2
-                    continue
-                self.state = "FINISHED"
-                self._deliver(pieces)
-                self.finishCallback(data[lineEnd + 2:])
-                return
-            else:
-                raise RuntimeError("ChunkedDecoder.dataReceived called after the last chunk")
-        self.state = state
-        self._partial = data[position:]
-        self._deliver(pieces)
-
-    def _deliver(self, pieces: list[bytes]) -> None:
-        if len(pieces) == 1:
-            self.dataCallback(pieces[0])
-        elif pieces:
-            self.dataCallback(b"".join(pieces))
-
-    def noMoreData(self) -> None:
-        """
-        The connection closed: the body must be complete.
-
-        @raise _DataLoss: when it was cut short (Twisted's parser turns that into a failed body).
-        """
-        if self.state != "FINISHED":
-            raise _DataLoss(f"the chunked body ended in state {self.state}")
-
-
-class _RelayClientProtocol(HTTP11ClientProtocol):
-    """
-    An HTTP/1.1 client connection whose responses are decoded by L{ChunkedDecoder}.
-
-    Twisted has no public hook for a response's transfer decoder: the parser looks its decoders
-    up on itself, so each new parser gets ours.  tests/test_upstream.py checks that it is used.
-    """
-
-    def request(self, request: Any) -> Deferred[IResponse]:
-        finished: Deferred[IResponse] = super().request(request)
-        parser = getattr(self, "_parser", None)
-        if parser is not None:
-            parser._transferDecoders = {b"chunked": ChunkedDecoder}
-        return finished
-
-
-class _RelayClientFactory(_HTTP11ClientFactory):
-    # Not a log line for each connection opened and closed.
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _RelayClientProtocol(self._quiescentCallback)
-
-
-class _RelayConnectionPool(HTTPConnectionPool):
-    _factory = _RelayClientFactory
 
 
 class _BodyPump(Protocol):
@@ -312,38 +145,42 @@ class Upstream:
     Sends requests to the leased TabbyAPI child.
     """
 
-    log = Logger()
-
-    def __init__(self, http: Any, reactor: Any, headers: Mapping[bytes, list[bytes]]) -> None:
+    def __init__(self, agent: IAgent, headers: Mapping[bytes, list[bytes]]) -> None:
         """
-        @param http: a L{TabbyClient}, or any treq-like client (C{StubTreq} in tests), which is
-            then used through treq's C{request}.
+        @param agent: reaches the children (the pooled agent of L{tabbyproxy.relaypool}; an
+            in-memory agent in tests).
         @param headers: sent with every request: TabbyAPI's key, when auth is on.
         """
-        self.http = http
-        self.reactor = reactor
+        self.agent = agent
         self.headers = headers
 
-    def send(self, lease: Lease, method: str, path: str, body: bytes | None = None) -> Deferred[IResponse]:
+    async def call(self, lease: Lease, method: str, path: str, body: bytes | None = None) -> IResponse:
         """
-        Start one request to the child; the answer's body is not read yet.
+        Send one request to the child and wait for its answer; the answer's body is not read yet.
+
+        @return: the response, when TabbyAPI answered with a status below 400.
+        @raise UpstreamUnreachable: when TabbyAPI did not answer.
+        @raise UpstreamAnswered: when it answered with an error.
         """
         headers = dict(self.headers)
+        producer = None
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
-        if isinstance(self.http, TabbyClient):
-            url = (lease.baseURL + path).encode("ascii")
-            return self.http.relay(method.encode("ascii"), url, Headers(headers), body)
-        d: Deferred[IResponse] = self.http.request(
-            method,
-            lease.baseURL + path,
-            data=body,
-            headers=headers,
-            unbuffered=True,
-            allow_redirects=False,
-            reactor=self.reactor,
-        )
-        return d
+            producer = BytesProducer(body)
+        url = (lease.baseURL + path).encode("ascii")
+        try:
+            response: IResponse = await self.agent.request(method.encode("ascii"), url, Headers(headers), producer)
+        except CancelledError:
+            raise
+        except _NO_ANSWER as e:
+            raise UpstreamUnreachable(lease.profile.id, str(e)) from e
+        if response.code >= 400:
+            if response.code == 503:
+                # TabbyAPI answers 503 once its generator failed; its /health then tells.
+                lease.suspect()
+            raw = await self.read(response)
+            raise UpstreamAnswered(response.code, upstreamErrorMessage(response.code, raw))
+        return response
 
     @staticmethod
     def copyHeaders(response: IResponse, request: IRequest) -> None:

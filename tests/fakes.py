@@ -1,6 +1,7 @@
 """
-Test doubles: a process reactor that records spawns and lets a test play the child's part, and
-a TabbyAPI stand-in resource for C{StubTreq}.
+Test doubles: a process reactor that records spawns and lets a test play the child's part, a
+TabbyAPI stand-in resource, an in-memory agent over a whole site, and the whole proxy wired in
+memory.
 """
 
 from __future__ import annotations
@@ -10,21 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from treq.testing import StubTreq
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from tabbyproxy.routes.admin import AdminRoutes
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
-from tabbyproxy.routes.ollama import OllamaRoutes
-from tabbyproxy.routes.openai import OpenAIRoutes
+from tabbyproxy.routes.common import ProxyState
+from tabbyproxy.routes.root import makeSite
+from tabbyproxy.server import DEFAULT_MAX_BODY
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings
-from tabbyproxy.upstream import Upstream
-from tabbyproxy.web import DEFAULT_MAX_BODY, ProxyState, Router
+from tabbyproxy.upstream import BytesProducer, Upstream, treqClient
 
 
 class FakeProcess:
@@ -154,10 +162,64 @@ def fakeInstall(directory: Path, keys: Keys = Keys(enabled=False)) -> TabbyInsta
     return TabbyInstall(directory=directory, command=("python", "main.py"), baseConfig={}, keys=keys)
 
 
+@implementer(IAgent)
+class SiteAgent:
+    """
+    An agent whose every request is served in memory by C{site}, through its channels and
+    requests (treq's C{RequestTraversalAgent} serves a resource through a plain C{Site}).
+
+    @ivar clock: the clock of the client side's connections.
+    """
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.clock = MemoryReactorClock()
+        self._agent = Agent(self.clock)
+        self._pumps: list[iosim.IOPump] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        response: Deferred[IResponse] = self._agent.request(method, uri, headers, bodyProducer)
+        host, port, factory, timeout, bindAddress = self.clock.tcpClients.pop()
+        serverAddress = IPv4Address("TCP", "127.0.0.1", port)
+        clientAddress = IPv4Address("TCP", "127.0.0.1", 31337)
+        server = self.site.buildProtocol(clientAddress)
+        client = factory.buildProtocol(serverAddress)
+        self._pumps.append(iosim.connect(
+            server, iosim.FakeTransport(server, isServer=True, hostAddress=serverAddress, peerAddress=clientAddress),
+            client, iosim.FakeTransport(client, isServer=False, hostAddress=clientAddress, peerAddress=serverAddress),
+        ))
+        return response
+
+    def flush(self) -> None:
+        """
+        Deliver everything written on either side of every open connection.
+        """
+        pumps, self._pumps = self._pumps, []
+        for pump in pumps:
+            pump.flush()
+            if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
+                self._pumps.append(pump)
+
+
+class InMemoryClient(HTTPClient):
+    """
+    treq's API over a L{SiteAgent}, with its C{flush}.
+    """
+
+    def __init__(self, agent: SiteAgent) -> None:
+        super().__init__(agent, data_to_body_producer=BytesProducer)
+        self.siteAgent = agent
+
+    def flush(self) -> None:
+        self.siteAgent.flush()
+
+
 class InMemoryProxy:
     """
-    The whole proxy wired in memory: its routes behind C{client} (a StubTreq), the supervisor on a
-    fake process reactor, and L{FakeTabby} as every child's HTTP server.
+    The whole proxy wired in memory: its site behind C{client}, the supervisor on a fake process
+    reactor, and L{FakeTabby} as every child's HTTP server, reached by the production relay over a
+    C{RequestTraversalAgent}.
     """
 
     def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
@@ -166,31 +228,30 @@ class InMemoryProxy:
         self.catalog = writeProfiles(directory / "config", profiles)
         self.reactor = FakeProcessReactor()
         self.tabby = FakeTabby()
-        self.tabbyClient: Any = StubTreq(self.tabby)
-        tabbyClient = self.tabbyClient
+        self.tabbyAgent = RequestTraversalAgent(self.tabby)
         runtime = directory / "runtime"
         runtime.mkdir()
         ports = iter(range(7001, 8000))
         install = fakeInstall(directory / "tabby", keys)
-        self.supervisor = Supervisor(install, self.reactor, tabbyClient, runtime,
+        self.supervisor = Supervisor(install, self.reactor, treqClient(self.tabbyAgent), runtime,
                                      settings, pickPort=lambda: next(ports))
         self.supervisor.startService()
         self.state = ProxyState(
             catalog=lambda: self.catalog,
             install=install,
             supervisor=self.supervisor,
-            upstream=Upstream(tabbyClient, self.reactor, keys.upstreamHeaders),
+            upstream=Upstream(self.tabbyAgent, keys.upstreamHeaders),
             clock=self.reactor,
             maxBodySize=maxBodySize,
         )
-        admin = AdminRoutes(self.state).app.resource()
-        self.root = Router(openai=OpenAIRoutes(self.state).app.resource(),
-                           ollama=OllamaRoutes(self.state).app.resource(), admin=admin)
-        self.client: Any = StubTreq(self.root)
+        self.site = makeSite(self.state)
+        self.site.reactor = self.reactor
+        self.client: Any = InMemoryClient(SiteAgent(self.site))
 
     def flush(self) -> None:
         """
         Deliver everything written on either side: the proxy's client and TabbyAPI's.
         """
-        self.tabbyClient.flush()
-        self.client.flush()
+        for _ in range(3):
+            self.tabbyAgent.flush()
+            self.client.flush()

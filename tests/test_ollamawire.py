@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Profile
 from tabbyproxy.keepalive import FOREVER
+from tabbyproxy.routes.common import errorLine
 from tabbyproxy.ollamawire import (
     CHAT_PATH,
     COMPLETIONS_PATH,
@@ -35,7 +36,6 @@ from tabbyproxy.ollamawire import (
     embeddingsReply,
     embedInputs,
     embedReply,
-    errorLine,
     generateRequest,
     imageDataURI,
     isEmptyRequest,

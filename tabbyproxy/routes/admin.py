@@ -20,7 +20,7 @@ from tabbyproxy import __version__
 from tabbyproxy.auth import Permission
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.logbuffer import Record
-from tabbyproxy.web import ClientError, ProxyState, answerMissingRoutes, writeJSON
+from tabbyproxy.routes.common import PLAIN, ClientError, ProxyState, registerErrorAnswers, writeJSON
 
 LogFilter = Callable[[Record], bool]
 
@@ -32,7 +32,7 @@ class AdminRoutes:
     """
 
     app = Klein()
-    answerMissingRoutes(app)
+    registerErrorAnswers(app, PLAIN)
 
     state: ProxyState
 
@@ -73,11 +73,8 @@ class AdminRoutes:
 
     @app.route("/logs", methods=["GET"])
     def logs(self, request: IRequest) -> bytes:
-        try:
-            self.state.requireKey(request, Permission.ADMIN)
-            wanted = _logFilter(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, {"error": e.message})
+        self.state.requireKey(request, Permission.ADMIN)
+        wanted = _logFilter(request)
         return writeJSON(request, 200, {"logs": [record for record in self.state.logs if wanted(record)]})
 
     @app.route("/logs/stream", methods=["GET"])
@@ -86,11 +83,8 @@ class AdminRoutes:
         The log as server-sent events, one record per event: the recent lines first (unless
         C{?no-history}), then each new line as it happens, until the client leaves.
         """
-        try:
-            self.state.requireKey(request, Permission.ADMIN)
-            wanted = _logFilter(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, {"error": e.message})
+        self.state.requireKey(request, Permission.ADMIN)
+        wanted = _logFilter(request)
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")
@@ -113,10 +107,7 @@ class AdminRoutes:
 
     @app.route("/unload", methods=["GET", "POST"])
     async def unload(self, request: IRequest) -> bytes:
-        try:
-            self.state.requireKey(request, Permission.ADMIN)
-        except ClientError as e:
-            return writeJSON(request, e.status, {"error": e.message})
+        self.state.requireKey(request, Permission.ADMIN)
         running = self.state.supervisor.current
         if running is None:
             return writeJSON(request, 200, {"status": "success", "unloaded": None})

@@ -22,9 +22,8 @@ from typing import Any, Callable, Literal
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IRequest
 
 from tabbyproxy.config import Profile
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
@@ -42,7 +41,6 @@ from tabbyproxy.ollamawire import (
     embeddingsUpstreamBody,
     embedInputs,
     embedReply,
-    errorLine,
     generateRequest,
     isEmptyRequest,
     loadReply,
@@ -52,19 +50,21 @@ from tabbyproxy.ollamawire import (
     unloadReply,
     upstreamEmbeddings,
 )
-from tabbyproxy.supervisor import ChildState, Lease, SchedulingError
-from tabbyproxy.tabbywire import EventDecoder, upstreamErrorMessage
-from tabbyproxy.upstream import UpstreamBroken
-from tabbyproxy.web import (
+from tabbyproxy.routes.common import (
+    PLAIN,
     ClientError,
     ProxyState,
-    answerMissingRoutes,
-    noteModel,
+    errorLine,
+    ndjsonLine,
     readJSONObject,
-    requestIdOf,
+    registerErrorAnswers,
     takeKeepAlive,
     writeJSON,
 )
+from tabbyproxy.server import noteModel, requestIdOf
+from tabbyproxy.supervisor import ChildState, Lease
+from tabbyproxy.tabbywire import EventDecoder
+from tabbyproxy.upstream import UpstreamBroken
 
 OLLAMA_VERSION = "0.12.0"
 """
@@ -80,17 +80,8 @@ NOT_MANAGED = (
 NDJSON = b"application/x-ndjson"
 
 
-# Built once: json.dumps with separators makes a new encoder per call, and every streamed token
-# is one line.
-_encodeCompact = json.JSONEncoder(separators=(",", ":")).encode
+# Built once: every streamed token is one event to decode.
 _decodeJSON = json.JSONDecoder().decode
-
-
-def ndjsonLine(document: object) -> bytes:
-    """
-    One NDJSON line: compact JSON and a newline, nothing else.
-    """
-    return _encodeCompact(document).encode("utf-8") + b"\n"
 
 
 @define
@@ -150,7 +141,7 @@ class OllamaRoutes:
     """
 
     app = Klein()
-    answerMissingRoutes(app)
+    registerErrorAnswers(app, PLAIN)
     log = Logger()
 
     state: ProxyState
@@ -160,30 +151,16 @@ class OllamaRoutes:
         seconds: float = self.state.clock.seconds()
         return seconds
 
-    def _refusal(self, request: IRequest) -> bytes | None:
-        """
-        The 401 answer for a request without a valid API key, or C{None} when it has one.
-        """
-        try:
-            self.state.requireKey(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
-        return None
-
     # -- what is there
 
     @app.route("/api/version", methods=["GET", "HEAD"])
     def version(self, request: IRequest) -> bytes:
-        refused = self._refusal(request)
-        if refused is not None:
-            return refused
+        self.state.requireKey(request)
         return writeJSON(request, 200, {"version": OLLAMA_VERSION})
 
     @app.route("/api/tags", methods=["GET", "HEAD"])
     def tags(self, request: IRequest) -> bytes:
-        refused = self._refusal(request)
-        if refused is not None:
-            return refused
+        self.state.requireKey(request)
         install = self.state.install
         profiles = sorted(self.state.catalog(), key=lambda profile: profile.id)
         return writeJSON(
@@ -193,22 +170,17 @@ class OllamaRoutes:
 
     @app.route("/api/show", methods=["POST"])
     def show(self, request: IRequest) -> bytes:
-        try:
-            self.state.requireKey(request)
-            body = readJSONObject(request, self.state.maxBodySize)
-            # Continue still sends the deprecated "name".
-            if body.get("model") is None and body.get("name") is not None:
-                body["model"] = body["name"]
-            _, profile = self._profileFor(body)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
+        self.state.requireKey(request)
+        body = readJSONObject(request, self.state.maxBodySize)
+        # Continue still sends the deprecated "name".
+        if body.get("model") is None and body.get("name") is not None:
+            body["model"] = body["name"]
+        _, profile = self._profileFor(body)
         return writeJSON(request, 200, showReply(profile, self.state.install.modelDirectory(profile)))
 
     @app.route("/api/ps", methods=["GET"])
     def ps(self, request: IRequest) -> bytes:
-        refused = self._refusal(request)
-        if refused is not None:
-            return refused
+        self.state.requireKey(request)
         supervisor = self.state.supervisor
         child = supervisor.current
         models = []
@@ -231,12 +203,9 @@ class OllamaRoutes:
 
     async def _generate(self, request: IRequest, what: What) -> bytes | None:
         startedAt = self._seconds()
-        try:
-            body, name, profile, keepAlive = self._modelRequest(request)
-            streaming = self._streaming(body)
-            upstreamRequest = self._translate(what, body, profile)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
+        body, name, profile, keepAlive = self._modelRequest(request)
+        streaming = self._streaming(body)
+        upstreamRequest = self._translate(what, body, profile)
         if upstreamRequest.ignoredOptions:
             self.log.debug(
                 "Ignored options with no TabbyAPI equivalent for {model}: {options}",
@@ -244,10 +213,7 @@ class OllamaRoutes:
             )
         if isEmptyRequest(what, body):
             return await self._loadOrUnload(request, what, name, profile, keepAlive)
-        try:
-            lease = await self.state.supervisor.acquire(profile, keepAlive)
-        except SchedulingError as e:
-            return writeJSON(request, e.status, errorLine(str(e)))
+        lease = await self.state.supervisor.acquire(profile, keepAlive)
         try:
             translator = StreamTranslator(
                 what=what, modelName=name, clock=self._seconds, startedAt=startedAt,
@@ -326,36 +292,9 @@ class OllamaRoutes:
                 self.log.info("Unloading {model}: an empty request asked with keep_alive 0", model=profile.id)
             supervisor.unloadIdle(profile)
             return writeJSON(request, 200, unloadReply(what, name, self._seconds))
-        try:
-            lease = await supervisor.acquire(profile, keepAlive)
-        except SchedulingError as e:
-            return writeJSON(request, e.status, errorLine(str(e)))
+        lease = await supervisor.acquire(profile, keepAlive)
         lease.release()
         return writeJSON(request, 200, loadReply(what, name, self._seconds))
-
-    async def _send(self, request: IRequest, lease: Lease, path: str, body: dict[str, Any]) -> IResponse | bytes:
-        """
-        Send one request to TabbyAPI.
-
-        @return: its response when it answered with success, else the error answer for the
-            client (already set on C{request}).
-        """
-        upstream = self.state.upstream
-        try:
-            response: IResponse = await upstream.send(lease, "POST", path, json.dumps(body).encode("utf-8"))
-        except CancelledError:
-            raise
-        except Exception as e:
-            message = f"TabbyAPI for {lease.profile.id} did not answer: {e}"
-            self.log.error("{message}", message=message, model=lease.profile.id)
-            return writeJSON(request, 502, errorLine(message))
-        if response.code >= 400:
-            if response.code == 503:
-                # TabbyAPI answers 503 once its generator failed; its /health then tells.
-                lease.suspect()
-            raw = await upstream.read(response)
-            return writeJSON(request, response.code, errorLine(upstreamErrorMessage(response.code, raw)))
-        return response
 
     async def _relay(
         self,
@@ -365,9 +304,8 @@ class OllamaRoutes:
         translator: StreamTranslator,
         streaming: bool,
     ) -> bytes | None:
-        response = await self._send(request, lease, upstreamRequest.path, upstreamRequest.body)
-        if isinstance(response, bytes):
-            return response
+        payload = json.dumps(upstreamRequest.body).encode("utf-8")
+        response = await self.state.upstream.call(lease, "POST", upstreamRequest.path, payload)
         relay = _StreamRelay(request, translator, streaming)
         if streaming:
             request.setResponseCode(200)
@@ -381,7 +319,8 @@ class OllamaRoutes:
         if relay.error is not None:
             # TabbyAPI's own error event (or a broken stream): its /health may be 503 for good now.
             lease.suspect()
-            self.log.error("{message}", message=relay.error, model=lease.profile.id, request_id=requestIdOf(request))
+            self.log.error("TabbyAPI's stream for {model} failed: {problem}", model=lease.profile.id,
+                           problem=relay.error, request_id=requestIdOf(request))
             if streaming:
                 relay.write(errorLine(relay.error))
                 return None
@@ -403,34 +342,27 @@ class OllamaRoutes:
 
     async def _embed(self, request: IRequest, shape: Literal["embed", "embeddings"]) -> bytes:
         startedAt = self._seconds()
+        body, name, profile, keepAlive = self._modelRequest(request)
         try:
-            body, name, profile, keepAlive = self._modelRequest(request)
-            try:
-                texts = embedInputs(body) if shape == "embed" else embeddingsPrompt(body)
-                dimensions = embedDimensions(body) if shape == "embed" else None
-            except OllamaRequestError as e:
-                raise ClientError(400, str(e)) from e
-        except ClientError as e:
-            return writeJSON(request, e.status, errorLine(e.message))
-        try:
-            lease = await self.state.supervisor.acquire(profile, keepAlive)
-        except SchedulingError as e:
-            return writeJSON(request, e.status, errorLine(str(e)))
+            texts = embedInputs(body) if shape == "embed" else embeddingsPrompt(body)
+            dimensions = embedDimensions(body) if shape == "embed" else None
+        except OllamaRequestError as e:
+            raise ClientError(400, str(e)) from e
+        lease = await self.state.supervisor.acquire(profile, keepAlive)
         try:
             vectors: list[list[float]] = []
             promptTokens = 0
             if texts:
                 # Nothing to embed only loads the model, as in Ollama.
-                response = await self._send(request, lease, EMBEDDINGS_PATH, embeddingsUpstreamBody(texts))
-                if isinstance(response, bytes):
-                    return response
+                payload = json.dumps(embeddingsUpstreamBody(texts)).encode("utf-8")
+                response = await self.state.upstream.call(lease, "POST", EMBEDDINGS_PATH, payload)
                 raw = await self.state.upstream.read(response)
                 try:
                     vectors, promptTokens = upstreamEmbeddings(json.loads(raw), len(texts))
                 except (ValueError, UpstreamError) as e:
-                    message = f"TabbyAPI for {profile.id} answered embeddings badly: {e}"
-                    self.log.error("{message}", message=message, model=profile.id)
-                    return writeJSON(request, 502, errorLine(message))
+                    self.log.error("TabbyAPI for {model} answered embeddings badly: {problem}", model=profile.id,
+                                   problem=str(e), request_id=requestIdOf(request))
+                    return writeJSON(request, 502, errorLine(f"TabbyAPI for {profile.id} answered embeddings badly: {e}"))
         finally:
             lease.release()
         if shape == "embeddings":
@@ -449,9 +381,5 @@ class OllamaRoutes:
     @app.route("/api/delete", endpoint="delete")
     @app.route("/api/blobs/<path:digest>", endpoint="blobs")
     def notManaged(self, request: IRequest, digest: str = "") -> bytes:
-        refused = self._refusal(request)
-        if refused is not None:
-            return refused
+        self.state.requireKey(request)
         return writeJSON(request, 501, errorLine(NOT_MANAGED))
-
-    # -- errors

@@ -15,27 +15,25 @@ from typing import Any, Callable
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IRequest
 
 from tabbyproxy.config import Profile
-from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
-from tabbyproxy.supervisor import Lease, SchedulingError
-from tabbyproxy.tabbywire import sseEvent, upstreamErrorMessage
-from tabbyproxy.upstream import UpstreamBroken
-from tabbyproxy.web import (
+from tabbyproxy.routes.common import (
+    OPENAI,
     ClientError,
     ProxyState,
-    errorDocument,
-    answerMissingRoutes,
-    noteModel,
     readJSONObject,
-    requestIdOf,
+    registerErrorAnswers,
     takeKeepAlive,
     writeJSON,
 )
+from tabbyproxy.server import modelOf, noteModel, requestIdOf
+from tabbyproxy.supervisor import Lease
+from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
+from tabbyproxy.upstream import UpstreamBroken
 
 _ERROR_EVENT = b'data: {"error"'
 
@@ -50,7 +48,7 @@ class _LoadingComments:
     for and for how long.
     """
 
-    def __init__(self, request: IRequest, modelId: str, clock: Any) -> None:
+    def __init__(self, request: IRequest, modelId: str, clock: IReactorTime) -> None:
         self.request = request
         self.modelId = modelId
         self.clock = clock
@@ -79,7 +77,7 @@ class OpenAIRoutes:
     """
 
     app = Klein()
-    answerMissingRoutes(app)
+    registerErrorAnswers(app, OPENAI)
     log = Logger()
 
     state: ProxyState
@@ -88,24 +86,21 @@ class OpenAIRoutes:
     # -- generation
 
     @app.route("/v1/chat/completions", methods=["POST"])
-    async def chatCompletions(self, request: IRequest) -> bytes | None:
-        return await self._generate(request, "/v1/chat/completions", chat=True)
+    async def chatCompletions(self, request: IRequest) -> None:
+        await self._generate(request, "/v1/chat/completions", chat=True)
 
     @app.route("/v1/completions", methods=["POST"])
-    async def completions(self, request: IRequest) -> bytes | None:
-        return await self._generate(request, "/v1/completions", chat=False)
+    async def completions(self, request: IRequest) -> None:
+        await self._generate(request, "/v1/completions", chat=False)
 
-    async def _generate(self, request: IRequest, path: str, chat: bool) -> bytes | None:
-        try:
-            self.state.requireKey(request)
-            body = readJSONObject(request, self.state.maxBodySize)
-            profile = self._profileFor(body)
-            keepAlive = takeKeepAlive(body)
-            self._applyTemplate(body, profile, chat)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorDocument(e.status, e.message, e.kind))
+    async def _generate(self, request: IRequest, path: str, chat: bool) -> None:
+        self.state.requireKey(request)
+        body = readJSONObject(request, self.state.maxBodySize)
+        profile = self._profileFor(body)
+        keepAlive = takeKeepAlive(body)
+        self._applyTemplate(body, profile, chat)
         streaming = body.get("stream") is True
-        return await self.forward(request, profile, keepAlive, path, body, streaming)
+        await self.forward(request, profile, keepAlive, path, body, streaming)
 
     def _profileFor(self, body: dict[str, Any]) -> Profile:
         name = body.pop("model", None)
@@ -140,7 +135,7 @@ class OpenAIRoutes:
         body: dict[str, Any] | None,
         streaming: bool,
         method: str = "POST",
-    ) -> bytes | None:
+    ) -> None:
         """
         Get C{profile}'s model, send it the request, and relay its answer as it arrives.
 
@@ -155,45 +150,20 @@ class OpenAIRoutes:
             comments = _LoadingComments(request, profile.id, self.state.clock)
         try:
             lease = await acquiring
-        except SchedulingError as e:
-            return self._error(request, e.status, str(e))
         finally:
             if comments is not None:
                 comments.stop()
         try:
             payload = None if body is None else json.dumps(body).encode("utf-8")
-            return await self._relay(request, lease, method, path, payload, streaming)
+            await self._relay(request, lease, method, path, payload, streaming)
         finally:
             lease.release()
 
-    @staticmethod
-    def _error(request: IRequest, status: int, message: str) -> bytes | None:
-        """
-        Answer with an error: JSON with C{status}, or one more SSE event once a stream started.
-        """
-        if request.startedWriting:  # type: ignore[attr-defined]
-            request.write(sseEvent(errorDocument(status, message)))
-            return None
-        return writeJSON(request, status, errorDocument(status, message))
-
     async def _relay(
         self, request: IRequest, lease: Lease, method: str, path: str, payload: bytes | None, streaming: bool
-    ) -> bytes | None:
+    ) -> None:
         upstream = self.state.upstream
-        try:
-            response: IResponse = await upstream.send(lease, method, path, payload)
-        except CancelledError:
-            raise
-        except Exception as e:
-            message = f"TabbyAPI for {lease.profile.id} did not answer: {e}"
-            self.log.error("{message}", message=message, model=lease.profile.id, request_id=requestIdOf(request))
-            return self._error(request, 502, message)
-        if response.code >= 400:
-            if response.code == 503:
-                # TabbyAPI answers 503 once its generator failed; its /health then tells.
-                lease.suspect()
-            raw = await upstream.read(response)
-            return self._error(request, response.code, upstreamErrorMessage(response.code, raw))
+        response = await upstream.call(lease, method, path, payload)
         if not request.startedWriting:  # type: ignore[attr-defined]
             upstream.copyHeaders(response, request)
 
@@ -206,20 +176,17 @@ class OpenAIRoutes:
         try:
             await upstream.pipe(response, request, relayed if streaming else request.write)
         except UpstreamBroken as e:
-            message = f"{e} (model {lease.profile.id}); see GET /status"
-            self.log.error("{message}", message=message, model=lease.profile.id, request_id=requestIdOf(request))
             if streaming or not request.startedWriting:  # type: ignore[attr-defined]
-                return self._error(request, 502, message)
-        return None
+                raise
+            # Part of a JSON answer went out: nothing can be added to it.
+            self.log.error("TabbyAPI's answer for {model} broke off: {problem}", model=modelOf(request),
+                           problem=str(e), request_id=requestIdOf(request))
 
     # -- listing and passthrough
 
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: IRequest) -> bytes:
-        try:
-            self.state.requireKey(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorDocument(e.status, e.message, e.kind))
+        self.state.requireKey(request)
         running = self.state.supervisor.current
         return writeJSON(
             request,
@@ -233,13 +200,10 @@ class OpenAIRoutes:
 
     @app.route("/v1/models/<path:name>", methods=["GET"])
     def model(self, request: IRequest, name: str) -> bytes:
-        try:
-            self.state.requireKey(request)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorDocument(e.status, e.message, e.kind))
+        self.state.requireKey(request)
         profile = self.state.catalog().resolve(name)
         if profile is None:
-            return writeJSON(request, 404, errorDocument(404, f"model '{name}' not found"))
+            raise ClientError(404, f"model '{name}' not found")
         running = self.state.supervisor.current
         return writeJSON(request, 200, self._card(profile, running is not None and running.profile is profile))
 
@@ -253,41 +217,36 @@ class OpenAIRoutes:
                 "loaded": loaded}
 
     @app.route("/v1/embeddings", methods=["POST"])
-    async def embeddings(self, request: IRequest) -> bytes | None:
-        return await self._passThrough(request, "/v1/embeddings")
+    async def embeddings(self, request: IRequest) -> None:
+        await self._passThrough(request, "/v1/embeddings")
 
     @app.route("/v1/token/encode", methods=["POST"])
-    async def encode(self, request: IRequest) -> bytes | None:
-        return await self._passThrough(request, "/v1/token/encode")
+    async def encode(self, request: IRequest) -> None:
+        await self._passThrough(request, "/v1/token/encode")
 
     @app.route("/v1/token/decode", methods=["POST"])
-    async def decode(self, request: IRequest) -> bytes | None:
-        return await self._passThrough(request, "/v1/token/decode")
+    async def decode(self, request: IRequest) -> None:
+        await self._passThrough(request, "/v1/token/decode")
 
     @app.route("/v1/model", methods=["GET"])
-    async def currentModel(self, request: IRequest) -> bytes | None:
-        return await self._passThrough(request, "/v1/model", method="GET")
+    async def currentModel(self, request: IRequest) -> None:
+        await self._passThrough(request, "/v1/model", method="GET")
 
-    async def _passThrough(self, request: IRequest, path: str, method: str = "POST") -> bytes | None:
+    async def _passThrough(self, request: IRequest, path: str, method: str = "POST") -> None:
         """
         Send the request to the model its body names, or else to the running model.
         """
-        try:
-            self.state.requireKey(request)
-            body = readJSONObject(request, self.state.maxBodySize) if method == "POST" else None
-            keepAlive = None
-            if body is not None and body.get("model") is not None:
-                profile = self._profileFor(body)
+        self.state.requireKey(request)
+        body = readJSONObject(request, self.state.maxBodySize) if method == "POST" else None
+        keepAlive = None
+        if body is not None and body.get("model") is not None:
+            profile = self._profileFor(body)
+            keepAlive = takeKeepAlive(body)
+        else:
+            running = self.state.supervisor.current
+            if running is None:
+                raise ClientError(503, "no model is loaded; name one with \"model\" to start it")
+            profile = running.profile
+            if body is not None:
                 keepAlive = takeKeepAlive(body)
-            else:
-                running = self.state.supervisor.current
-                if running is None:
-                    raise ClientError(503, "no model is loaded; name one with \"model\" to start it")
-                profile = running.profile
-                if body is not None:
-                    keepAlive = takeKeepAlive(body)
-        except ClientError as e:
-            return writeJSON(request, e.status, errorDocument(e.status, e.message, e.kind))
-        return await self.forward(request, profile, keepAlive, path, body, streaming=False, method=method)
-
-    # -- errors
+        await self.forward(request, profile, keepAlive, path, body, streaming=False, method=method)

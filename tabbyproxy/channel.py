@@ -1,0 +1,133 @@
+"""
+twisted.web's HTTP/1.1 channel with clear answers where it would close silently or answer an empty
+400, and the raw answers written to a connection before any route runs.
+
+The channel has no public hooks for these cases, so this module, and only this module, overrides
+and reads private C{HTTPChannel} names: C{_respondToBadRequestAndDisconnect}, and the request line
+and header counters C{_command}, C{_path}, C{_receivedHeaderCount} and C{_receivedHeaderSize}.
+L{missingHooks} says which of them a Twisted release lacks; without them the channel answers as
+Twisted's own does (an empty 400 or a closed connection), which the start-up log warns about.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Callable, Protocol, cast
+
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+
+ErrorBody = Callable[[bytes, int, str], bytes]
+"""The JSON error document for a path, a status and a message, in the shape of the path's API."""
+
+
+def plainErrorBody(path: bytes, status: int, message: str) -> bytes:
+    """
+    C{{"error": "..."}}, whatever the path.
+    """
+    return json.dumps({"error": message}).encode("utf-8")
+
+
+class EarlyAnswering(Protocol):
+    """
+    A request that can be refused while its body is still coming.
+    """
+
+    @property
+    def incomplete(self) -> bool:
+        """Whether its headers are in but its body is not complete yet."""
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer now and close the connection."""
+
+
+def missingHooks() -> list[str]:
+    """
+    The private C{HTTPChannel} names L{ProxyChannel} relies on that this Twisted lacks.
+    """
+    missing = [
+        f"twisted.web.http.HTTPChannel.{name}"
+        for name in ("_respondToBadRequestAndDisconnect", "_receivedHeaderCount", "_receivedHeaderSize")
+        if not hasattr(HTTPChannel, name)
+    ]
+    return missing
+
+
+def rawResponse(status: int, body: bytes) -> bytes:
+    """
+    A complete HTTP/1.1 JSON response that ends the connection, for answers written straight to
+    the transport while twisted.web is still reading the request.
+    """
+    reason = HTTPStatus(status).phrase.encode("ascii")
+    head = (
+        b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        + b"Content-Type: application/json; charset=utf-8\r\n"
+        + b"Content-Length: %d\r\n" % (len(body),)
+        + b"Connection: close\r\n\r\n"
+    )
+    return head + body
+
+
+def pathOf(uri: bytes) -> bytes:
+    """
+    The path of a request target, without its query.
+    """
+    return uri.split(b"?", 1)[0]
+
+
+class ProxyChannel(HTTPChannel):
+    """
+    A request line over C{MAX_LENGTH} (16 KiB) gets a 414, a header line over it, too many headers
+    or too many header bytes a 431, a malformed request a 400, and a client that stalls while
+    sending a request a 408 (an idle keep-alive connection is just closed).
+
+    @ivar errorBody: makes the JSON body of those answers.
+    """
+
+    log = Logger()
+
+    def __init__(self, errorBody: ErrorBody) -> None:
+        super().__init__()
+        self.errorBody = errorBody
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.requests:
+            self._answer(431, self._requestPath(), f"a request header line is over the limit of {self.MAX_LENGTH} bytes")
+        else:
+            path = pathOf(line.split(b" ", 2)[1] if line.count(b" ") >= 1 else b"")
+            self._answer(414, path, f"the request line is over the limit of {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        path = self._requestPath()
+        if self._receivedHeaderCount > self.maxHeaders:
+            self._answer(431, path, f"more than {self.maxHeaders} request headers")
+        elif self._receivedHeaderSize > self.totalHeadersSize:
+            self._answer(431, path, f"the request line and headers are over the limit of {self.totalHeadersSize} bytes")
+        else:
+            self._answer(400, path, "malformed HTTP request")
+
+    def timeoutConnection(self) -> None:
+        pending = self.requests[-1] if self.requests else None
+        if pending is not None and getattr(pending, "incomplete", False):
+            cast(EarlyAnswering, pending).refuse(408, f"the request was not complete within {self.timeOut:g}s (--client-timeout)")
+        elif self.requests:
+            message = f"the request headers were not complete within {self.timeOut:g}s (--client-timeout)"
+            self._answer(408, self._requestPath(), message)
+        super().timeoutConnection()
+
+    def requestTarget(self) -> tuple[bytes, bytes]:
+        """
+        The method and path of the request being read, as far as they are known.
+        """
+        return getattr(self, "_command", b"?"), self._requestPath()
+
+    def _requestPath(self) -> bytes:
+        # Set once the request line is read, deleted once all headers are.
+        return pathOf(getattr(self, "_path", b""))
+
+    def _answer(self, status: int, path: bytes, message: str) -> None:
+        self.log.info("Refused a request with {status}: {message}", status=status, message=message)
+        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+            self.transport.write(rawResponse(status, self.errorBody(path, status, message)))
+        self.loseConnection()

@@ -1,0 +1,247 @@
+"""
+The connection pool the proxy talks to TabbyAPI over, and the chunked decoder its connections use.
+
+TabbyAPI sends every token as its own HTTP chunk, so the chunked decoding of its answers is the
+proxy's hottest loop.  Twisted's own decoder hands on one token at a time; L{ChunkedDecoder} hands
+on everything one read of the socket holds in one piece: one write to the client per read instead
+of one per token, and a third of the time per answer.
+
+Twisted has no public hook for a response's transfer decoder, nor for the protocol a pool's
+connections speak, so this module, and only this module, uses four private names:
+C{twisted.web._newclient.HTTP11ClientProtocol._parser} and its C{_transferDecoders},
+C{twisted.web.client._HTTP11ClientFactory} with its C{_quiescentCallback}, and
+C{HTTPConnectionPool._factory}, and the C{twisted.web.http._DataLoss} its parser turns into a
+failed body.  L{missingHooks} says which of them a Twisted release lacks;
+L{makeConnectionPool} then warns and falls back to Twisted's own pool, which is slower but correct.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.web import _newclient, client
+from twisted.web import http as twistedHTTP
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import maxChunkSizeLineLength
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
+
+log = Logger()
+
+
+class MalformedChunkedBody(Exception):
+    """
+    The upstream's chunked framing is broken; the connection is given up.
+    """
+
+
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+class ChunkedDecoder:
+    """
+    Decodes a body sent with C{Transfer-Encoding: chunked}, a drop-in for Twisted's
+    C{_ChunkedTransferDecoder} in an C{HTTPClientParser}.
+
+    Each call to L{dataReceived} hands all the body bytes it found to C{dataCallback} at once,
+    however many chunks they came in, and walks the framing with C{bytes.find} rather than one
+    method call per state.  Trailers are read and dropped.
+
+    @ivar state: C{"CHUNK_LENGTH"}, C{"BODY"}, C{"CRLF"}, C{"TRAILER"} or C{"FINISHED"}.
+    """
+
+    def __init__(self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]) -> None:
+        """
+        @param dataCallback: called with body bytes as they are decoded.
+        @param finishCallback: called once after the last chunk, with the bytes that followed it.
+        """
+        self.dataCallback = dataCallback
+        self.finishCallback = finishCallback
+        self.state = "CHUNK_LENGTH"
+        # Bytes of the current chunk still to come, in state BODY.
+        self._remaining = 0
+        # The start of a size line, the CRLF after a chunk or a trailer line, cut by a read.
+        self._partial = b""
+        self._trailerSize = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Decode C{data}, the next bytes of the body.
+
+        @raise MalformedChunkedBody: when the framing is broken.
+        """
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        pieces: list[bytes] = []
+        position, end = 0, len(data)
+        state = self.state
+        while position < end:
+            if state == "BODY":
+                stop = position + self._remaining
+                pieces.append(data[position:stop])
+                if stop > end:
+                    self._remaining = stop - end
+                    position = end
+                    break
+                position, state = stop, "CRLF"
+            elif state == "CRLF":
+                if end - position < 2:
+                    break
+                if data[position:position + 2] != b"\r\n":
+                    raise MalformedChunkedBody("a chunk did not end with CRLF")
+                position += 2
+                state = "CHUNK_LENGTH"
+            elif state == "CHUNK_LENGTH":
+                lineEnd = data.find(b"\r\n", position, position + maxChunkSizeLineLength)
+                if lineEnd == -1:
+                    if end - position >= maxChunkSizeLineLength:
+                        raise MalformedChunkedBody("a chunk size line is too long")
+                    break
+                size = data[position:lineEnd].split(b";", 1)[0]
+                if not size or size.strip(_HEX_DIGITS):
+                    raise MalformedChunkedBody(f"a chunk size is not a hexadecimal number: {size!r}")
+                self._remaining = int(size, 16)
+                position = lineEnd + 2
+                state = "BODY" if self._remaining else "TRAILER"
+            elif state == "TRAILER":
+                lineEnd = data.find(b"\r\n", position)
+                if lineEnd == -1:
+                    if self._trailerSize + end - position > 2**16:
+                        raise MalformedChunkedBody("the trailer is too long")
+                    break
+                if lineEnd > position:
+                    self._trailerSize += lineEnd + 2 - position
+                    position = lineEnd + 2
+                    continue
+                self.state = "FINISHED"
+                self._deliver(pieces)
+                self.finishCallback(data[lineEnd + 2:])
+                return
+            else:
+                raise RuntimeError("ChunkedDecoder.dataReceived called after the last chunk")
+        self.state = state
+        self._partial = data[position:]
+        self._deliver(pieces)
+
+    def _deliver(self, pieces: list[bytes]) -> None:
+        if len(pieces) == 1:
+            self.dataCallback(pieces[0])
+        elif pieces:
+            self.dataCallback(b"".join(pieces))
+
+    def noMoreData(self) -> None:
+        """
+        The connection closed: the body must be complete.
+
+        @raise twisted.web.http._DataLoss: when it was cut short (Twisted's parser turns that into a failed body).
+        """
+        if self.state != "FINISHED":
+            raise twistedHTTP._DataLoss(f"the chunked body ended in state {self.state}")
+
+
+def missingHooks() -> list[str]:
+    """
+    The private Twisted names L{makeConnectionPool} relies on that this Twisted lacks.
+    """
+    missing = []
+    protocol = getattr(_newclient, "HTTP11ClientProtocol", None)
+    factory = getattr(client, "_HTTP11ClientFactory", None)
+    if protocol is None:
+        missing.append("twisted.web._newclient.HTTP11ClientProtocol")
+    if getattr(_newclient, "HTTPClientParser", None) is None or not hasattr(
+        _newclient.HTTPClientParser, "_transferDecoders"
+    ):
+        missing.append("twisted.web._newclient.HTTPClientParser._transferDecoders")
+    if factory is None:
+        missing.append("twisted.web.client._HTTP11ClientFactory")
+    elif not _keepsQuiescentCallback(factory):
+        missing.append("twisted.web.client._HTTP11ClientFactory._quiescentCallback")
+    if not hasattr(twistedHTTP, "_DataLoss"):
+        missing.append("twisted.web.http._DataLoss")
+    if not hasattr(HTTPConnectionPool, "_factory"):
+        missing.append("twisted.web.client.HTTPConnectionPool._factory")
+    return missing
+
+
+def _keepsQuiescentCallback(factory: type) -> bool:
+    try:
+        instance = factory(lambda protocol: None, None)
+    except TypeError:
+        return False
+    return hasattr(instance, "_quiescentCallback")
+
+
+def makeConnectionPool(reactor: IReactorTime) -> HTTPConnectionPool:
+    """
+    Persistent connections to TabbyAPI, enough for many concurrent streams, whose chunked answers
+    are decoded by L{ChunkedDecoder}.  Requests are not retried: a generation request is not safe
+    to send twice.
+    """
+    missing = missingHooks()
+    if missing:
+        log.warn(
+            "This Twisted lacks {names}: TabbyAPI's answers are decoded by Twisted's own (slower) "
+            "chunked decoder",
+            names=", ".join(missing),
+        )
+        pool = HTTPConnectionPool(reactor, persistent=True)
+    else:
+        pool = _relayPoolClass()(reactor, persistent=True)
+    pool.maxPersistentPerHost = 256
+    pool.retryAutomatically = False
+    return pool
+
+
+def makeAgent(reactor: IReactorTCP, pool: HTTPConnectionPool) -> IAgent:
+    """
+    The agent for TabbyAPI's loopback address, over C{pool}.
+    """
+    return Agent.usingEndpointFactory(reactor, _TCPEndpoints(reactor), pool=pool)
+
+
+@implementer(IAgentEndpointFactory)
+class _TCPEndpoints:
+    """
+    Plain TCP endpoints: TabbyAPI listens on a loopback address, so the proxy needs neither TLS nor
+    L{HostnameEndpoint}'s name handling, which the default Agent redoes for every request.
+    """
+
+    def __init__(self, reactor: IReactorTCP) -> None:
+        self.reactor = reactor
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme != b"http":
+            raise SchemeNotSupported(f"TabbyAPI is reached over http, not {uri.scheme!r}")
+        return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port)
+
+
+def _relayPoolClass() -> type[HTTPConnectionPool]:
+    """
+    A pool whose connections install L{ChunkedDecoder} in each response's parser; built only once
+    L{missingHooks} found every private name it subclasses.
+    """
+
+    class RelayClientProtocol(_newclient.HTTP11ClientProtocol):
+        def request(self, request: Any) -> Any:
+            finished = super().request(request)
+            parser = getattr(self, "_parser", None)
+            if parser is not None:
+                parser._transferDecoders = {b"chunked": ChunkedDecoder}
+            return finished
+
+    class RelayClientFactory(client._HTTP11ClientFactory):
+        # Not a log line for each connection opened and closed.
+        noisy = False
+
+        def buildProtocol(self, addr: Any) -> _newclient.HTTP11ClientProtocol:
+            return RelayClientProtocol(self._quiescentCallback)
+
+    class RelayConnectionPool(HTTPConnectionPool):
+        _factory = RelayClientFactory
+
+    return RelayConnectionPool

@@ -1,0 +1,268 @@
+"""
+What every route table shares: the proxy's state, reading a JSON body safely, writing a JSON
+answer, and errors.
+
+A route raises what went wrong (L{ClientError} for bad input, L{SchedulingError} when no model
+could be had, L{UpstreamAnswered}, L{UpstreamUnreachable} or L{UpstreamBroken} when TabbyAPI
+failed) and L{registerErrorAnswers} answers it once for the whole table, in its API's
+L{ErrorShape}: as a JSON document with the status, or, once a stream has started, as one more
+event of that stream.  Anything else is a bug: it is logged with its traceback and answered with
+a 500 in the same shape, never with twisted.web's HTML page.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from attrs import field, frozen
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from tabbyproxy.auth import Permission, authProblem
+from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
+from tabbyproxy.logbuffer import LogBuffer
+from tabbyproxy.metrics import Metrics
+from tabbyproxy.server import DEFAULT_MAX_BODY, modelOf, requestIdOf
+from tabbyproxy.supervisor import SchedulingError, Supervisor
+from tabbyproxy.tabbywire import sseEvent
+from tabbyproxy.upstream import Upstream, UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
+
+log = Logger()
+
+# Built once: json.dumps with arguments makes a new encoder per call.
+_encodeCompact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class ClientError(Exception):
+    """
+    A request the proxy will not serve, with the status and message the client should see.
+
+    @ivar kind: the OpenAI error C{type} for this error.
+    """
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+@frozen
+class ProxyState:
+    """
+    What the routes share: the profiles, the keys, the child's supervisor, the upstream client.
+
+    @ivar catalog: a callable so a reload can swap the profiles under running routes.
+    """
+
+    catalog: Callable[[], Catalog]
+    install: TabbyInstall
+    supervisor: Supervisor
+    upstream: Upstream
+    clock: IReactorTime
+    maxBodySize: int = DEFAULT_MAX_BODY
+    metrics: Metrics = field(factory=Metrics)
+    logs: LogBuffer = field(factory=LogBuffer)
+
+    @property
+    def keys(self) -> Keys:
+        return self.install.keys
+
+    def requireKey(self, request: IRequest, needed: Permission = Permission.API) -> None:
+        """
+        @raise ClientError: 401 when the request's key does not grant C{needed}.
+        """
+        problem = authProblem(request, self.keys, needed)
+        if problem is not None:
+            raise ClientError(401, problem, "authentication_error")
+
+
+def readJSONObject(request: IRequest, maxBodySize: int) -> dict[str, Any]:
+    """
+    The request's body as a JSON object.
+
+    @raise ClientError: 413 over C{maxBodySize}, 400 for anything that is not a JSON object.
+    """
+    content = request.content
+    if content is None:
+        raise ClientError(400, "missing request body")
+    content.seek(0, 2)
+    size = content.tell()
+    if size > maxBodySize:
+        raise ClientError(413, f"request body of {size} bytes is over the limit of {maxBodySize} bytes")
+    content.seek(0)
+    raw = content.read()
+    if not raw.strip():
+        raise ClientError(400, "missing request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ClientError(400, f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ClientError(400, f"request body must be a JSON object, not a JSON {type(body).__name__}")
+    return body
+
+
+def takeKeepAlive(body: dict[str, Any]) -> float | None:
+    """
+    Remove C{keep_alive} from a request body (it is the proxy's, never TabbyAPI's) and parse it.
+
+    @return: the idle time in seconds, or C{None} when the request did not say.
+    @raise ClientError: 400 for a value that is neither seconds nor a duration.
+    """
+    value = body.pop("keep_alive", None)
+    if value is None:
+        return None
+    try:
+        return parseKeepAlive(value)
+    except KeepAliveError as e:
+        raise ClientError(400, str(e)) from e
+
+
+def writeJSON(request: IRequest, status: int, document: object) -> bytes:
+    """
+    Set the status and content type for a JSON answer and return its bytes.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    return _encodeCompact(document).encode("utf-8")
+
+
+def ndjsonLine(document: object) -> bytes:
+    """
+    One NDJSON line: compact JSON and a newline, nothing else.
+    """
+    return _encodeCompact(document).encode("utf-8") + b"\n"
+
+
+# -- the error shapes of the APIs
+
+# OpenAI's error codes for the statuses the proxy answers with.
+_OPENAI_CODES = {
+    400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found", 408: "request_timeout",
+    413: "request_too_large", 414: "uri_too_long", 431: "headers_too_large",
+}
+
+
+def errorDocument(status: int, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """
+    OpenAI's error body: C{{"error": {"message", "type", "code"}}}.
+    """
+    if status >= 500:
+        kind = "server_error"
+    return {"error": {"message": message, "type": kind, "code": _OPENAI_CODES.get(status, str(status))}}
+
+
+def errorLine(message: str) -> dict[str, Any]:
+    """
+    Ollama's error body, also its last line of a stream that failed: C{{"error": "..."}}.
+    """
+    return {"error": message}
+
+
+@frozen
+class ErrorShape:
+    """
+    How one API answers an error.
+
+    @ivar document: the error's JSON document, from its status, message and OpenAI error type.
+    @ivar inStream: that document framed as one more event of a stream already under way.
+    """
+
+    document: Callable[[int, str, str], object]
+    inStream: Callable[[object], bytes]
+
+    def answer(self, request: IRequest, status: int, message: str, kind: str = "invalid_request_error") -> bytes | None:
+        """
+        Answer C{request} with an error: a JSON document with C{status}, or one more event once
+        its stream has started (its status went out already).
+        """
+        document = self.document(status, message, kind)
+        if request.startedWriting:  # type: ignore[attr-defined]
+            request.write(self.inStream(document))
+            return None
+        return writeJSON(request, status, document)
+
+    def body(self, status: int, message: str) -> bytes:
+        """
+        The bytes of the error's document, for answers written before any route runs.
+        """
+        return _encodeCompact(self.document(status, message, "invalid_request_error")).encode("utf-8")
+
+
+OPENAI = ErrorShape(document=errorDocument, inStream=sseEvent)
+"""C{/v1/*}: C{{"error": {"message", "type", "code"}}}, an SSE event in a stream."""
+
+PLAIN = ErrorShape(document=lambda status, message, kind: errorLine(message), inStream=ndjsonLine)
+"""C{/api/*} (Ollama's) and the admin routes: C{{"error": "..."}}, an NDJSON line in a stream."""
+
+# Which shape a path's errors take, for answers given before a route is known; first match wins.
+_SHAPES_BY_PREFIX: tuple[tuple[bytes, ErrorShape], ...] = ((b"/v1/", OPENAI),)
+
+
+def errorBodyFor(path: bytes, status: int, message: str) -> bytes:
+    """
+    An error document in the shape of the API C{path} belongs to.
+    """
+    for prefix, shape in _SHAPES_BY_PREFIX:
+        if path.startswith(prefix) or path == prefix.rstrip(b"/"):
+            return shape.body(status, message)
+    return PLAIN.body(status, message)
+
+
+def registerErrorAnswers(app: Klein, shape: ErrorShape) -> None:
+    """
+    Make C{app} answer every error its routes raise in C{shape}: an unknown path with a 404, a
+    wrong method with a 405 (Klein's own answers are HTML), the proxy's own errors with their
+    status, and anything unexpected with a 500 after logging it with its traceback.
+    """
+
+    @app.handle_errors(NotFound)
+    def notFound(self: Any, request: IRequest, failure: Failure) -> bytes | None:
+        return shape.answer(request, 404, f"no route {request.path.decode('utf-8', 'replace')}")
+
+    @app.handle_errors(MethodNotAllowed)
+    def wrongMethod(self: Any, request: IRequest, failure: Failure) -> bytes | None:
+        return shape.answer(request, 405, f"{request.method.decode('ascii', 'replace')} is not allowed here")
+
+    @app.handle_errors(ClientError)
+    def refused(self: Any, request: IRequest, failure: Failure) -> bytes | None:
+        error = failure.value
+        assert isinstance(error, ClientError)
+        return shape.answer(request, error.status, error.message, error.kind)
+
+    @app.handle_errors(SchedulingError)
+    def noModel(self: Any, request: IRequest, failure: Failure) -> bytes | None:
+        error = failure.value
+        assert isinstance(error, SchedulingError)
+        return shape.answer(request, error.status, str(error))
+
+    @app.handle_errors(UpstreamAnswered)
+    def tabbyRefused(self: Any, request: IRequest, failure: Failure) -> bytes | None:
+        error = failure.value
+        assert isinstance(error, UpstreamAnswered)
+        return shape.answer(request, error.status, error.message)
+
+    @app.handle_errors(UpstreamUnreachable, UpstreamBroken)
+    def tabbyFailed(self: Any, request: IRequest, failure: Failure) -> bytes | None:
+        model = modelOf(request)
+        problem = str(failure.value)
+        log.error("TabbyAPI failed a request for {model}: {problem}", model=model, problem=problem,
+                  request_id=requestIdOf(request))
+        if failure.check(UpstreamBroken):
+            problem = f"{problem} (model {model}); see GET /status"
+        return shape.answer(request, 502, problem)
+
+    @app.handle_errors(Exception)
+    def unexpected(self: Any, request: IRequest, failure: Failure) -> bytes | None:
+        requestId = requestIdOf(request)
+        log.failure("Unexpected error answering {method} {path}", failure,
+                    method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+                    request_id=requestId)
+        return shape.answer(request, 500, f"internal error in tabbyproxy (request {requestId}): see its log")

@@ -1,0 +1,63 @@
+"""
+The proxy's whole HTTP side in one place: the resource tree that sends C{/v1/*} to the OpenAI
+routes, C{/api/*} to the Ollama routes and the rest to the admin routes, wrapped for CORS when
+origins are allowed, behind the L{ProxySite} with its guards.  The service (L{tabbyproxy.tap}) and
+the in-memory tests build it with the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+
+from tabbyproxy.cors import CORSResource
+from tabbyproxy.routes.admin import AdminRoutes
+from tabbyproxy.routes.common import ProxyState, errorBodyFor
+from tabbyproxy.routes.ollama import OllamaRoutes
+from tabbyproxy.routes.openai import OpenAIRoutes
+from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, ProxySite
+
+
+class Router(Resource):
+    """
+    Picks the route table by the first path segment.  Each table is a Klein resource that sees
+    the whole path, so routes are written with their full paths.
+    """
+
+    isLeaf = True
+
+    def __init__(self, bySegment: dict[bytes, IResource], otherwise: IResource) -> None:
+        super().__init__()
+        self._bySegment = bySegment
+        self._otherwise = otherwise
+
+    def render(self, request: IRequest) -> Any:
+        segments = request.postpath
+        first = segments[0] if segments else b""
+        return self._bySegment.get(first, self._otherwise).render(request)
+
+
+def rootResource(state: ProxyState, corsOrigins: Sequence[str] = ()) -> IResource:
+    """
+    Every route of the proxy, over C{state}.
+    """
+    root: IResource = Router(
+        {b"v1": OpenAIRoutes(state).app.resource(), b"api": OllamaRoutes(state).app.resource()},
+        otherwise=AdminRoutes(state).app.resource(),
+    )
+    return CORSResource(root, corsOrigins) if corsOrigins else root
+
+
+def makeSite(state: ProxyState, corsOrigins: Sequence[str] = (), clientTimeout: float = DEFAULT_CLIENT_TIMEOUT) -> ProxySite:
+    """
+    The proxy's HTTP server over every route.
+    """
+    return ProxySite(
+        rootResource(state, corsOrigins),
+        maxBodySize=state.maxBodySize,
+        timeout=clientTimeout,
+        metrics=state.metrics,
+        errorBody=errorBodyFor,
+    )

@@ -1,0 +1,280 @@
+"""
+The proxy's HTTP server: L{ProxySite} makes L{ProxyChannel}s (see L{tabbyproxy.channel}) that make
+L{ProxyRequest}s.
+
+Each request gets an id (the client's C{X-Request-Id} when it sent a sane one, else a new one,
+always sent back), one structured access log line and its metrics when it ends, and a body limit
+that acts before any route runs: a C{Content-Length} over the limit, or a chunked body that grows
+past it, is answered with a 413 at once and the connection closed, without buffering it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, cast
+
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from tabbyproxy.channel import ErrorBody, ProxyChannel, pathOf, plainErrorBody, rawResponse
+from tabbyproxy.metrics import Metrics
+
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+DEFAULT_CLIENT_TIMEOUT = 60.0
+
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+# Paths whose last part is a name: one metrics label for all of them.
+_NAMED_ROUTES = ((b"/v1/models/", "/v1/models/{model}"), (b"/api/blobs/", "/api/blobs/{digest}"))
+
+# Answers whose body is a stream of events, counted per event for the chunk metrics.
+_EVENT_SEPARATORS = {b"text/event-stream": b"data:", b"application/x-ndjson": b"\n"}
+
+
+def requestIdOf(request: IRequest) -> str | None:
+    """
+    The id the proxy gave C{request} (sent back as C{X-Request-Id}), for log events about it.
+    """
+    return request.requestId if isinstance(request, ProxyRequest) else None
+
+
+def modelOf(request: IRequest) -> str | None:
+    """
+    The profile C{request} is for, once a route said so with L{noteModel}.
+    """
+    return request.modelId if isinstance(request, ProxyRequest) else None
+
+
+def noteModel(request: IRequest, modelId: str) -> None:
+    """
+    Say which model C{request} is for, so its access log line and metrics carry it.
+    """
+    if isinstance(request, ProxyRequest):
+        request.modelId = modelId
+
+
+def routeLabel(path: bytes, status: int) -> str:
+    """
+    The route a path belongs to, with few enough values to be a metrics label.
+    """
+    if status == 404:
+        return "unmatched"
+    for prefix, label in _NAMED_ROUTES:
+        if path.startswith(prefix):
+            return label
+    return path.decode("utf-8", "replace")
+
+
+class ProxyRequest(Request):
+    """
+    A request with an id (the client's C{X-Request-Id} when it sent a sane one, else a new one,
+    always sent back), an access log line and metrics when it ends, and a body limit: a
+    C{Content-Length} over the site's limit, or a chunked body that grows past it, is answered
+    with a 413 at once and the connection closed, without buffering it.
+
+    @ivar modelId: the profile the request is for, once a route knows it.
+    """
+
+    log = Logger()
+
+    _refused = False
+    _bodySize = 0
+    _awaitingBody = False
+    requestId = ""
+    modelId: str | None = None
+    _arrivedAt = 0.0
+    _firstByteAt: float | None = None
+    _eventSeparator: bytes | None = None
+    _events = 0
+    _accounted = False
+    # Kept from the start: twisted.web drops the channel (and with it the site) once finished.
+    _proxySite: ProxySite | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Every route reads JSON: parsing form bodies into request.args would be wasted work
+        # (and a multipart body is costly to parse).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kwargs)
+
+    def process(self) -> None:
+        site = self._proxySite = self._site()
+        self._arrivedAt = site.reactor.seconds() if site is not None else 0.0
+        sent = self.getHeader(b"x-request-id")
+        if sent is not None and _CLIENT_REQUEST_ID.fullmatch(sent):
+            self.requestId = sent.decode("ascii")
+        else:
+            self.requestId = uuid.uuid4().hex[:16]
+        self.setHeader(b"X-Request-Id", self.requestId.encode("ascii"))
+        super().process()
+
+    def write(self, data: bytes) -> None:
+        if self._firstByteAt is None:
+            site = self._proxySite
+            self._firstByteAt = site.reactor.seconds() if site is not None else 0.0
+            contentType = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+            self._eventSeparator = _EVENT_SEPARATORS.get(contentType.split(b";", 1)[0].strip())
+        if self._eventSeparator is not None:
+            self._events += data.count(self._eventSeparator)
+        super().write(data)
+
+    def finish(self) -> None:
+        super().finish()
+        self._account(self.code)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if not self.finished:
+            # nginx's "client closed request": the client left before the answer ended.
+            self._account(499)
+
+    def _account(self, status: int) -> None:
+        site = self._proxySite
+        if self._accounted or site is None or not self.requestId:
+            return
+        self._accounted = True
+        seconds = site.reactor.seconds() - self._arrivedAt
+        path = pathOf(self.uri)
+        route = routeLabel(path, status)
+        model = self.modelId or ""
+        metrics = site.metrics
+        metrics.requests.labels(route, model, str(status)).inc()
+        metrics.requestSeconds.labels(route, model).observe(seconds)
+        if self._firstByteAt is not None and model:
+            metrics.firstByteSeconds.labels(route, model).observe(self._firstByteAt - self._arrivedAt)
+        if self._events and model:
+            metrics.chunks.labels(model).inc(self._events)
+        self.log.info(
+            "{method} {path} {status} {seconds:.3f}s{forModel}",
+            method=self.method.decode("latin-1"),
+            path=self.uri.decode("latin-1"),
+            status=status,
+            seconds=seconds,
+            forModel=f" ({model})" if model else "",
+            request_id=self.requestId,
+            route=route,
+            model=self.modelId,
+            client=getattr(self.getClientAddress(), "host", None),
+        )
+
+    def _site(self) -> ProxySite | None:
+        site = getattr(self.channel, "site", None)
+        return site if isinstance(site, ProxySite) else None
+
+    def gotLength(self, length: int | None) -> None:
+        site = self._site()
+        if site is not None and length is not None and length > site.maxBodySize:
+            self.refuse(413, f"request body of {length} bytes is over the limit of {site.maxBodySize} bytes")
+            return
+        self._awaitingBody = True
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._bodySize += len(data)
+        site = self._site()
+        if site is not None and self._bodySize > site.maxBodySize:
+            self.refuse(413, f"request body is over the limit of {site.maxBodySize} bytes")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._awaitingBody = False
+        if self._refused:
+            # The answer went out already and the connection is closing.
+            return
+        super().requestReceived(command, path, version)
+
+    @property
+    def incomplete(self) -> bool:
+        """
+        Whether the request's headers are in but its body is not complete yet.
+        """
+        return self._awaitingBody and not self._refused
+
+    def refuse(self, status: int, message: str) -> None:
+        """
+        Answer now, before the request is complete, with a JSON error in the shape of its API,
+        and close the connection.
+        """
+        self._refused = True
+        self._awaitingBody = False
+        # Nothing of the body is kept from now on, and no "100 Continue" invites the rest of it.
+        self.content = cast(Any, _Discard())
+        self.requestHeaders.removeHeader(b"expect")
+        channel = self.channel
+        site = self._site()
+        if not isinstance(channel, ProxyChannel) or site is None:
+            return
+        method, path = channel.requestTarget()
+        self.log.info(
+            "Refused {method} {path} with {status}: {message}",
+            method=method.decode("latin-1"),
+            path=path.decode("latin-1"),
+            status=status,
+            message=message,
+        )
+        if channel.transport is not None:
+            channel.transport.write(rawResponse(status, site.errorBody(path, status, message)))
+        channel.loseConnection()
+
+
+class _Discard:
+    """
+    The content of a refused request: takes writes and keeps nothing.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class ProxySite(Site):
+    """
+    The proxy's HTTP server: L{ProxyChannel}s making L{ProxyRequest}s, with the body limit.
+
+    @param maxBodySize: the largest request body accepted, in bytes.
+    @param timeout: how long a connection may stay silent while the client sends a request (its
+        headers or its body) or between requests; while the proxy answers, it never times out.
+    @param metrics: where each request's count, duration and time to first byte go.
+    @param errorBody: the JSON error document for a path, a status and a message, for the
+        answers given before any route runs.
+    """
+
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+
+    def __init__(
+        self, resource: IResource, maxBodySize: int = DEFAULT_MAX_BODY, timeout: float = DEFAULT_CLIENT_TIMEOUT,
+        metrics: Metrics | None = None, errorBody: ErrorBody = plainErrorBody, **kwargs: Any
+    ) -> None:
+        super().__init__(resource, timeout=timeout, **kwargs)
+        self.errorBody = errorBody
+        self.maxBodySize = maxBodySize
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    def log(self, request: http.Request) -> None:
+        # Each ProxyRequest logs itself, with structured fields, when it ends.
+        pass
+
+    def protocol(self) -> ProxyChannel:  # type: ignore[override]
+        # A plain HTTP/1.1 channel: TabbyAPI's clients speak HTTP/1.1, and twisted.web's HTTP/2
+        # switch (only used with TLS and the h2 package) would bypass these guards.
+        return ProxyChannel(self.errorBody)
+
+
