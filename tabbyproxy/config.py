@@ -22,6 +22,9 @@ from attrs import field, frozen
 
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 
+DEFAULT_CONTEXT_LENGTH = 8192
+"""TabbyAPI's context length for a model whose profile and config.json set none."""
+
 _PROXY_ONLY_SECTIONS = frozenset({"template"})
 _PROXY_ONLY_MODEL_KEYS = frozenset({"unload_timer"})
 
@@ -378,7 +381,7 @@ class TabbyInstall:
             if (modelFolder / "config.json").exists():
                 continue
             _makePrivateDirectories(self.directory, modelFolder)
-            maxSeqLen = profile.modelSection.get("max_seq_len") or 8192
+            maxSeqLen = profile.modelSection.get("max_seq_len") or DEFAULT_CONTEXT_LENGTH
             writePrivate(
                 modelFolder / "config.json",
                 json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",

@@ -27,7 +27,7 @@ from twisted.web import http as twistedHTTP
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import maxChunkSizeLineLength
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 log = Logger()

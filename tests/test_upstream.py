@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import _DataLoss
 from twisted.web.http_headers import Headers

@@ -27,6 +27,7 @@ from twisted.web.iweb import IRequest
 
 from tabbyproxy.config import Profile
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
+from tabbyproxy.modelinfo import psEntry, showReply, tagsEntry
 from tabbyproxy.ollamawire import (
     EMBEDDINGS_PATH,
     OllamaRequestError,
@@ -44,9 +45,6 @@ from tabbyproxy.ollamawire import (
     generateRequest,
     isEmptyRequest,
     loadReply,
-    psEntry,
-    showReply,
-    tagsEntry,
     unloadReply,
     upstreamEmbeddings,
 )
