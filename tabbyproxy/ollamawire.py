@@ -1,7 +1,7 @@
 """
 The Ollama wire format and its translation to and from TabbyAPI's OpenAI-style API, as pure
-functions: Ollama request bodies become TabbyAPI request bodies, and TabbyAPI's streamed chunks
-become Ollama's NDJSON objects.  Nothing here does I/O; the model descriptions of C{/api/tags},
+functions: Ollama request bodies become TabbyAPI request bodies, and the events of TabbyAPI's
+stream (L{tabbyproxy.tabbywire}'s) become Ollama's NDJSON objects.  Nothing here does I/O; the model descriptions of C{/api/tags},
 C{/api/show} and C{/api/ps}, which read model folders, are L{tabbyproxy.modelinfo}'s.
 
 Choices made where Ollama and TabbyAPI do not line up one to one:
@@ -30,9 +30,19 @@ import json
 import functools
 import math
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 from attrs import define, field, frozen
+
+from tabbyproxy.tabbywire import (
+    Event,
+    Finish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallArguments,
+    ToolCallStart,
+    Usage,
+)
 
 
 What = Literal["chat", "generate"]
@@ -58,8 +68,7 @@ class OllamaRequestError(ValueError):
 
 class UpstreamError(Exception):
     """
-    TabbyAPI reported an error in the middle of a stream; the message is TabbyAPI's.  The route
-    writes its message as the last NDJSON line ({"error": ...}).
+    TabbyAPI answered something the Ollama routes cannot use (embeddings that are not vectors).
     """
 
 
@@ -630,11 +639,12 @@ class _ToolCall:
 @define
 class StreamTranslator:
     """
-    Turns TabbyAPI's streamed chunks (parsed SSE C{data:} objects, either generation's shape,
-    chat or completions) into Ollama's NDJSON objects for one request.
+    Turns the events of TabbyAPI's stream (L{tabbyproxy.tabbywire.ChatStreamDecoder}'s, from
+    either generation's shape, chat or completions) into Ollama's NDJSON objects for one request.
 
-    Feed every chunk to L{feed} and write what it returns; end with L{finish} for a stream, or
-    ignore L{feed}'s output and answer L{aggregate} for C{stream: false}.
+    Feed the events of each read to L{feed} and write what it returns; end with L{finish} for a
+    stream, or ignore L{feed}'s output and answer L{aggregate} for C{stream: false}.  An error
+    event gives nothing here: the route ends the stream with an C{{"error": ...}} line.
 
     @ivar what: C{"chat"} (objects carry C{message}) or C{"generate"} (objects carry C{response}).
     @ivar modelName: the model name the client sent, echoed exactly.
@@ -652,91 +662,65 @@ class StreamTranslator:
     _thinking: list[str] = field(factory=list, init=False)
     _toolCalls: dict[int, _ToolCall] = field(factory=dict, init=False)
     _finishReason: str | None = field(default=None, init=False)
-    _usage: dict[str, Any] = field(factory=dict, init=False)
+    _usage: Usage = field(default=Usage(None, None), init=False)
     _chunks: int = field(default=0, init=False)
     _firstOutputAt: float | None = field(default=None, init=False)
 
-    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def feed(self, events: Iterable[Event]) -> list[dict[str, Any]]:
         """
-        One upstream chunk in, the Ollama objects to write now out (none for empty deltas and
-        usage-only chunks).
-
-        @raise UpstreamError: when the chunk is TabbyAPI's mid-stream C{{"error": ...}}.
+        The events of one read in, the Ollama objects to write now out: one per piece of text or
+        reasoning, and one with the tool calls complete so far (JSON arguments that parse), or
+        all of them once the generation finished.  The objects of one read share its time stamp.
         """
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise UpstreamError(str(message or "TabbyAPI reported an error"))
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self._usage = usage
-        choices = chunk.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        if not isinstance(choice, dict):
-            return self._toolCallLines(flush=isinstance(usage, dict))
-        reason = choice.get("finish_reason")
-        if isinstance(reason, str) and reason:
-            self._finishReason = reason
-        delta: Any = choice.get("delta")
-        if not isinstance(delta, dict):
-            delta = choice.get("message")
-        if not isinstance(delta, dict):
-            delta = {}
-        text = delta.get("content")
-        if not isinstance(text, str):
-            text = choice.get("text")
-        thinking = delta.get("reasoning_content")
         lines: list[dict[str, Any]] = []
-        text = text if isinstance(text, str) else ""
-        thinking = thinking if isinstance(thinking, str) else ""
-        if text or thinking:
-            lines.append(self._textLine(text, thinking))
-        toolCalls = delta.get("tool_calls")
-        if isinstance(toolCalls, list):
-            self._collectToolCalls(toolCalls)
-        lines.extend(self._toolCallLines(flush=bool(reason) or isinstance(usage, dict)))
+        createdAt = ""
+        toolCallsChanged = False
+        for event in events:
+            if isinstance(event, TextDelta):
+                createdAt = createdAt or self._output()
+                self._content.append(event.text)
+                lines.append(self._textLine(createdAt, event.text, ""))
+            elif isinstance(event, ReasoningDelta):
+                createdAt = createdAt or self._output()
+                self._thinking.append(event.text)
+                lines.append(self._textLine(createdAt, "", event.text))
+            elif isinstance(event, ToolCallStart):
+                self._toolCalls[event.index] = _ToolCall(name=event.name)
+                toolCallsChanged = True
+            elif isinstance(event, ToolCallArguments):
+                self._toolCalls.setdefault(event.index, _ToolCall()).arguments += event.text
+                toolCallsChanged = True
+            elif isinstance(event, Finish):
+                self._finishReason = event.reason
+                lines.extend(self._toolCallLines(flush=True))
+            elif isinstance(event, Usage):
+                self._usage = event
+                lines.extend(self._toolCallLines(flush=True))
+        if toolCallsChanged:
+            lines.extend(self._toolCallLines(flush=False))
         return lines
 
-    def _stamp(self) -> dict[str, Any]:
-        return {"model": self.modelName, "created_at": ollamaTimestamp(self.clock())}
-
-    def _textLine(self, text: str, thinking: str) -> dict[str, Any]:
+    def _output(self) -> str:
+        """
+        Note that output is being written now, and the time stamp for it.
+        """
+        now = self.clock()
         if self._firstOutputAt is None:
-            self._firstOutputAt = self.clock()
+            self._firstOutputAt = now
+        return ollamaTimestamp(now)
+
+    def _textLine(self, createdAt: str, text: str, thinking: str) -> dict[str, Any]:
         self._chunks += 1
-        self._content.append(text)
-        self._thinking.append(thinking)
-        line = self._stamp()
         if self.what == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if thinking:
                 message["thinking"] = thinking
-            line["message"] = message
-        else:
-            line["response"] = text
-            if thinking:
-                line["thinking"] = thinking
+            return {"model": self.modelName, "created_at": createdAt, "message": message, "done": False}
+        line: dict[str, Any] = {"model": self.modelName, "created_at": createdAt, "response": text}
+        if thinking:
+            line["thinking"] = thinking
         line["done"] = False
         return line
-
-    def _collectToolCalls(self, toolCalls: list[Any]) -> None:
-        for fragment in toolCalls:
-            if not isinstance(fragment, dict):
-                continue
-            index = fragment.get("index")
-            if isinstance(index, bool) or not isinstance(index, int):
-                index = len(self._toolCalls)
-            call = self._toolCalls.setdefault(index, _ToolCall())
-            function = fragment.get("function")
-            if not isinstance(function, dict):
-                continue
-            if isinstance(function.get("name"), str) and function["name"]:
-                call.name = function["name"]
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                call.arguments += arguments
-            elif isinstance(arguments, dict):
-                call.arguments = json.dumps(arguments)
 
     def _ollamaToolCall(self, index: int, call: _ToolCall) -> dict[str, Any]:
         arguments = call.finalArguments()
@@ -761,25 +745,22 @@ class StreamTranslator:
             ready.append(self._ollamaToolCall(index, call))
         if not ready or self.what != "chat":
             return []
-        if self._firstOutputAt is None:
-            self._firstOutputAt = self.clock()
+        createdAt = self._output()
         self._chunks += 1
-        line = self._stamp()
-        line["message"] = {"role": "assistant", "content": "", "tool_calls": ready}
-        line["done"] = False
-        return [line]
+        return [{"model": self.modelName, "created_at": createdAt,
+                 "message": {"role": "assistant", "content": "", "tool_calls": ready}, "done": False}]
 
     def _final(self, message: dict[str, Any], response: str, thinking: str) -> dict[str, Any]:
         now = self.clock()
         usage = self._usage
-        promptTokens = _number(usage.get("prompt_tokens"))
-        completionTokens = _number(usage.get("completion_tokens"))
-        promptTime = _number(usage.get("prompt_time"))
-        completionTime = _number(usage.get("completion_time"))
+        promptTokens = usage.promptTokens
+        completionTokens = usage.completionTokens
+        promptTime = usage.promptTime
+        completionTime = usage.completionTime
         generationStart = self.startedAt + self.loadDuration
         firstOutput = self._firstOutputAt if self._firstOutputAt is not None else now
         reason = self._finishReason
-        line = self._stamp()
+        line: dict[str, Any] = {"model": self.modelName, "created_at": ollamaTimestamp(now)}
         if self.what == "chat":
             line["message"] = message
             line["done_reason"] = "length" if reason == "length" else "stop"

@@ -1,8 +1,9 @@
 """
 What TabbyAPI says on the wire and how to read it: its server-sent event stream, split into the
-payloads of its events; its error bodies (FastAPI's C{{"detail": ...}}, validation error lists,
-OpenAI-style documents), turned into one message for the client; and the framing of the events
-the proxy adds to a stream it relays.
+payloads of its events; its chat (and completions) stream decoded into typed events that every
+translated API encodes in its own shape (L{ChatStreamDecoder}); its error bodies (FastAPI's
+C{{"detail": ...}}, validation error lists, OpenAI-style documents), turned into one message for
+the client; and the framing of the events the proxy adds to a stream it relays.
 
 The rest of the proxy never parses TabbyAPI's bytes itself.
 """
@@ -10,6 +11,10 @@ The rest of the proxy never parses TabbyAPI's bytes itself.
 from __future__ import annotations
 
 import json
+from typing import Any, Mapping, Union
+
+from attrs import frozen
+from twisted.logger import Logger
 
 
 def sseEvent(document: object) -> bytes:
@@ -62,13 +67,237 @@ class EventDecoder:
         """
         @return: the payload of each complete C{data:} line in C{data}, in order.
         """
-        lines = (self._partial + data).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        # A CRLF cut in two reads as CR then LF: the extra empty line is harmless, as empty
-        # lines carry no data.
+        if self._partial:
+            data = self._partial + data
+        if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+            # A lone CR ends a line too.  (A CRLF cut in two reads as CR then LF: the extra
+            # empty line is harmless, as empty lines carry no data.)
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = data.split(b"\n")
         self._partial = lines.pop()
         payloads = []
         for line in lines:
             if line.startswith(b"data:"):
-                payload = line[5:]
-                payloads.append(payload[1:] if payload.startswith(b" ") else payload)
+                # TabbyAPI's lines end with CRLF: the CR is still there.
+                end = -1 if line.endswith(b"\r") else len(line)
+                payloads.append(line[6 if line.startswith(b"data: ") else 5:end])
         return payloads
+
+
+# ---------------------------------------------------------------------------------------------
+# TabbyAPI's generation stream as typed events
+
+
+@frozen
+class TextDelta:
+    """
+    The next piece of the answer's text.
+    """
+
+    text: str
+
+
+@frozen
+class ReasoningDelta:
+    """
+    The next piece of the model's reasoning (TabbyAPI's C{reasoning_content}).
+    """
+
+    text: str
+
+
+@frozen
+class ToolCallStart:
+    """
+    A tool call begins; its arguments follow as L{ToolCallArguments} with the same C{index}.
+
+    @ivar index: the call's position among the answer's tool calls.
+    @ivar callId: TabbyAPI's id for the call, C{""} when it gave none.
+    @ivar name: the function called.
+    """
+
+    index: int
+    callId: str
+    name: str
+
+
+@frozen
+class ToolCallArguments:
+    """
+    The next piece of a tool call's arguments, JSON text.
+    """
+
+    index: int
+    text: str
+
+
+@frozen
+class Usage:
+    """
+    The token counts and times of the generation, each C{None} where TabbyAPI did not say.
+    """
+
+    promptTokens: int | None
+    completionTokens: int | None
+    promptTime: float | None = None
+    completionTime: float | None = None
+
+
+@frozen
+class Finish:
+    """
+    Why the generation stopped: C{reason} is TabbyAPI's C{finish_reason} (C{"stop"},
+    C{"length"}, C{"tool_calls"}); C{stopString} the stop string that ended it, when TabbyAPI
+    said (its C{eos_reason} is C{stop_string}).
+    """
+
+    reason: str
+    stopString: str | None = None
+
+
+@frozen
+class StreamError:
+    """
+    TabbyAPI's error event in the middle of a stream; nothing follows it.
+    """
+
+    message: str
+
+
+Event = Union[TextDelta, ReasoningDelta, ToolCallStart, ToolCallArguments, Usage, Finish, StreamError]
+
+_decodeJSON = json.JSONDecoder().decode
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value)
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+class ChatStreamDecoder:
+    """
+    Decodes what TabbyAPI answers a generation request with into L{Event}s: its event stream
+    (L{feed}, however the bytes are cut), or one of its chunks or non-streamed replies already
+    parsed (L{decode}).  Both generations' shapes are read, HEAD's and 2025-02's (roles in
+    deltas, usage in every chunk or in a chunk without choices), chat and completions alike.
+
+    Within one chunk the events come in the order reasoning, text, tool calls, finish, usage.
+    A tool call's L{ToolCallStart} comes once, the first time its index is seen.
+
+    @ivar complete: whether the stream's C{[DONE]} arrived.
+    @ivar error: the message of TabbyAPI's error event, once one arrived; nothing after it is
+        decoded.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._events = EventDecoder()
+        self._toolCalls: set[int] = set()
+        self.complete = False
+        self.error: str | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        """
+        @return: the events of every complete SSE event in C{data}, in order.
+        """
+        events: list[Event] = []
+        for payload in self._events.feed(data):
+            if self.error is not None:
+                break
+            if not payload.startswith(b"{") and payload.strip() == b"[DONE]":
+                self.complete = True
+                continue
+            try:
+                chunk = _decodeJSON(payload.decode("utf-8"))
+            except ValueError:
+                self.log.warn("Skipped an event from TabbyAPI that is not JSON: {payload!r}", payload=payload[:200])
+                continue
+            if isinstance(chunk, dict):
+                self._decode(chunk, events)
+        return events
+
+    def decode(self, chunk: Mapping[str, Any]) -> list[Event]:
+        """
+        The events of one parsed chunk or non-streamed reply (its C{message} read as a delta).
+        """
+        events: list[Event] = []
+        if self.error is None:
+            self._decode(chunk, events)
+        return events
+
+    def _decode(self, chunk: Mapping[str, Any], events: list[Event]) -> None:
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            self.error = str(message or "TabbyAPI reported an error")
+            events.append(StreamError(self.error))
+            return
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if isinstance(choice, dict):
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice.get("message")
+                if not isinstance(delta, dict):
+                    delta = {}
+            reasoning = delta.get("reasoning_content")
+            if reasoning and isinstance(reasoning, str):
+                events.append(ReasoningDelta(reasoning))
+            text = delta.get("content")
+            if not isinstance(text, str):
+                text = choice.get("text")
+            if text and isinstance(text, str):
+                events.append(TextDelta(text))
+            toolCalls = delta.get("tool_calls")
+            if toolCalls and isinstance(toolCalls, list):
+                self._decodeToolCalls(toolCalls, events)
+            reason = choice.get("finish_reason")
+            if reason and isinstance(reason, str):
+                stopString = choice.get("stop_str") if choice.get("eos_reason") == "stop_string" else None
+                events.append(Finish(reason, stopString if isinstance(stopString, str) else None))
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            events.append(
+                Usage(
+                    promptTokens=_count(usage.get("prompt_tokens")),
+                    completionTokens=_count(usage.get("completion_tokens")),
+                    promptTime=_seconds(usage.get("prompt_time")),
+                    completionTime=_seconds(usage.get("completion_time")),
+                )
+            )
+
+    def _decodeToolCalls(self, toolCalls: list[Any], events: list[Event]) -> None:
+        for fragment in toolCalls:
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index")
+            if isinstance(index, bool) or not isinstance(index, int):
+                # No index (a non-streamed reply): each call is a new one.
+                index = len(self._toolCalls)
+            function = fragment.get("function")
+            if not isinstance(function, dict):
+                function = {}
+            if index not in self._toolCalls:
+                self._toolCalls.add(index)
+                callId = fragment.get("id")
+                name = function.get("name")
+                events.append(
+                    ToolCallStart(
+                        index,
+                        callId if isinstance(callId, str) else "",
+                        name if isinstance(name, str) else "",
+                    )
+                )
+            arguments = function.get("arguments")
+            if isinstance(arguments, dict):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            if arguments and isinstance(arguments, str):
+                events.append(ToolCallArguments(index, arguments))

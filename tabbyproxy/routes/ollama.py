@@ -61,7 +61,7 @@ from tabbyproxy.routes.common import (
 )
 from tabbyproxy.server import noteModel, requestIdOf
 from tabbyproxy.supervisor import ChildState, Lease
-from tabbyproxy.tabbywire import EventDecoder
+from tabbyproxy.tabbywire import ChatStreamDecoder
 from tabbyproxy.upstream import UpstreamBroken
 
 OLLAMA_VERSION = "0.12.0"
@@ -78,55 +78,26 @@ NOT_MANAGED = (
 NDJSON = b"application/x-ndjson"
 
 
-# Built once: every streamed token is one event to decode.
-_decodeJSON = json.JSONDecoder().decode
-
-
 @define
 class _StreamRelay:
     """
-    Reads TabbyAPI's event stream for one generation: each event goes through the translator,
-    and its lines are written to the client at once when streaming.
+    Reads TabbyAPI's event stream for one generation: its events go through the translator,
+    and the lines it makes are written to the client at once when streaming.
 
-    @ivar error: what went wrong in the stream (TabbyAPI's error event), if anything.
-    @ivar complete: whether TabbyAPI's C{[DONE]} arrived.
+    @ivar error: what went wrong in the stream (TabbyAPI's error event, or a broken stream).
     """
-
-    log = Logger()
 
     request: IRequest
     translator: StreamTranslator
     streaming: bool
+    decoder: ChatStreamDecoder = field(factory=ChatStreamDecoder)
     error: str | None = None
-    complete: bool = False
-    _decoder: EventDecoder = field(factory=EventDecoder)
 
     def dataReceived(self, data: bytes) -> None:
-        pending: list[object] = []
-        for payload in self._decoder.feed(data):
-            if self.error is not None:
-                break
-            if payload.strip() == b"[DONE]":
-                self.complete = True
-                continue
-            try:
-                chunk = _decodeJSON(payload.decode("utf-8"))
-            except ValueError:
-                self.log.warn("Skipped an event from TabbyAPI that is not JSON: {payload!r}",
-                              payload=payload[:200])
-                continue
-            if not isinstance(chunk, dict):
-                continue
-            try:
-                lines = self.translator.feed(chunk)
-            except UpstreamError as e:
-                self.error = str(e)
-                break
-            if self.streaming and lines:
-                pending.extend(lines)
-        if pending:
+        lines = self.translator.feed(self.decoder.feed(data))
+        if self.streaming and lines:
             # One write per read from TabbyAPI, however many tokens it carried.
-            self.request.write(b"".join(ndjsonLine(line) for line in pending))
+            self.request.write(b"".join(ndjsonLine(line) for line in lines))
 
     def write(self, document: object) -> None:
         self.request.write(ndjsonLine(document))
@@ -312,7 +283,9 @@ class OllamaRoutes:
             await self.state.upstream.pipe(response, request, relay.dataReceived)
         except UpstreamBroken as e:
             relay.error = f"{e} (model {lease.profile.id}); see GET /status"
-        if relay.error is None and not relay.complete:
+        if relay.error is None:
+            relay.error = relay.decoder.error
+        if relay.error is None and not relay.decoder.complete:
             relay.error = f"TabbyAPI's stream for {lease.profile.id} ended before it was complete"
         if relay.error is not None:
             # TabbyAPI's own error event (or a broken stream): its /health may be 503 for good now.
