@@ -17,6 +17,8 @@ from typing import Callable
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from tabbyproxy.jsontypes import describeJSON
+
 FOREVER = math.inf
 
 _UNIT_SECONDS = {
@@ -49,7 +51,7 @@ def parseKeepAlive(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise KeepAliveError(
             f"keep_alive must be a number of seconds or a duration string like \"5m\", "
-            f"not {_describe(value)}"
+            f"not {describeJSON(value)}"
         )
     try:
         seconds = _parseDuration(value) if isinstance(value, str) else float(value)
@@ -84,14 +86,6 @@ def _parseDuration(text: str) -> float:
             f"such as \"5m\", \"1h30m\" or \"-1\" (forever)"
         )
     return sign * total
-
-
-def _describe(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return f"a JSON {type(value).__name__}"
 
 
 def describeDuration(seconds: float) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 
 from attrs import define, field, frozen
 
+from tabbyproxy.jsontypes import describeJSON
 from tabbyproxy.tabbywire import (
     Event,
     Finish,
@@ -285,26 +286,12 @@ def isEmptyRequest(what: What, body: Mapping[str, Any]) -> bool:
     return not body.get("prompt")
 
 
-def _describe(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _string(body: Mapping[str, Any], key: str, where: str = "") -> str:
     value = body.get(key)
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise OllamaRequestError(f"{where}{key} must be a string, not {_describe(value)}")
+        raise OllamaRequestError(f"{where}{key} must be a string, not {describeJSON(value)}")
     return value
 
 
@@ -313,7 +300,7 @@ def _flag(body: Mapping[str, Any], key: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise OllamaRequestError(f"{key} must be a boolean, not {_describe(value)}")
+        raise OllamaRequestError(f"{key} must be a boolean, not {describeJSON(value)}")
     return value
 
 
@@ -321,7 +308,7 @@ def _list(value: object, name: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise OllamaRequestError(f"{name} must be an array, not {_describe(value)}")
+        raise OllamaRequestError(f"{name} must be an array, not {describeJSON(value)}")
     return value
 
 
@@ -342,7 +329,7 @@ def imageDataURI(image: object, name: str = "image") -> str:
     @raise OllamaRequestError: when the value is not a base64 string.
     """
     if not isinstance(image, str) or not image:
-        raise OllamaRequestError(f"{name} must be a base64 string, not {_describe(image)}")
+        raise OllamaRequestError(f"{name} must be a base64 string, not {describeJSON(image)}")
     if image.startswith("data:"):
         return image
     cleaned = "".join(image.split())

@@ -147,16 +147,17 @@ class ParseKeepAliveStringTests(SynchronousTestCase):
 
     def test_nonNumbersRejected(self) -> None:
         """
-        Booleans, null, lists and objects are rejected with a message naming what was sent.
+        Booleans, null, arrays and objects are rejected with a message naming, in JSON's words,
+        what was sent.
         """
         cases: list[tuple[object, str]] = [
-            (True, "boolean"),
-            (False, "boolean"),
-            (None, "null"),
-            ([], "list"),
-            (["5m"], "list"),
-            ({}, "dict"),
-            ({"seconds": 5}, "dict"),
+            (True, "not a boolean"),
+            (False, "not a boolean"),
+            (None, "not null"),
+            ([], "not an array"),
+            (["5m"], "not an array"),
+            ({}, "not an object"),
+            ({"seconds": 5}, "not an object"),
         ]
         for value, described in cases:
             error = self.assertRaises(KeepAliveError, parseKeepAlive, value)

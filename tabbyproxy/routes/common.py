@@ -25,6 +25,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy.auth import Permission, authProblem
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.jsontypes import describeJSON
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer
 from tabbyproxy.metrics import Metrics
@@ -105,7 +106,7 @@ def readJSONObject(request: IRequest, maxBodySize: int) -> dict[str, Any]:
     except (ValueError, RecursionError) as e:
         raise ClientError(400, f"request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
-        raise ClientError(400, f"request body must be a JSON object, not a JSON {type(body).__name__}")
+        raise ClientError(400, f"request body must be a JSON object, not {describeJSON(body)}")
     return body
 
 
