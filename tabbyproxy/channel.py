@@ -11,7 +11,6 @@ Twisted's own does (an empty 400 or a closed connection), which the start-up log
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 from typing import Callable, Protocol, cast
 
@@ -21,12 +20,6 @@ from twisted.web.http import HTTPChannel
 ErrorBody = Callable[[bytes, int, str], bytes]
 """The JSON error document for a path, a status and a message, in the shape of the path's API."""
 
-
-def plainErrorBody(path: bytes, status: int, message: str) -> bytes:
-    """
-    C{{"error": "..."}}, whatever the path.
-    """
-    return json.dumps({"error": message}).encode("utf-8")
 
 
 class EarlyAnswering(Protocol):

@@ -20,7 +20,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from tabbyproxy.channel import ErrorBody, ProxyChannel, pathOf, plainErrorBody, rawResponse
+from tabbyproxy.channel import ErrorBody, ProxyChannel, pathOf, rawResponse
 from tabbyproxy.metrics import Metrics
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
@@ -260,8 +260,8 @@ class ProxySite(Site):
     displayTracebacks = False
 
     def __init__(
-        self, resource: IResource, maxBodySize: int = DEFAULT_MAX_BODY, timeout: float = DEFAULT_CLIENT_TIMEOUT,
-        metrics: Metrics | None = None, errorBody: ErrorBody = plainErrorBody, **kwargs: Any
+        self, resource: IResource, errorBody: ErrorBody, maxBodySize: int = DEFAULT_MAX_BODY,
+        timeout: float = DEFAULT_CLIENT_TIMEOUT, metrics: Metrics | None = None, **kwargs: Any
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
         self.errorBody = errorBody
