@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher, ILogObserver, LogEvent
 from twisted.trial.unittest import TestCase
 from zope.interface import provider
 
-from tests.proxysupport import RunningProxy, inThread, waitUntil
+from tests.support.proxy import RunningProxy, inThread, waitUntil
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha-exl3"}, "template": {"system": "Be brief."}},

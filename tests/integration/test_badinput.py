@@ -25,9 +25,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Request
 
 from tabbyproxy.tap import Options
-from tests.fakes import FakeTabby, InMemoryProxy, writeProfiles
-from tests.proxysupport import RunningProxy
-from tests.proxysupport import reactor as _reactor
+from tests.support.fakes import FakeTabby, InMemoryProxy, writeProfiles
+from tests.support.proxy import RunningProxy
+from tests.support.proxy import reactor as _reactor
 
 reactor: Any = _reactor
 

@@ -2,7 +2,7 @@
 Faults of the TabbyAPI child and of clients, each made a test (issue 4, fault tests 1-5, 7, 8):
 a child that crashes, fails to load, hangs at start, ignores SIGTERM or turns unhealthy, clients
 that leave at every stage, and the unload timer racing a request.  (Load and slow clients are in
-L{tests.test_load}; signals to twistd in L{tests.test_shutdown}.)
+L{tests.integration.test_load}; signals to twistd in L{tests.integration.test_shutdown}.)
 
 The scheduling races run on a fake clock and a fake process reactor; the rest use the real
 service with the simulator as a real child process on loopback ports.
@@ -27,9 +27,9 @@ from zope.interface import provider
 
 from tabbyproxy.config import Catalog
 from tabbyproxy.supervisor import Lease, Supervisor, SupervisorSettings
-from tests.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
-from tests.proxysupport import RunningProxy, pidAlive, waitForExit, waitUntil
-from tests.proxysupport import reactor as _reactor
+from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
+from tests.support.proxy import RunningProxy, pidAlive, waitForExit, waitUntil
+from tests.support.proxy import reactor as _reactor
 
 # The global reactor, typed as what these tests use of it.
 reactor: Any = _reactor

@@ -12,7 +12,7 @@ import sys
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.simsupport import REPO_ROOT
+from tests.support.simulator import REPO_ROOT
 
 TOOLS = ("wrk", "curl")
 

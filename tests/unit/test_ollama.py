@@ -24,8 +24,8 @@ from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.routes.ollama import NOT_MANAGED, OLLAMA_VERSION
 from tabbyproxy.ollamawire import toolCallId
 from tabbyproxy.supervisor import SupervisorSettings
-from tests.fakes import InMemoryProxy
-from tests.test_ollamawire import (
+from tests.support.fakes import InMemoryProxy
+from tests.unit.test_ollamawire import (
     HEAD_CHAT,
     HEAD_COMPLETIONS,
     HEAD_REASONING,

@@ -17,8 +17,8 @@ import ollama
 import treq
 from twisted.trial.unittest import TestCase
 
-from tests.proxysupport import RunningProxy, inThread, waitUntil
-from tests.test_integration import CaptureLines
+from tests.support.proxy import RunningProxy, inThread, waitUntil
+from tests.integration.test_integration import CaptureLines
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha-exl3", "max_seq_len": 4096},

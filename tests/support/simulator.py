@@ -28,7 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from treq.client import HTTPClient
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The default reactor, typed loosely: it provides process, TCP and time interfaces at once.
 reactor: Any = _globalReactor

@@ -16,7 +16,7 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import TestCase
 
-from tests.proxysupport import TwistdProxy, pidAlive, reactor, waitForExit, waitUntil
+from tests.support.proxy import TwistdProxy, pidAlive, reactor, waitForExit, waitUntil
 
 clock = cast(IReactorTime, reactor)
 

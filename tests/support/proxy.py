@@ -26,7 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from tabbyproxy.supervisor import Supervisor, pickFreePort
 from tabbyproxy.tap import Options, makeService
-from tests.fakes import writeProfiles
+from tests.support.fakes import writeProfiles
 
 T = TypeVar("T")
 

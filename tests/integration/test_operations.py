@@ -27,7 +27,7 @@ from zope.interface import provider
 
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.supervisor import pickFreePort
-from tests.proxysupport import RunningProxy, TwistdProxy, pidAlive, waitForExit, waitUntil
+from tests.support.proxy import RunningProxy, TwistdProxy, pidAlive, waitForExit, waitUntil
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha"}},

@@ -18,8 +18,8 @@ from zope.interface import provider
 
 from tabbyproxy.config import Keys
 from tabbyproxy.tap import Options
-from tests.fakes import InMemoryProxy, writeProfiles
-from tests.proxysupport import RunningProxy, waitUntil
+from tests.support.fakes import InMemoryProxy, writeProfiles
+from tests.support.proxy import RunningProxy, waitUntil
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha"}},

@@ -15,9 +15,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from tests.proxysupport import RunningProxy, TwistdProxy, waitUntil
-from tests.proxysupport import reactor as _reactor
-from tests.test_faults import CapturedEvents, streamedText
+from tests.support.proxy import RunningProxy, TwistdProxy, waitUntil
+from tests.support.proxy import reactor as _reactor
+from tests.integration.test_faults import CapturedEvents, streamedText
 
 # The global reactor, typed as what these tests use of it.
 reactor: Any = _reactor

@@ -23,7 +23,7 @@ from tabbyproxy.supervisor import (
     Supervisor,
     SupervisorSettings,
 )
-from tests.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
+from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
 
 GRACE = 10.0
 

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.simsupport import (
+from tests.support.simulator import (
     SimulatorProcess,
     findFreePorts,
     makeHTTPClient,

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
 from tabbyproxy.supervisor import SupervisorSettings
-from tests.fakes import InMemoryProxy
+from tests.support.fakes import InMemoryProxy
 
 PROFILES: dict[str, dict[str, Any]] = {
     "qwen": {
