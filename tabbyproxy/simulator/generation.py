@@ -1,0 +1,208 @@
+"""
+Deterministic text generation without a model: a fixed vocabulary, words chosen from a digest
+of the prompt, token ids that round-trip through encode and decode, embeddings, and the plan of
+one generation (its pieces, reasoning, length, stop reason and usage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+import zlib
+from typing import Any, Sequence
+
+from attrs import frozen
+
+from tabbyproxy.simulator.values import JSON, asBool
+
+
+# A small fixed vocabulary: generated words and token ids both come from it, so that
+# /v1/token/decode can turn ids from /v1/token/encode back into the same words.
+VOCABULARY: tuple[str, ...] = (
+    "amber", "basil", "cedar", "delta", "ember", "fable", "garnet", "harbor",
+    "indigo", "jasper", "kestrel", "lumen", "maple", "nectar", "onyx", "pepper",
+    "quartz", "raven", "sable", "tundra", "umber", "velvet", "willow", "xenon",
+    "yonder", "zephyr", "acorn", "breeze", "cobalt", "dune", "echo", "fern",
+    "glacier", "hollow", "iris", "juniper", "kelp", "lagoon", "meadow", "nimbus",
+    "orchid", "pebble", "quill", "ripple", "summit", "thistle", "upland", "vale",
+    "wren", "yarrow", "zinnia", "aspen", "birch", "canyon", "dawn", "estuary",
+    "flint", "grove", "heath", "isle", "jade", "knoll", "lark", "moss",
+)
+
+
+def _digest(text: str, salt: str = "") -> int:
+    return int.from_bytes(hashlib.sha256((salt + "\0" + text).encode()).digest()[:8], "big")
+
+
+def wordCount(text: str) -> int:
+    return len(text.split())
+
+
+def chooseWords(prompt: str, count: int) -> list[str]:
+    """
+    Deterministic words for a prompt: the same prompt always gives the same answer.
+    """
+    return [VOCABULARY[_digest(prompt, str(i)) % len(VOCABULARY)] for i in range(count)]
+
+
+def encodeText(text: str) -> list[int]:
+    """
+    One token id per word: vocabulary words get their index, others a stable hash above it.
+    """
+    ids = []
+    for word in text.split():
+        if word in VOCABULARY:
+            ids.append(VOCABULARY.index(word))
+        else:
+            ids.append(len(VOCABULARY) + zlib.crc32(word.encode()) % 30000)
+    return ids
+
+
+def decodeTokens(tokens: Sequence[int]) -> str:
+    """
+    The inverse of L{encodeText} for vocabulary words; other ids decode to a placeholder.
+    """
+    return " ".join(
+        VOCABULARY[t] if 0 <= t < len(VOCABULARY) else f"<tok{t}>" for t in tokens
+    )
+
+
+def embeddingVector(text: str) -> list[float]:
+    """
+    Eight deterministic floats in [-1, 1) for a text.
+    """
+    raw = hashlib.sha256(text.encode()).digest()
+    return [round(int.from_bytes(raw[i:i + 4], "big") / 2**31 - 1.0, 6) for i in range(0, 32, 4)]
+
+
+def messageText(content: Any) -> str:
+    """
+    The text of a chat message's content, which is a string or a list of typed parts.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+@frozen
+class Piece:
+    """
+    One generated token: C{kind} is C{"content"} or C{"reasoning"}.
+    """
+
+    kind: str
+    text: str
+
+
+@frozen
+class Plan:
+    """
+    Everything a generation will produce, decided up front from the request.
+    """
+
+    pieces: tuple[Piece, ...]
+    finishReason: str
+    eosReason: str
+    toolCalls: list[JSON] | None
+    promptTokens: int
+
+
+def _thinkingRequested(body: JSON) -> bool:
+    for holder in (body, body.get("template_vars"), body.get("chat_template_kwargs")):
+        if isinstance(holder, dict) and asBool(holder.get("enable_thinking", False)):
+            return True
+    return False
+
+
+def _jsonRequested(body: JSON) -> bool:
+    responseFormat = body.get("response_format")
+    if isinstance(responseFormat, dict) and responseFormat.get("type") in (
+        "json", "json_object", "json_schema"
+    ):
+        return True
+    return body.get("json_schema") is not None
+
+
+def requestedMaxTokens(body: JSON) -> int | None:
+    for name in ("max_tokens", "max_completion_tokens", "max_length"):
+        value = body.get(name)
+        if value is not None:
+            # 0 means "fill the context" to TabbyAPI; here that is the default length.
+            return int(value) or None
+    return None
+
+
+def planGeneration(
+    modelName: str, promptText: str, promptTokens: int, body: JSON, defaultTokens: int,
+    tools: list[Any] | None,
+) -> Plan:
+    """
+    Decide the tokens of one answer: the model's name, then words hashed from the prompt.
+
+    With C{max_tokens} the answer is exactly that long and ends with C{length}; without it the
+    answer is C{defaultTokens} long and ends on a stop token.
+    """
+    if tools and re.search(r"\bweather\b", promptText, re.IGNORECASE):
+        first = tools[0] if isinstance(tools[0], dict) else {}
+        function: JSON = first["function"] if isinstance(first.get("function"), dict) else first
+        call = {
+            "id": "call_" + uuid.uuid4().hex[:24],
+            "type": "function",
+            "function": {
+                "name": str(function.get("name", "tool")),
+                "arguments": '{"city": "Paris"}',
+            },
+        }
+        return Plan((), "tool_calls", "stop_token", [call], promptTokens)
+    maxTokens = requestedMaxTokens(body)
+    count = maxTokens if maxTokens is not None else defaultTokens
+    texts = ([modelName + " "] + [w + " " for w in chooseWords(promptText, max(count - 1, 0))])
+    texts = texts[:count]
+    if _jsonRequested(body) and texts:
+        escaped = [json.dumps(t)[1:-1] for t in texts]
+        escaped[-1] = escaped[-1].rstrip()
+        escaped[0] = '{"answer": "' + escaped[0]
+        escaped[-1] = escaped[-1] + '"}'
+        texts = escaped
+    pieces = [Piece("content", t) for t in texts]
+    if _thinkingRequested(body):
+        thought = chooseWords("reasoning\0" + promptText, 1)[0]
+        pieces = [
+            Piece("reasoning", "Thinking "), Piece("reasoning", "about "),
+            Piece("reasoning", thought + ". "),
+        ] + pieces
+    if maxTokens is not None:
+        return Plan(tuple(pieces), "length", "max_new_tokens", None, promptTokens)
+    return Plan(tuple(pieces), "stop", "stop_token", None, promptTokens)
+
+
+def usageObject(promptTokens: int, completionTokens: int, completionTime: float) -> JSON:
+    """
+    HEAD's eight-field usage; per-second rates are the string "Indeterminate" for zero time.
+    """
+    promptTime = round(0.002 + promptTokens * 0.0004, 6)
+    completionTime = round(max(completionTime, 0.0005 * completionTokens), 6)
+
+    def rate(tokens: int, seconds: float) -> float | str:
+        return round(tokens / seconds, 2) if seconds > 0 else "Indeterminate"
+
+    return {
+        "prompt_tokens": promptTokens,
+        "prompt_time": promptTime,
+        "prompt_tokens_per_sec": rate(promptTokens, promptTime),
+        "completion_tokens": completionTokens,
+        "completion_time": completionTime,
+        "completion_tokens_per_sec": rate(completionTokens, completionTime),
+        "total_tokens": promptTokens + completionTokens,
+        "total_time": round(promptTime + completionTime, 6),
+    }
+
+
