@@ -10,7 +10,6 @@ the system prompt).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
@@ -250,7 +249,7 @@ def writePrivate(path: Path, text: str) -> None:
         stream.write(text)
 
 
-def _makePrivateDirectories(base: Path, path: Path) -> None:
+def makePrivateDirectories(base: Path, path: Path) -> None:
     """
     Create C{path} and the directories between it and C{base}, each readable by its owner only.
     """
@@ -305,12 +304,23 @@ class TabbyInstall:
         if python is None:
             venvPython = directory / "venv" / "bin" / "python"
             python = str(venvPython) if venvPython.exists() else sys.executable
-        baseConfig = cls._readBaseConfig(directory)
+        return cls.inDirectory(directory, (python, "main.py"), cls._readBaseConfig(directory))
+
+    @classmethod
+    def inDirectory(
+        cls, directory: Path, command: tuple[str, ...], baseConfig: Mapping[str, Any],
+        modelDirOverride: str | None = None,
+    ) -> TabbyInstall:
+        """
+        The install whose child runs C{command} in C{directory} under C{baseConfig}, with the keys
+        that config asks for (C{api_tokens.yml} in C{directory}, created as TabbyAPI would).
+        """
         return cls(
             directory=directory,
-            command=(python, "main.py"),
+            command=command,
             baseConfig=baseConfig,
             keys=cls._keysFor(directory, baseConfig),
+            modelDirOverride=modelDirOverride,
         )
 
     @staticmethod
@@ -346,47 +356,6 @@ class TabbyInstall:
             or "models"
         )
         return self.directory / str(modelDir) / profile.modelName
-
-    @classmethod
-    def simulated(cls, directory: Path, catalog: Catalog, auth: bool) -> TabbyInstall:
-        """
-        A private working directory for the project's TabbyAPI simulator: a C{config.yml}, and a
-        model folder with a C{config.json} for every profile, so any profile can be loaded.
-
-        @param auth: whether the simulator (and so the proxy) asks clients for keys; the keys are
-            then written to C{api_tokens.yml} in C{directory}.
-        """
-        baseConfig = {
-            "network": {"host": "127.0.0.1", "disable_auth": not auth},
-            "model": {"model_dir": "models"},
-        }
-        writePrivate(directory / "config.yml", yaml.safe_dump(baseConfig))
-        install = cls(
-            directory=directory,
-            command=(sys.executable, "-m", "tabbyproxy.simulator"),
-            baseConfig=baseConfig,
-            keys=cls._keysFor(directory, baseConfig),
-            modelDirOverride="models",
-        )
-        install.addSimulatedModels(catalog)
-        return install
-
-    def addSimulatedModels(self, catalog: Catalog) -> None:
-        """
-        Give every profile of C{catalog} a model folder the simulator can load (in the simulator's
-        private directory; profiles added by a reload need theirs too).
-        """
-        for profile in catalog:
-            modelFolder = self.directory / "models" / profile.modelName
-            if (modelFolder / "config.json").exists():
-                continue
-            _makePrivateDirectories(self.directory, modelFolder)
-            maxSeqLen = profile.modelSection.get("max_seq_len") or DEFAULT_CONTEXT_LENGTH
-            writePrivate(
-                modelFolder / "config.json",
-                json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                            "max_position_embeddings": maxSeqLen}),
-            )
 
     def childConfig(self, profile: Profile, port: int) -> dict[str, Any]:
         """

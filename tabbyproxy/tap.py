@@ -27,6 +27,7 @@ from tabbyproxy.relaypool import makeAgent, makeConnectionPool
 from tabbyproxy.routes.common import ProxyState
 from tabbyproxy.routes.root import makeSite
 from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY
+from tabbyproxy.simulator.install import addModelFolders, simulatedInstall
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
 from tabbyproxy.upstream import Upstream, treqClient
 
@@ -234,7 +235,7 @@ class ProfileReloader(Service):
             self.log.error("Profile reload: {problem}", problem=problem)
         new = catalog.profiles
         if self.simulated:
-            self.supervisor.install.addSimulatedModels(catalog)
+            addModelFolders(self.supervisor.install, catalog)
         self.catalog = catalog
         added = sorted(new.keys() - old.keys())
         removed = sorted(old.keys() - new.keys())
@@ -295,7 +296,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if install is None:
         simulatorDirectory = runtime / "tabby"
         simulatorDirectory.mkdir(mode=0o700)
-        install = TabbyInstall.simulated(simulatorDirectory, options.catalog, auth=options["simulate-auth"])
+        install = simulatedInstall(simulatorDirectory, options.catalog, auth=options["simulate-auth"])
 
     metrics = Metrics()
     logs = LogBuffer()
