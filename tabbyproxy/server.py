@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from twisted.logger import Logger
 from twisted.web import http
@@ -57,6 +57,24 @@ def noteModel(request: IRequest, modelId: str) -> None:
         request.modelId = modelId
 
 
+def noteUsage(request: IRequest, tokensIn: int, tokensOut: int) -> None:
+    """
+    Say how many tokens C{request}'s prompt and answer had, when a route knows it exactly, for
+    the dashboard's request history.
+    """
+    if isinstance(request, ProxyRequest):
+        request.usage = (tokensIn, tokensOut)
+
+
+def noteBody(request: IRequest, raw: bytes) -> None:
+    """
+    Keep a reference to the body a route read: twisted.web drops the request's content before
+    the request is accounted, and the history may keep its prompt (C{--keep-request-bodies}).
+    """
+    if isinstance(request, ProxyRequest):
+        request.body = raw
+
+
 def routeLabel(path: bytes, status: int) -> str:
     """
     The route a path belongs to, with few enough values to be a metrics label.
@@ -77,6 +95,8 @@ class ProxyRequest(Request):
     with a 413 at once and the connection closed, without buffering it.
 
     @ivar modelId: the profile the request is for, once a route knows it.
+    @ivar usage: the prompt's and the answer's tokens, when a route knows them exactly.
+    @ivar body: the body a route read, if one did.
     """
 
     log = Logger()
@@ -88,6 +108,9 @@ class ProxyRequest(Request):
     modelId: str | None = None
     _arrivedAt = 0.0
     _firstByteAt: float | None = None
+    _firstEventAt: float | None = None
+    usage: tuple[int, int] | None = None
+    body: bytes | None = None
     _eventSeparator: bytes | None = None
     _events = 0
     _accounted = False
@@ -118,7 +141,11 @@ class ProxyRequest(Request):
             contentType = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
             self._eventSeparator = _EVENT_SEPARATORS.get(contentType.split(b";", 1)[0].strip())
         if self._eventSeparator is not None:
-            self._events += data.count(self._eventSeparator)
+            events = data.count(self._eventSeparator)
+            if events and not self._events:
+                site = self._proxySite
+                self._firstEventAt = site.reactor.seconds() if site is not None else 0.0
+            self._events += events
         super().write(data)
 
     def finish(self) -> None:
@@ -159,6 +186,25 @@ class ProxyRequest(Request):
             model=self.modelId,
             client=getattr(self.getClientAddress(), "host", None),
         )
+        if site.requestFinished is not None:
+            site.requestFinished(self, status, seconds)
+
+    @property
+    def arrivedAt(self) -> float:
+        return self._arrivedAt
+
+    @property
+    def firstTokenSeconds(self) -> float | None:
+        """
+        Seconds from arrival to the first streamed event (comments while waiting for a model do
+        not count), or to the first byte of an answer that is not a stream.
+        """
+        first = self._firstEventAt if self._firstEventAt is not None else self._firstByteAt
+        return None if first is None else first - self._arrivedAt
+
+    @property
+    def streamedEvents(self) -> int:
+        return self._events
 
     def _site(self) -> ProxySite | None:
         site = getattr(self.channel, "site", None)
@@ -258,6 +304,8 @@ class ProxySite(Site):
 
     requestFactory = ProxyRequest
     displayTracebacks = False
+    # Called with each request, its status and its duration once accounted (the request history).
+    requestFinished: Callable[[IRequest, int, float], None] | None = None
 
     def __init__(
         self, resource: IResource, errorBody: ErrorBody, maxBodySize: int = DEFAULT_MAX_BODY,

@@ -20,6 +20,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from tabbyproxy import channel
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
+from tabbyproxy.history import RequestHistory
 from tabbyproxy.keepalive import FOREVER, KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer, LogBufferService
 from tabbyproxy.metrics import Metrics
@@ -85,6 +86,19 @@ def _positiveInt(option: str) -> Callable[[str], int]:
     return coerce
 
 
+def _keptBodies(text: str) -> int:
+    """
+    The value of C{--keep-request-bodies}: how many requests keep their text, 0 for none.
+    """
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"--keep-request-bodies {text!r}: give a whole number of requests (0: keep none)")
+    return number
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -118,6 +132,9 @@ class Options(usage.Options):
         ["client-timeout", None, DEFAULT_CLIENT_TIMEOUT,
          "How long a client connection may stay silent while sending a request (a stalled body gets a 408) "
          "or between requests.", _positiveSeconds("client-timeout")],
+        ["keep-request-bodies", None, 0,
+         "Keep the prompt text of the last N requests for the dashboard's request list (prompts are "
+         "private: none are kept by default).", _keptBodies],
     ]
     optFlags = [
         ["simulate", None,
@@ -346,6 +363,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         maxBodySize=options["max-body-size"],
         metrics=metrics,
         logs=logs,
+        history=RequestHistory(keepBodies=options["keep-request-bodies"]),
     )
     site = makeSite(state, options["cors-origin"], options["client-timeout"])
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)

@@ -25,11 +25,12 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tabbyproxy.auth import Permission, authProblem
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.history import RequestHistory
 from tabbyproxy.jsontypes import describeJSON
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer
 from tabbyproxy.metrics import Metrics
-from tabbyproxy.server import DEFAULT_MAX_BODY, modelOf, requestIdOf
+from tabbyproxy.server import DEFAULT_MAX_BODY, modelOf, noteBody, requestIdOf
 from tabbyproxy.supervisor import SchedulingError, Supervisor
 from tabbyproxy.tabbywire import sseEvent
 from tabbyproxy.upstream import Upstream, UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
@@ -70,6 +71,7 @@ class ProxyState:
     maxBodySize: int = DEFAULT_MAX_BODY
     metrics: Metrics = field(factory=Metrics)
     logs: LogBuffer = field(factory=LogBuffer)
+    history: RequestHistory = field(factory=RequestHistory)
 
     @property
     def keys(self) -> Keys:
@@ -101,6 +103,7 @@ def readJSONObject(request: IRequest, maxBodySize: int) -> dict[str, Any]:
     raw = content.read()
     if not raw.strip():
         raise ClientError(400, "missing request body")
+    noteBody(request, raw)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:

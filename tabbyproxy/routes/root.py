@@ -54,10 +54,12 @@ def makeSite(state: ProxyState, corsOrigins: Sequence[str] = (), clientTimeout: 
     """
     The proxy's HTTP server over every route.
     """
-    return ProxySite(
+    site = ProxySite(
         rootResource(state, corsOrigins),
         maxBodySize=state.maxBodySize,
         timeout=clientTimeout,
         metrics=state.metrics,
         errorBody=errorBodyFor,
     )
+    site.requestFinished = state.history.requestFinished
+    return site

@@ -205,6 +205,17 @@ class OptionsTests(SynchronousTestCase):
             message = self.assertUsageError("--simulate", "--load-timeout", value)
             self.assertIn(f"--load-timeout '{value}': give a positive number of seconds", message)
 
+    def test_keepRequestBodies(self) -> None:
+        """
+        C{--keep-request-bodies} is 0 (keep no prompt) unless given; it takes a whole number of
+        requests, 0 included, and refuses anything else naming the option.
+        """
+        self.assertEqual(self.parse("--simulate")["keep-request-bodies"], 0)
+        self.assertEqual(self.parse("--simulate", "--keep-request-bodies", "20")["keep-request-bodies"], 20)
+        for value in ["-1", "1.5", "all"]:
+            message = self.assertUsageError("--simulate", "--keep-request-bodies", value)
+            self.assertIn(f"--keep-request-bodies '{value}': give a whole number of requests", message)
+
     def test_badCounts(self) -> None:
         """
         C{--max-waiting} and C{--max-body-size} must be positive whole numbers.
