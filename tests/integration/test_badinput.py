@@ -357,7 +357,7 @@ ROUTES = st.sampled_from(OPENAI_ROUTES + OLLAMA_ROUTES + ("/unload",))
 
 
 class FuzzTests(SynchronousTestCase):
-    @settings(max_examples=400, derandomize=True, database=None, deadline=None,
+    @settings(max_examples=400,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(route=ROUTES, body=BODIES)
     def test_noBodyBreaksARoute(self, route: str, body: bytes) -> None:

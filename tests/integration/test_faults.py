@@ -30,6 +30,7 @@ from tabbyproxy.supervisor import Lease, Supervisor, SupervisorSettings
 from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
 from tests.support.proxy import RunningProxy, pidAlive, waitForExit, waitUntil
 from tests.support.proxy import reactor as _reactor
+from tests.support.wire import ssePayloads
 
 # The global reactor, typed as what these tests use of it.
 reactor: Any = _reactor
@@ -68,15 +69,11 @@ class CapturedEvents:
         return [e["line"] for e in self.events if "line" in e and "model" in e]
 
 
-def sseEvents(body: bytes) -> list[str]:
-    return [line[len("data: "):] for line in body.decode().splitlines() if line.startswith("data: ")]
-
-
 def streamedText(body: bytes) -> tuple[str, list[str]]:
     """
     The content of an OpenAI chat stream, and its raw event payloads.
     """
-    events = sseEvents(body)
+    events = ssePayloads(body)
     text = ""
     for event in events:
         if event == "[DONE]":

@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import provider
 
 from tests.support.proxy import RunningProxy, inThread, waitUntil
+from tests.support.wire import ssePayloads
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha-exl3"}, "template": {"system": "Be brief."}},
@@ -145,8 +146,7 @@ class OpenAIClientTests(TestCase):
             proxy.url + "/v1/chat/completions",
             json={"model": "fragile", "stream": True, "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
         )
-        body = (await response.content()).decode()
-        events = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+        events = ssePayloads(await response.content())
         error = json.loads(events[-1])["error"]
         self.assertIn("connection to TabbyAPI broke", error["message"])
         self.assertNotIn("[DONE]", events)

@@ -27,7 +27,6 @@ from tabbyproxy.upstream import BytesProducer, treqClient
 
 reactor: Any = _globalReactor
 
-deterministic = settings(derandomize=True, max_examples=300, deadline=None, database=None)
 
 
 def chunked(pieces: list[bytes], trailers: list[bytes] = []) -> bytes:  # noqa: B006
@@ -59,7 +58,7 @@ class Recorder:
 
 
 class ChunkedDecoderTests(SynchronousTestCase):
-    @deterministic
+    @settings(max_examples=300)
     @given(
         pieces=st.lists(st.binary(max_size=300), max_size=20),
         trailers=st.lists(st.sampled_from([b"X-Usage: 12", b"Expires: never"]), max_size=2),

@@ -21,7 +21,6 @@ from tabbyproxy.keepalive import (
 )
 
 # Same examples on every run, no example database on disk, no wall-clock deadline.
-DETERMINISTIC = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 
 UNIT_SECONDS = {
     "ns": 1e-9,
@@ -175,7 +174,7 @@ class ParseKeepAlivePropertyTests(SynchronousTestCase):
     Properties of the parser over generated input.
     """
 
-    @DETERMINISTIC
+    @settings(max_examples=300)
     @given(durationParts)
     def test_unitPartsSumUp(self, parts: list[tuple[str, str]]) -> None:
         """
@@ -188,7 +187,7 @@ class ParseKeepAlivePropertyTests(SynchronousTestCase):
             f"{text!r} -> {parseKeepAlive(text)}, expected {expected}",
         )
 
-    @DETERMINISTIC
+    @settings(max_examples=300)
     @given(durationParts)
     def test_negatedPartsAreForever(self, parts: list[tuple[str, str]]) -> None:
         """
@@ -202,7 +201,7 @@ class ParseKeepAlivePropertyTests(SynchronousTestCase):
         else:
             self.assertEqual(result, 0.0)
 
-    @DETERMINISTIC
+    @settings(max_examples=300)
     @given(st.text())
     def test_anyTextParsesOrRaisesKeepAliveError(self, text: str) -> None:
         """
@@ -217,7 +216,7 @@ class ParseKeepAlivePropertyTests(SynchronousTestCase):
         self.assertFalse(math.isnan(result))
         self.assertTrue(result >= 0 or result == FOREVER)
 
-    @DETERMINISTIC
+    @settings(max_examples=300)
     @given(st.text(alphabet="0123456789.+-hmsnuµμ \t", max_size=20))
     def test_durationLikeTextParsesOrRaisesKeepAliveError(self, text: str) -> None:
         """
@@ -231,7 +230,7 @@ class ParseKeepAlivePropertyTests(SynchronousTestCase):
         self.assertFalse(math.isnan(result))
         self.assertTrue(result >= 0 or result == FOREVER)
 
-    @DETERMINISTIC
+    @settings(max_examples=300)
     @given(st.one_of(st.integers(), st.floats(allow_nan=False)))
     def test_anyNumberIsSecondsOrForever(self, number: float) -> None:
         """

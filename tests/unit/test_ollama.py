@@ -25,6 +25,7 @@ from tabbyproxy.routes.ollama import NOT_MANAGED, OLLAMA_VERSION
 from tabbyproxy.ollamawire import toolCallId
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.support.fakes import InMemoryProxy
+from tests.support.wire import ndjsonDocuments
 from tests.unit.test_ollamawire import (
     HEAD_CHAT,
     HEAD_COMPLETIONS,
@@ -55,19 +56,6 @@ def events(stream: bytes) -> list[bytes]:
     A recorded SSE stream cut into its events, each written by TabbyAPI separately.
     """
     return [event + b"\r\n\r\n" for event in stream.split(b"\r\n\r\n") if event]
-
-
-def ndjson(raw: bytes) -> list[dict[str, Any]]:
-    """
-    The objects of an NDJSON body, checking the framing Ollama clients rely on: every line
-    ends with a newline, none is blank, each is one JSON object.
-    """
-    assert raw.endswith(b"\n"), raw
-    lines = raw[:-1].split(b"\n")
-    assert all(line.strip() for line in lines), raw
-    documents = [json.loads(line) for line in lines]
-    assert all(isinstance(document, dict) for document in documents)
-    return documents
 
 
 class OllamaTestCase(SynchronousTestCase):
@@ -245,7 +233,7 @@ class GenerationTests(OllamaTestCase):
                                                 "messages": [{"role": "user", "content": "Hi"}]})
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
-        lines = ndjson(raw)
+        lines = ndjsonDocuments(raw)
         self.assertEqual([line["message"] for line in lines[:-1]],
                          [{"role": "assistant", "content": "Hel"}, {"role": "assistant", "content": "lo"}])
         self.assertEqual([line["done"] for line in lines], [False, False, True])
@@ -267,7 +255,7 @@ class GenerationTests(OllamaTestCase):
         gives the same lines, with C{done_reason: "length"}.
         """
         self.proxy.tabby.chunks = events(OLD_CHAT)
-        lines = ndjson(self.post("/api/chat", {"model": "llama", "messages": [{"role": "user", "content": "Hi"}]})[1])
+        lines = ndjsonDocuments(self.post("/api/chat", {"model": "llama", "messages": [{"role": "user", "content": "Hi"}]})[1])
         self.assertEqual("".join(line["message"]["content"] for line in lines), "Hello")
         self.assertEqual((lines[-1]["done_reason"], lines[-1]["eval_count"], lines[-1]["prompt_eval_count"]),
                          ("length", 2, 26))
@@ -315,7 +303,7 @@ class GenerationTests(OllamaTestCase):
         system prompt), and answers lines with C{response}.
         """
         self.proxy.tabby.chunks = events(HEAD_CHAT)
-        lines = ndjson(self.post("/api/generate", {"model": "qwen", "prompt": "Hi", "system": "Shout."})[1])
+        lines = ndjsonDocuments(self.post("/api/generate", {"model": "qwen", "prompt": "Hi", "system": "Shout."})[1])
         self.assertEqual([line["response"] for line in lines], ["Hel", "lo", ""])
         self.assertNotIn("message", lines[0])
         self.assertEqual((lines[-1]["done"], lines[-1]["done_reason"]), (True, "stop"))
@@ -363,7 +351,7 @@ class GenerationTests(OllamaTestCase):
         """
         self.proxy.tabby.chunks = events(HEAD_TOOLS)
         tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-        lines = ndjson(self.post("/api/chat", {
+        lines = ndjsonDocuments(self.post("/api/chat", {
             "model": "qwen", "tools": tools, "messages": [{"role": "user", "content": "Weather?"}]})[1])
         self.assertEqual(len(lines), 2)
         calls = lines[0]["message"]["tool_calls"]
@@ -411,7 +399,7 @@ class GenerationTests(OllamaTestCase):
         upstream.finish()
         self.proxy.flush()
         self.successResultOf(done)
-        self.assertEqual(ndjson(b"".join(received))[-1]["done"], True)
+        self.assertEqual(ndjsonDocuments(b"".join(received))[-1]["done"], True)
         self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
 
     def test_loadDuration(self) -> None:
@@ -612,7 +600,7 @@ class ErrorTests(OllamaTestCase):
         self.proxy.tabby.chunks = broken
         response, raw = self.post("/api/chat", {"model": "qwen", "messages": [{"role": "user", "content": "Hi"}]})
         self.assertEqual(response.code, 200)
-        lines = ndjson(raw)
+        lines = ndjsonDocuments(raw)
         self.assertEqual(lines[0]["message"]["content"], "Hel")
         self.assertEqual(lines[1:], [{"error": "Chat completion aborted. Please check the server console."}])
         self.assertOllamaError(
@@ -626,7 +614,7 @@ class ErrorTests(OllamaTestCase):
         A stream that ends without TabbyAPI's [DONE] ends with an error line, not a done line.
         """
         self.proxy.tabby.chunks = events(HEAD_CHAT)[:2]
-        lines = ndjson(self.post("/api/generate", {"model": "qwen", "prompt": "Hi"})[1])
+        lines = ndjsonDocuments(self.post("/api/generate", {"model": "qwen", "prompt": "Hi"})[1])
         self.assertEqual([line.get("response") for line in lines[:2]], ["Hel", "lo"])
         self.assertIn("ended before it was complete", lines[-1]["error"])
         self.assertNotIn("done", lines[-1])

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from attrs import define, field
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -44,22 +44,11 @@ from tabbyproxy.ollamawire import (
     upstreamEmbeddings,
 )
 from tabbyproxy.tabbywire import ChatStreamDecoder
+from tests.support.wire import sseDocuments
 
-deterministic = settings(derandomize=True, max_examples=200, deadline=None, database=None)
 
 STARTED = 1691176960.0
 """2023-08-04T19:22:40Z, when the requests in these tests arrive."""
-
-
-def sseEvents(stream: bytes) -> list[dict[str, Any]]:
-    """
-    The JSON objects of a recorded SSE stream, as the route hands them over.
-    """
-    events = []
-    for line in stream.decode("utf-8").splitlines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            events.append(json.loads(line[len("data: "):]))
-    return events
 
 
 HEAD_CHAT = (
@@ -195,7 +184,7 @@ def feedAll(
     Feed every event of C{stream}, C{step} seconds apart, and collect the lines to write.
     """
     lines = []
-    for event in sseEvents(stream):
+    for event in sseDocuments(stream):
         clock.advance(step)
         lines.extend(translate.feed(event))
     return lines
@@ -233,7 +222,6 @@ class TimestampTests(SynchronousTestCase):
         """
         self.assertTrue(ollamaTimestamp(1e10).startswith("2286-11-20T"))
 
-    @deterministic
     @given(st.floats(min_value=0, max_value=253402300799, allow_nan=False))
     def test_roundTrip(self, seconds: float) -> None:
         """
@@ -382,7 +370,6 @@ class OptionTests(SynchronousTestCase):
         self.assertRaises(OllamaRequestError, mapOptions, [1])
         self.assertEqual(mapOptions(None).sampler, {})
 
-    @deterministic
     @given(
         st.one_of(
             st.dictionaries(
@@ -1014,7 +1001,6 @@ class StreamTranslatorTests(SynchronousTestCase):
         self.assertEqual(final["eval_count"], 0)
         self.assertEqual(final["eval_duration"], 0)
 
-    @deterministic
     @given(
         st.text(),
         st.lists(st.integers(min_value=0, max_value=200), max_size=20),
@@ -1113,7 +1099,6 @@ class EmbeddingTests(SynchronousTestCase):
         self.assertEqual(embeddingsReply([]), {"embedding": []})
         self.assertEqual(normalized([0.0, 0.0]), [0.0, 0.0])
 
-    @deterministic
     @given(st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=64))
     def test_normalizedLength(self, vector: list[float]) -> None:
         """
