@@ -21,52 +21,20 @@ import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.error import ConnectionRefusedError
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import provider
 
 from tabbyproxy.config import Catalog
 from tabbyproxy.supervisor import Lease, Supervisor, SupervisorSettings
 from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
 from tests.support.proxy import RunningProxy, pidAlive, waitForExit, waitUntil
 from tests.support.proxy import reactor as _reactor
+from tests.support.logs import CapturedEvents
 from tests.support.wire import ssePayloads
 
 # The global reactor, typed as what these tests use of it.
 reactor: Any = _reactor
 
 GRACE = 10.0
-
-
-class CapturedEvents:
-    """
-    The log events emitted while a test runs (the real service logs to the global publisher).
-    """
-
-    def __init__(self, testCase: TestCase) -> None:
-        self.events: list[LogEvent] = []
-
-        @provider(ILogObserver)
-        def observe(event: LogEvent) -> None:
-            self.events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        testCase.addCleanup(globalLogPublisher.removeObserver, observe)
-
-    def starts(self) -> list[str]:
-        """
-        The models the supervisor started, in order.
-        """
-        return [e["model"] for e in self.events if e.get("log_format", "").startswith("Starting {model}")]
-
-    def stops(self) -> list[str]:
-        """
-        Why the supervisor stopped each child, in order.
-        """
-        return [e["why"] for e in self.events if e.get("log_format", "").startswith("Stopping {model}")]
-
-    def lines(self) -> list[str]:
-        return [e["line"] for e in self.events if "line" in e and "model" in e]
 
 
 def streamedText(body: bytes) -> tuple[str, list[str]]:
@@ -399,7 +367,7 @@ class ChildFaultTests(TestCase):
         proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"load_time": 0.5}}},
                              "--unload-timer", "0.2")
         request = proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x"})
-        await waitUntil(lambda: any("Loading model:" in line for line in events.lines()))
+        await waitUntil(lambda: any("Loading model:" in line for line in events.childLines()))
         self.assertEqual(proxy.supervisor.status()["state"], "starting")
         request.cancel()
         await DeferredList([request], consumeErrors=True)

@@ -11,11 +11,10 @@ from typing import Any
 
 import openai
 import treq
-from twisted.logger import globalLogPublisher, ILogObserver, LogEvent
 from twisted.trial.unittest import TestCase
-from zope.interface import provider
 
 from tests.support.proxy import RunningProxy, inThread, waitUntil
+from tests.support.logs import CapturedEvents
 from tests.support.wire import ssePayloads
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -28,26 +27,6 @@ def openaiClient(proxy: RunningProxy) -> openai.OpenAI:
     # Connection: close, so no idle keep-alive socket outlives the test.
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=30,
                          default_headers={"Connection": "close"})
-
-
-class CaptureLines:
-    """
-    Collects the child's log lines while a test runs.
-    """
-
-    def __init__(self, testCase: TestCase) -> None:
-        self.lines: list[str] = []
-
-        @provider(ILogObserver)
-        def observe(event: LogEvent) -> None:
-            if "line" in event and "model" in event:
-                self.lines.append(event["line"])
-
-        globalLogPublisher.addObserver(observe)
-        testCase.addCleanup(globalLogPublisher.removeObserver, observe)
-
-    def seen(self, fragment: str) -> bool:
-        return any(fragment in line for line in self.lines)
 
 
 class OpenAIClientTests(TestCase):
@@ -118,7 +97,7 @@ class OpenAIClientTests(TestCase):
         A client that leaves mid-stream makes the proxy close its request to TabbyAPI (the
         simulator reports the cancel), and the in-flight count returns to zero.
         """
-        lines = CaptureLines(self)
+        events = CapturedEvents(self)
         proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"token_delay": 0.05}}})
         response = await proxy.http.post(
             proxy.url + "/v1/chat/completions",
@@ -132,7 +111,7 @@ class OpenAIClientTests(TestCase):
         self.assertEqual(proxy.supervisor.status()["in_flight"], 1)
         response.original._transport.stopProducing()  # type: ignore[attr-defined]
         await self.assertFailure(done, Exception)
-        await waitUntil(lambda: lines.seen("cancelled by user"))
+        await waitUntil(lambda: events.childSaid("cancelled by user"))
         await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
 
     async def test_crashMidStreamIsReportedInStream(self) -> None:

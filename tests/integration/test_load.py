@@ -17,7 +17,8 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.proxy import RunningProxy, TwistdProxy, waitUntil
 from tests.support.proxy import reactor as _reactor
-from tests.integration.test_faults import CapturedEvents, streamedText
+from tests.integration.test_faults import streamedText
+from tests.support.logs import CapturedEvents
 
 # The global reactor, typed as what these tests use of it.
 reactor: Any = _reactor

@@ -17,8 +17,8 @@ import ollama
 import treq
 from twisted.trial.unittest import TestCase
 
+from tests.support.logs import CapturedEvents
 from tests.support.proxy import RunningProxy, inThread, waitUntil
-from tests.integration.test_integration import CaptureLines
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha-exl3", "max_seq_len": 4096},
@@ -229,7 +229,7 @@ class OllamaClientTests(TestCase):
         A client that leaves an /api/chat stream makes the proxy close its request to TabbyAPI
         (the simulator reports the cancel), and the in-flight count returns to zero.
         """
-        lines = CaptureLines(self)
+        events = CapturedEvents(self)
         proxy = RunningProxy(self, PROFILES)
         response = await proxy.http.post(
             proxy.url + "/api/chat", unbuffered=True,
@@ -242,7 +242,7 @@ class OllamaClientTests(TestCase):
         self.assertEqual(proxy.supervisor.status()["in_flight"], 1)
         response.original._transport.stopProducing()  # type: ignore[attr-defined]
         await self.assertFailure(done, Exception)
-        await waitUntil(lambda: lines.seen("cancelled by user"))
+        await waitUntil(lambda: events.childSaid("cancelled by user"))
         await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
 
 

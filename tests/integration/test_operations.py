@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from zope.interface import provider
 
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.supervisor import pickFreePort
@@ -77,15 +77,7 @@ class MetricsAndLogsTests(TestCase):
         Every answer carries X-Request-Id (the client's own when it sent one), and the access
         log event for the request carries the same id, its route, model and status.
         """
-        events: list[LogEvent] = []
-
-        @provider(ILogObserver)
-        def observe(event: LogEvent) -> None:
-            if event.get("request_id") is not None:
-                events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         proxy = RunningProxy(self, PROFILES)
         response = await proxy.http.post(
             proxy.url + "/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 2},
@@ -97,8 +89,8 @@ class MetricsAndLogsTests(TestCase):
         await generated.content()
         [generatedId] = generated.headers.getRawHeaders("x-request-id")
         self.assertRegex(generatedId, "^[0-9a-f]{16}$")
-        await waitUntil(lambda: any(e["request_id"] == generatedId for e in events))
-        [access] = [e for e in events if e["request_id"] == "trace-42" and "route" in e]
+        await waitUntil(lambda: any(e.get("request_id") == generatedId for e in events))
+        [access] = [e for e in events if e.get("request_id") == "trace-42" and "route" in e]
         self.assertEqual((access["route"], access["model"], access["status"]), ("/v1/completions", "beta", 200))
 
     async def test_logsAndLiveStream(self) -> None:

@@ -11,10 +11,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import ILogObserver, LogEvent, capturedLogs, formatEvent, globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogEvent, capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import provider
 
 from tabbyproxy.config import Keys
 from tabbyproxy.tap import Options
@@ -48,14 +48,7 @@ class KeysNeverLoggedTests(TestCase):
         key on an admin route; Bearer and x-api-key), starts and crashes a child and unloads
         it, leaves no key, nor the wrong key a client sent, in any log event the proxy emitted.
         """
-        events: list[LogEvent] = []
-
-        @provider(ILogObserver)
-        def observe(event: LogEvent) -> None:
-            events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         proxy = RunningProxy(self, PROFILES, "--simulate-auth", "--stop-grace", "1")
         keys = proxy.supervisor.install.keys
         self.assertTrue(keys.enabled)
