@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """
-The proxy's own cost, measured: one TabbyAPI simulator run directly and the proxy (which runs its
-own simulator child with the same knobs) driven with the same loads in the same run, reported as
-ratios proxy/direct.
+The proxy's own cost, measured: one TabbyAPI simulator run directly, nginx in front of it (the
+practical limit of a streaming relay), and the proxy (which runs its own simulator child with the
+same knobs), driven with the same loads in the same run, in interleaved rounds, and reported as
+the proxy's ratios to direct and to nginx.
 
-The simulator runs with zero token delay for the throughput scenarios, so what separates the two
-paths is the proxy.  Load comes from compiled clients: C{wrk} for throughput and latency, C{curl
+The simulator runs with zero token delay for the throughput scenarios, so what separates the
+paths is the relay.  Load comes from compiled clients: C{wrk} for throughput and latency, C{curl
 --parallel} for the time to first byte of each request; L{streams} (raw sockets) times every
 event of the slow-stream scenarios.  See bench/README.md.
 
@@ -48,10 +49,16 @@ CHAT = "/v1/chat/completions"
 OLLAMA_CHAT = "/api/chat"
 TICK = os.sysconf("SC_CLK_TCK")
 
-# Simulator knobs per proxy profile: zero delay measures the proxy's cost; "slow" is the
+# The contenders, in the order of a round's first turn (later rounds rotate it).
+CONTENDERS = ("direct", "nginx", "proxy")
+
+# Simulator knobs per proxy profile: zero delay measures the relay's cost; "slow" is the
 # realistic load (about 50 tokens/s per stream); "hold" keeps many streams open for a while.
 FAST = {"token_delay": 0, "tokens": 256}
 SLOW = {"token_delay": 0.02, "tokens": 256}
+
+# The proxy's profile for each kind of simulator (direct and nginx ignore the model name).
+PROFILES = {"fast": "bench", "slow": "bench-slow", "hold": "bench-hold"}
 
 
 @dataclass(frozen=True)
@@ -65,16 +72,16 @@ class Settings:
     realisticTokens: int
     holdStreams: int
     holdKnobs: dict[str, Any]
-    coldRepeats: int
+    rounds: int
     settle: float
 
     @classmethod
-    def make(cls, quick: bool, seconds: float | None) -> Settings:
+    def make(cls, quick: bool, seconds: float | None, rounds: int | None) -> Settings:
         if quick:
             return cls(True, seconds or 1.0, (4,), (4,), lambda c: 8, 8, 32, 50,
-                       {"token_delay": 0.05, "tokens": 10}, 1, 0.3)
-        return cls(False, seconds or 5.0, (1, 16, 64, 256), (1, 16, 64), lambda c: max(4 * c, 64), 64,
-                   256, 1000, {"token_delay": 0.2, "tokens": 40}, 3, 2.0)
+                       {"token_delay": 0.05, "tokens": 10}, rounds or 1, 0.3)
+        return cls(False, seconds or 3.0, (1, 16, 64, 256), (1, 16, 64), lambda c: max(4 * c, 64), 64,
+                   256, 1000, {"token_delay": 0.2, "tokens": 40}, rounds or 3, 2.0)
 
 
 # -- processes
@@ -175,6 +182,49 @@ def twistdCommand() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def nginxBinary() -> str | None:
+    return shutil.which("nginx") or next(
+        (str(path) for path in (Path("/usr/sbin/nginx"), Path("/usr/local/sbin/nginx")) if path.exists()), None)
+
+
+NGINX_CONF = """\
+# nginx as a plain streaming reverse proxy, the reference for what a relay costs: one worker
+# process (no master, so its CPU and memory are this one process's), no response buffering,
+# HTTP/1.1 keep-alive to the upstream, an access log line per request as the proxy writes.
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 8192;
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {root}/nginx-access.log;
+    client_body_temp_path {root}/nginx-tmp/body;
+    proxy_temp_path {root}/nginx-tmp/proxy;
+    fastcgi_temp_path {root}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {root}/nginx-tmp/uwsgi;
+    scgi_temp_path {root}/nginx-tmp/scgi;
+    keepalive_requests 1000000;
+{servers}
+}}
+"""
+
+NGINX_SERVER = """\
+    upstream {kind} {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://{kind};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}"""
+
+
 @dataclass
 class Servers:
     """
@@ -185,6 +235,8 @@ class Servers:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     directPorts: dict[str, int] = field(default_factory=dict)
     directPids: dict[str, int] = field(default_factory=dict)
+    nginxPorts: dict[str, int] = field(default_factory=dict)
+    nginx: subprocess.Popen[bytes] | None = None
     proxyPort: int = 0
     proxy: subprocess.Popen[bytes] | None = None
 
@@ -198,6 +250,31 @@ class Servers:
         self.directPorts[name] = port
         self.directPids[name] = process.pid
         return port
+
+    def startNginx(self) -> str | None:
+        """
+        Start nginx in the foreground, as a child stopped with the others, in front of each
+        direct simulator.
+
+        @return: why nginx is not measured, or C{None} once it answers on every port.
+        """
+        binary = nginxBinary()
+        if binary is None:
+            return "nginx is not installed (apt-get install -y nginx)"
+        (self.root / "nginx-tmp").mkdir()
+        self.nginxPorts = {kind: freePort() for kind in self.directPorts}
+        servers = "\n".join(NGINX_SERVER.format(kind=kind, upstream=self.directPorts[kind], port=port)
+                            for kind, port in self.nginxPorts.items())
+        config = self.root / "nginx.conf"
+        config.write_text(NGINX_CONF.format(root=self.root, servers=servers))
+        with open(self.root / "nginx-stderr.log", "wb") as log:
+            self.nginx = subprocess.Popen(
+                [binary, "-p", str(self.root), "-e", str(self.root / "nginx-error.log"), "-c", str(config)],
+                cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(self.nginx)
+        for port in self.nginxPorts.values():
+            waitForHealth(port, self.nginx, "nginx")
+        return None
 
     def startProxy(self, profiles: dict[str, dict[str, Any]]) -> int:
         configDirectory = self.root / "config"
@@ -224,6 +301,24 @@ class Servers:
         status, raw = request(self.proxyPort, "GET", "/status")
         pid = json.loads(raw).get("pid") if status == 200 else None
         return int(pid) if pid else None
+
+    def port(self, contender: str, kind: str) -> int:
+        if contender == "direct":
+            return self.directPorts[kind]
+        if contender == "nginx":
+            return self.nginxPorts[kind]
+        return self.proxyPort
+
+    def pid(self, contender: str, kind: str) -> int:
+        """
+        The process whose CPU and memory are the contender's cost (for direct: the simulator's).
+        """
+        if contender == "direct":
+            return self.directPids[kind]
+        if contender == "nginx":
+            assert self.nginx is not None
+            return self.nginx.pid
+        return self.proxyPid
 
     def use(self, profile: str) -> None:
         """
@@ -351,177 +446,282 @@ def eventsPerAnswer(port: int, path: str, body: dict[str, Any], kind: str) -> in
 # -- the table
 
 
+@dataclass(frozen=True)
+class Target:
+    """
+    A target of issue 5 or 15 for one figure, judged on the medians of its contenders.
+
+    @ivar met: given the medians by contender, whether the target is met, or C{None} when a
+        contender it needs was not measured.
+    """
+
+    text: str
+    met: Callable[[dict[str, float]], bool | None]
+
+
+def atLeastTimes(share: float, of: str = "direct") -> Target:
+    return Target(f">= x{share:.2f} {of}",
+                  lambda m: None if of not in m or "proxy" not in m else m["proxy"] >= share * m[of])
+
+
+def atMostTimes(share: float, of: str = "nginx") -> Target:
+    return Target(f"<= x{share:.2f} {of}",
+                  lambda m: None if of not in m or "proxy" not in m else m["proxy"] <= share * m[of])
+
+
+def atMostAdded(limit: float, unit: str = "ms") -> Target:
+    return Target(f"<= +{limit:g} {unit} direct",
+                  lambda m: None if "direct" not in m or "proxy" not in m else m["proxy"] - m["direct"] <= limit)
+
+
+def atMost(limit: float, fmt: str = "{:g}") -> Target:
+    return Target(f"<= {fmt.format(limit)}", lambda m: None if "proxy" not in m else m["proxy"] <= limit)
+
+
+def atLeast(limit: float, fmt: str = "{:g}") -> Target:
+    return Target(f">= {fmt.format(limit)}", lambda m: None if "proxy" not in m else m["proxy"] >= limit)
+
+
 @dataclass
-class Row:
+class Figure:
+    """
+    One row of the table: a metric at one load, one value per contender and round.
+
+    @ivar kind: C{"ratio"} for rates, costs and sizes (compared as proxy / other), C{"time"}
+        for times in ms (compared as proxy - other, with the ratio beside it), C{"plain"} for a
+        figure of the proxy's alone.
+    """
+
     scenario: str
     load: str
     metric: str
-    direct: str
-    proxy: str
-    compared: str
-    target: str = ""
-    verdict: str = ""
+    kind: str
+    fmt: str
+    target: Target | None
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def medians(self) -> dict[str, float]:
+        return {name: statistics.median(found) for name, found in self.values.items() if found}
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        met = self.target.met(self.medians())
+        return "n/a" if met is None else ("met" if met else "MISSED")
+
+    def compared(self, other: str) -> str:
+        medians = self.medians()
+        if self.kind == "plain" or "proxy" not in medians or other not in medians:
+            return "-"
+        proxy, base = medians["proxy"], medians[other]
+        ratio = f"x{proxy / base:.2f}" if base else "x-"
+        if self.kind == "time":
+            return f"{proxy - base:+.2f} ms ({ratio})"
+        return ratio
+
+
+ROW_HEADER = ("scenario", "load", "metric", "direct", "nginx", "proxy", "proxy vs direct", "proxy vs nginx",
+              "target", "")
 
 
 class Report:
-    def __init__(self) -> None:
-        self.rows: list[Row] = []
+    """
+    The figures of every round, shown as medians over the rounds.
+    """
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self.figures: dict[tuple[str, str, str], Figure] = {}
         self.notes: list[str] = []
 
-    def add(self, row: Row) -> None:
-        self.rows.append(row)
-        print(f"  {row.scenario} {row.load}: {row.metric} direct {row.direct} proxy {row.proxy}"
-              f" -> {row.compared} {row.verdict}", file=sys.stderr, flush=True)
+    def record(self, scenario: str, load: str, metric: str, contender: str, value: float, kind: str = "ratio",
+               fmt: str = "{:,.1f}", target: Target | None = None) -> None:
+        key = (scenario, load, metric)
+        figure = self.figures.get(key)
+        if figure is None:
+            figure = self.figures[key] = Figure(scenario, load, metric, kind, fmt, target)
+        figure.values.setdefault(contender, []).append(value)
+        print(f"  {scenario} {load}: {metric} {contender} {fmt.format(value)}", file=sys.stderr, flush=True)
 
-    def ratio(self, scenario: str, load: str, metric: str, direct: float, proxy: float, target: float | None,
-              fmt: str = "{:,.0f}") -> None:
-        value = proxy / direct if direct else float("nan")
-        verdict = "" if target is None else ("met" if value >= target else "MISSED")
-        self.add(Row(scenario, load, metric, fmt.format(direct), fmt.format(proxy), f"x{value:.2f}",
-                     "" if target is None else f">= x{target:.2f}", verdict))
+    def median(self, scenario: str, load: str, metric: str, contender: str) -> float | None:
+        figure = self.figures.get((scenario, load, metric))
+        return None if figure is None else figure.medians().get(contender)
 
-    def added(self, scenario: str, load: str, metric: str, direct: float, proxy: float, limit: float | None,
-              unit: str = "ms") -> None:
-        delta = proxy - direct
-        verdict = "" if limit is None else ("met" if delta <= limit else "MISSED")
-        self.add(Row(scenario, load, metric, f"{direct:.2f}", f"{proxy:.2f}", f"{delta:+.2f} {unit}",
-                     "" if limit is None else f"<= +{limit:g} {unit}", verdict))
-
-    def value(self, scenario: str, load: str, metric: str, proxy: float, limit: float | None = None,
-              fmt: str = "{:.1f}", direct: str = "-", targetText: str | None = None) -> None:
-        verdict = "" if limit is None else ("met" if proxy <= limit else "MISSED")
-        target = targetText if targetText is not None else ("" if limit is None else f"<= {fmt.format(limit)}")
-        self.add(Row(scenario, load, metric, direct, fmt.format(proxy), "", target, verdict))
+    def cells(self, figure: Figure) -> tuple[str, ...]:
+        medians = figure.medians()
+        shown = tuple(figure.fmt.format(medians[name]) if name in medians else "-" for name in CONTENDERS)
+        return (figure.scenario, figure.load, figure.metric, *shown, figure.compared("direct"),
+                figure.compared("nginx"), figure.target.text if figure.target else "", figure.verdict())
 
     def render(self) -> str:
-        header = Row("scenario", "load", "metric", "direct", "proxy", "proxy vs direct", "target", "")
-        table = [header, *self.rows]
-        widths = [max(len(getattr(row, name)) for row in table) for name in Row.__dataclass_fields__]
+        table = [ROW_HEADER, *(self.cells(figure) for figure in self.figures.values())]
+        widths = [max(len(row[column]) for row in table) for column in range(len(ROW_HEADER))]
         lines = []
         for index, row in enumerate(table):
-            cells = [getattr(row, name) for name in Row.__dataclass_fields__]
-            lines.append("| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |")
+            lines.append("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
             if index == 0:
                 lines.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
         return "\n".join(lines + [""] + [f"- {note}" for note in self.notes])
+
+    def verdicts(self) -> list[str]:
+        return [figure.verdict() for figure in self.figures.values()]
 
 
 # -- scenarios
 
 
-def coldStart(servers: Servers, report: Report, settings: Settings) -> None:
+@dataclass
+class Round:
+    """
+    What a scenario needs to run one round: the servers, the contenders in this round's order,
+    and where the figures go.
+    """
+
+    servers: Servers
+    report: Report
+    settings: Settings
+    contenders: tuple[str, ...]
+    number: int
+
+    def prepare(self, contender: str, kind: str) -> None:
+        if contender == "proxy":
+            self.servers.use(PROFILES[kind])
+
+    def watch(self, contender: str, kind: str) -> list[int]:
+        return [self.servers.pid(contender, kind)]
+
+
+def coldStart(run: Round) -> None:
     """
     (d) The simulator's own start (spawn to first token, polling every 5 ms) against the proxy's
-    first request with no model loaded (request to first token).
+    first request with no model loaded (request to first token).  nginx has no start of its own
+    to compare.
     """
+    servers, report = run.servers, run.report
     body = json.dumps(chatBody("bench", True, 16)).encode()
-    direct, proxied = [], []
-    for attempt in range(settings.coldRepeats):
-        directory = servers.root / f"cold-{attempt}"
-        port = freePort()
-        writeSimulatorDirectory(directory, port, FAST)
-        started = time.perf_counter()
-        process = spawnSimulator(directory)
-        try:
-            direct.append(firstTokenWhenUp(port, CHAT, body) - started)
-        finally:
-            process.terminate()
-            process.wait(15)
-        status, raw = request(servers.proxyPort, "POST", "/unload")
-        if status != 200:
-            raise SystemExit(f"/unload answered {status}: {raw[:200]!r}")
-        started = time.perf_counter()
-        proxied.append(firstTokenWhenUp(servers.proxyPort, CHAT, body) - started)
-    report.added("d cold start", f"median of {settings.coldRepeats}", "start to first token ms",
-                 1000 * statistics.median(direct), 1000 * statistics.median(proxied), 150)
+    load = f"median of {run.settings.rounds}"
+    for contender in run.contenders:
+        if contender == "direct":
+            directory = servers.root / f"cold-{run.number}"
+            port = freePort()
+            writeSimulatorDirectory(directory, port, FAST)
+            started = time.perf_counter()
+            process = spawnSimulator(directory)
+            try:
+                took = firstTokenWhenUp(port, CHAT, body) - started
+            finally:
+                process.terminate()
+                process.wait(15)
+        elif contender == "proxy":
+            status, raw = request(servers.proxyPort, "POST", "/unload")
+            if status != 200:
+                raise SystemExit(f"/unload answered {status}: {raw[:200]!r}")
+            started = time.perf_counter()
+            took = firstTokenWhenUp(servers.proxyPort, CHAT, body) - started
+        else:
+            continue
+        report.record("d cold start", load, "start to first token ms", contender, 1000 * took, "time", "{:.2f}",
+                      atMostAdded(150))
 
 
-def memory(servers: Servers, report: Report, settings: Settings) -> None:
+def memory(run: Round) -> None:
     """
-    (e) The proxy's RSS at rest, at the peak of many concurrent slow streams, and after them.
+    (e) The relay's RSS at rest, at the peak of many concurrent slow streams, and after them.
     """
-    servers.use("bench-hold")
-    pid = servers.proxyPid
-    time.sleep(settings.settle)
-    rest = rssMB(pid)
-    samples: list[float] = []
+    settings, report = run.settings, run.report
     tokens = settings.holdKnobs["tokens"]
-    body = json.dumps(chatBody("bench-hold", True, tokens)).encode()
-    streams = runStreams(servers.proxyPort, CHAT, body, settings.holdStreams, kind="sse", timeout=300,
-                         onTick=lambda: samples.append(rssMB(pid)))
-    failed = [s for s in streams if s.error or s.status != 200 or len(s.events) < tokens]
-    time.sleep(settings.settle)
-    after = rssMB(pid)
+    body = json.dumps(chatBody(PROFILES["hold"], True, tokens)).encode()
     load = f"{settings.holdStreams} streams"
-    report.value("e memory", "idle, model loaded", "proxy RSS MB", rest)
-    report.value("e memory", load, "proxy RSS MB, peak", max(samples), 100)
-    report.value("e memory", f"{settings.settle:g} s after them", "proxy RSS MB", after, targetText=f"<= {1.1 * rest:.1f} (rest +10%)",
-                 limit=1.1 * rest)
-    if failed:
-        report.notes.append(f"e: {len(failed)} of {settings.holdStreams} held streams failed, e.g. "
-                            f"{failed[0].status} {failed[0].error}")
+    for contender in run.contenders:
+        if contender == "direct":
+            continue
+        run.prepare(contender, "hold")
+        pid = run.servers.pid(contender, "hold")
+        time.sleep(settings.settle)
+        rest = rssMB(pid)
+        samples: list[float] = [rest]
+        streams = runStreams(run.servers.port(contender, "hold"), CHAT, body, settings.holdStreams, kind="sse",
+                             timeout=300, onTick=lambda: samples.append(rssMB(pid)))
+        failed = [s for s in streams if s.error or s.status != 200 or len(s.events) < tokens]
+        time.sleep(settings.settle)
+        after = rssMB(pid)
+        report.record("e memory", "idle, model loaded", "RSS MB", contender, rest)
+        report.record("e memory", load, "RSS MB, peak", contender, max(samples), target=atMost(64))
+        report.record("e memory", load, "KB per stream at the peak", contender,
+                      1024 * (max(samples) - rest) / settings.holdStreams, fmt="{:.1f}")
+        report.record("e memory", f"{settings.settle:g} s after them", "RSS / idle RSS", contender, after / rest,
+                      fmt="{:.2f}", target=atMost(1.10, "{:.2f}"))
+        if failed:
+            report.notes.append(f"e {contender} round {run.number}: {len(failed)} of {settings.holdStreams} held "
+                                f"streams failed, e.g. {failed[0].status} {failed[0].error}")
 
 
-def streaming(servers: Servers, report: Report, settings: Settings) -> dict[int, float]:
+def streaming(run: Round, perAnswer: dict[str, int]) -> dict[int, float]:
     """
-    (a) 256-token streaming chats: relayed chunks per second and time to first byte.
+    (a) 256-token streaming chats: relayed chunks per second, CPU, and time to first byte.
 
-    @return: the proxy's chunks per second at each concurrency, for the Ollama comparison.
+    @param perAnswer: events per answer by contender, counted once per run (filled here).
+    @return: the proxy's chunks per second at each concurrency this round, for the Ollama path.
     """
-    servers.use("bench")
-    direct, proxy = servers.directPorts["fast"], servers.proxyPort
-    child = servers.proxyChildPid()
-    body = chatBody("bench", True, 256)
-    perAnswer = {port: eventsPerAnswer(port, CHAT, body, "sse") for port in (direct, proxy)}
-    if perAnswer[direct] != perAnswer[proxy]:
-        report.notes.append(f"a: the proxy relayed {perAnswer[proxy]} events per answer, direct {perAnswer[direct]}")
+    servers, report, settings = run.servers, run.report, run.settings
+    body = chatBody(PROFILES["fast"], True, 256)
+    for contender in run.contenders:
+        run.prepare(contender, "fast")
+        if contender not in perAnswer:
+            perAnswer[contender] = eventsPerAnswer(servers.port(contender, "fast"), CHAT, body, "sse")
+            if perAnswer[contender] != perAnswer.get("direct", perAnswer[contender]):
+                report.notes.append(f"a: {contender} relayed {perAnswer[contender]} events per answer, "
+                                    f"direct {perAnswer['direct']}")
     proxyChunks: dict[int, float] = {}
     for connections in settings.concurrency:
         load = f"c={connections}"
-        straight = runWrk(servers.root, direct, CHAT, body, connections, settings.seconds, [servers.directPids["fast"]])
-        relayed = runWrk(servers.root, proxy, CHAT, body, connections, settings.seconds,
-                         [servers.proxyPid] + ([child] if child else []))
-        directChunks = straight.requestsPerSecond * perAnswer[direct]
-        proxyChunks[connections] = relayed.requestsPerSecond * perAnswer[proxy]
-        report.ratio("a stream 256", load, "chunks/s", directChunks, proxyChunks[connections], 0.90)
-        report.add(Row("a stream 256", load, "CPU % of a core", f"{straight.cpu[0]:.0f} (sim)",
-                       f"{relayed.cpu[0]:.0f} (+{relayed.cpu[1] if child else 0:.0f} sim)", ""))
-        report.value("a stream 256", load, "proxy CPU us per chunk",
-                     1e6 * relayed.cpu[0] / 100 / proxyChunks[connections] if proxyChunks[connections] else 0)
+        for contender in run.contenders:
+            result = runWrk(servers.root, servers.port(contender, "fast"), CHAT, body, connections,
+                            settings.seconds, run.watch(contender, "fast"))
+            chunks = result.requestsPerSecond * perAnswer[contender]
+            if contender == "proxy":
+                proxyChunks[connections] = chunks
+            report.record("a stream 256", load, "chunks/s", contender, chunks, fmt="{:,.0f}",
+                          target=atLeastTimes(0.90))
+            report.record("a stream 256", load, "CPU % of a core (direct: sim)", contender, result.cpu[0],
+                          fmt="{:.0f}")
+            report.record("a stream 256", load, "CPU us per chunk (direct: sim)", contender,
+                          1e6 * result.cpuSeconds[0] / max(result.requests * perAnswer[contender], 1),
+                          fmt="{:.2f}", target=atMostTimes(1.3))
+            if result.errors:
+                report.notes.append(f"a {load} {contender} round {run.number}: {result.errors} wrk errors")
         transfers = settings.ttfbTransfers(connections)
-        straightTimes, straightFailed = runCurlTTFB(servers.root, direct, CHAT, body, connections, transfers)
-        relayedTimes, relayedFailed = runCurlTTFB(servers.root, proxy, CHAT, body, connections, transfers)
-        limit = 2.0 if connections <= 16 else None
-        report.added("a stream 256", load, "TTFB p50 ms", 1000 * percentile(straightTimes, 0.5),
-                     1000 * percentile(relayedTimes, 0.5), limit)
-        report.added("a stream 256", load, "TTFB p99 ms", 1000 * percentile(straightTimes, 0.99),
-                     1000 * percentile(relayedTimes, 0.99), None)
-        for what, result, failed in (("direct", straight, straightFailed), ("proxy", relayed, relayedFailed)):
-            if result.errors or failed:
-                report.notes.append(f"a {load} {what}: {result.errors} wrk errors, {failed} curl failures")
+        for contender in run.contenders:
+            times, failed = runCurlTTFB(servers.root, servers.port(contender, "fast"), CHAT, body, connections,
+                                        transfers)
+            report.record("a stream 256", load, "TTFB p50 ms", contender, 1000 * percentile(times, 0.5), "time",
+                          "{:.2f}", atMostAdded(2) if connections <= 16 else None)
+            report.record("a stream 256", load, "TTFB p99 ms", contender, 1000 * percentile(times, 0.99), "time",
+                          "{:.2f}")
+            if failed:
+                report.notes.append(f"a {load} {contender} round {run.number}: {failed} curl failures")
     return proxyChunks
 
 
-def small(servers: Servers, report: Report, settings: Settings) -> None:
+def small(run: Round) -> None:
     """
-    (b) Non-streaming requests of 16 tokens: requests per second and latency.
+    (b) Non-streaming requests of 16 tokens: requests per second, CPU per request and latency.
     """
-    body = chatBody("bench", False, 16)
+    servers, report, settings = run.servers, run.report, run.settings
+    body = chatBody(PROFILES["fast"], False, 16)
     for connections in settings.smallConcurrency:
         load = f"c={connections}"
-        straight = runWrk(servers.root, servers.directPorts["fast"], CHAT, body, connections, settings.seconds,
-                          [servers.directPids["fast"]])
-        relayed = runWrk(servers.root, servers.proxyPort, CHAT, body, connections, settings.seconds,
-                         [servers.proxyPid])
-        report.ratio("b small", load, "requests/s", straight.requestsPerSecond, relayed.requestsPerSecond, None)
-        report.ratio("b small", load, "CPU us per request (direct: sim)",
-                     1e6 * straight.cpuSeconds[0] / max(straight.requests, 1),
-                     1e6 * relayed.cpuSeconds[0] / max(relayed.requests, 1), None, fmt="{:.0f}")
-        report.added("b small", load, "latency p50 ms", 1000 * straight.latencyP50, 1000 * relayed.latencyP50, None)
-        report.added("b small", load, "latency p99 ms", 1000 * straight.latencyP99, 1000 * relayed.latencyP99, None)
-        for what, result in (("direct", straight), ("proxy", relayed)):
+        for contender in run.contenders:
+            run.prepare(contender, "fast")
+            result = runWrk(servers.root, servers.port(contender, "fast"), CHAT, body, connections,
+                            settings.seconds, run.watch(contender, "fast"))
+            report.record("b small", load, "requests/s", contender, result.requestsPerSecond, fmt="{:,.0f}")
+            report.record("b small", load, "CPU us per request (direct: sim)", contender,
+                          1e6 * result.cpuSeconds[0] / max(result.requests, 1), fmt="{:.0f}", target=atMost(350))
+            report.record("b small", load, "latency p50 ms", contender, 1000 * result.latencyP50, "time", "{:.2f}")
+            report.record("b small", load, "latency p99 ms", contender, 1000 * result.latencyP99, "time", "{:.2f}")
             if result.errors:
-                report.notes.append(f"b {load} {what}: {result.errors} errors")
+                report.notes.append(f"b {load} {contender} round {run.number}: {result.errors} errors")
 
 
 def ollamaAvailable(servers: Servers) -> str | None:
@@ -537,32 +737,42 @@ def ollamaAvailable(servers: Servers) -> str | None:
     return None
 
 
-def ollama(servers: Servers, report: Report, settings: Settings, openaiChunks: dict[int, float]) -> None:
+def ollama(run: Round, openaiChunks: dict[int, float]) -> None:
     """
-    (c) The Ollama /api/chat translation path against the OpenAI path, both through the proxy.
+    (c) The Ollama /api/chat translation path against the OpenAI path, both through the proxy
+    (nginx and direct have no such path: the ratio is to the proxy's own OpenAI figure of the
+    same round).
     """
-    proxy, child = servers.proxyPort, servers.proxyChildPid()
-    body = ollamaBody("bench", True, 256)
-    perAnswer = eventsPerAnswer(proxy, OLLAMA_CHAT, body, "ndjson")
+    servers, report, settings = run.servers, run.report, run.settings
+    run.prepare("proxy", "fast")
+    body = ollamaBody(PROFILES["fast"], True, 256)
+    perAnswer = eventsPerAnswer(servers.proxyPort, OLLAMA_CHAT, body, "ndjson")
     for connections in settings.concurrency:
         load = f"c={connections}"
-        result = runWrk(servers.root, proxy, OLLAMA_CHAT, body, connections, settings.seconds,
-                        [servers.proxyPid] + ([child] if child else []))
+        result = runWrk(servers.root, servers.proxyPort, OLLAMA_CHAT, body, connections, settings.seconds,
+                        run.watch("proxy", "fast"))
         chunks = result.requestsPerSecond * perAnswer
-        report.add(Row("c ollama", load, "chunks/s (direct = OpenAI path)", f"{openaiChunks[connections]:,.0f}",
-                       f"{chunks:,.0f}", f"x{chunks / openaiChunks[connections]:.2f}", ">= x0.80",
-                       "met" if chunks >= 0.8 * openaiChunks[connections] else "MISSED"))
-        times, failed = runCurlTTFB(servers.root, proxy, OLLAMA_CHAT, body, connections,
+        report.record("c ollama", load, "chunks/s", "proxy", chunks, "plain", "{:,.0f}")
+        if connections in openaiChunks:
+            report.record("c ollama", load, "chunks/s / OpenAI path's", "proxy",
+                          chunks / openaiChunks[connections] if openaiChunks[connections] else 0, "plain", "{:.2f}",
+                          atLeast(0.80, "{:.2f}"))
+        report.record("c ollama", load, "CPU us per chunk", "proxy",
+                      1e6 * result.cpuSeconds[0] / max(result.requests * perAnswer, 1), "plain", "{:.2f}")
+        times, failed = runCurlTTFB(servers.root, servers.proxyPort, OLLAMA_CHAT, body, connections,
                                     settings.ttfbTransfers(connections))
-        report.value("c ollama", load, "TTFB p50 ms", 1000 * percentile(times, 0.5), fmt="{:.2f}")
+        report.record("c ollama", load, "TTFB p50 ms", "proxy", 1000 * percentile(times, 0.5), "plain", "{:.2f}")
         if result.errors or failed:
-            report.notes.append(f"c {load}: {result.errors} wrk errors, {failed} curl failures")
+            report.notes.append(f"c {load} round {run.number}: {result.errors} wrk errors, {failed} curl failures")
 
 
 def timedStreams(port: int, path: str, body: dict[str, Any], count: int, kind: str,
                  watch: Sequence[int]) -> tuple[list[Stream], list[float], float]:
+    """
+    C{count} streams opened at once (as many clients arriving together do), timed event by event.
+    """
     cpu = CPUWatch(watch)
-    streams = runStreams(port, path, json.dumps(body).encode(), count, kind=kind, timeout=300)
+    streams = runStreams(port, path, json.dumps(body).encode(), count, kind=kind, timeout=300, openPerTurn=count)
     return streams, cpu.percent(), time.perf_counter() - cpu.wall
 
 
@@ -578,41 +788,52 @@ def gaps(streams: list[Stream]) -> list[float]:
     return found
 
 
-def realistic(servers: Servers, report: Report, settings: Settings, ollamaReason: str | None) -> None:
+def realistic(run: Round, ollamaReason: str | None) -> None:
     """
-    (r) 64 concurrent streams at about 50 tokens/s each: the proxy's CPU and the jitter it adds
-    to the arrival of each chunk.
+    (r) 64 concurrent streams at about 50 tokens/s each, opened at once: the relay's CPU, the
+    jitter it adds to the arrival of each chunk, and the time to first byte.
     """
-    servers.use("bench-slow")
+    report, settings = run.report, run.settings
     count, tokens = settings.realisticStreams, settings.realisticTokens
     load = f"{count} x {1 / SLOW['token_delay']:.0f} tok/s"
-    body = chatBody("bench-slow", True, tokens)
-    direct, _, _ = timedStreams(servers.directPorts["slow"], CHAT, body, count, "sse", [])
-    relayed, [cpu], _ = timedStreams(servers.proxyPort, CHAT, body, count, "sse", [servers.proxyPid])
-    for what, streams in (("direct", direct), ("proxy", relayed)):
+    body = chatBody(PROFILES["slow"], True, tokens)
+    proxyCPU = None
+    for contender in run.contenders:
+        run.prepare(contender, "slow")
+        streams, [cpu], _ = timedStreams(run.servers.port(contender, "slow"), CHAT, body, count, "sse",
+                                         run.watch(contender, "slow"))
         bad = [s for s in streams if s.error or s.status != 200]
         if bad:
-            report.notes.append(f"r {what}: {len(bad)} streams failed, e.g. {bad[0].status} {bad[0].error}")
-    report.value("r realistic", load, "proxy CPU % of a core", cpu, 30, fmt="{:.1f}")
-    directGaps, proxyGaps = gaps(direct), gaps(relayed)
-    report.added("r realistic", load, "chunk gap p50 ms", percentile(directGaps, 0.5), percentile(proxyGaps, 0.5), None)
-    report.added("r realistic", load, "chunk gap p99 ms", percentile(directGaps, 0.99), percentile(proxyGaps, 0.99), 2)
-    report.added("r realistic", load, "TTFB p50 ms", 1000 * statistics.median(s.ttfb or 0 for s in direct),
-                 1000 * statistics.median(s.ttfb or 0 for s in relayed), None)
-    if ollamaReason is None:
-        ollamaStreams, [ollamaCPU], _ = timedStreams(servers.proxyPort, OLLAMA_CHAT, ollamaBody("bench-slow", True, tokens),
-                                                     count, "ndjson", [servers.proxyPid])
-        report.add(Row("r realistic", load, "Ollama CPU % (direct = OpenAI path)", f"{cpu:.1f}", f"{ollamaCPU:.1f}",
-                       f"x{ollamaCPU / cpu:.2f}", "<= x2.00", "met" if ollamaCPU <= 2 * cpu else "MISSED"))
-        report.added("r realistic", load, "Ollama chunk gap p99 ms (direct = sim)", percentile(directGaps, 0.99),
-                     percentile(gaps(ollamaStreams), 0.99), None)
+            report.notes.append(f"r {contender} round {run.number}: {len(bad)} streams failed, e.g. "
+                                f"{bad[0].status} {bad[0].error}")
+        if contender == "proxy":
+            proxyCPU = cpu
+        report.record("r realistic", load, "CPU % of a core (direct: sim)", contender, cpu, fmt="{:.1f}",
+                      target=atMost(30))
+        found = gaps(streams)
+        report.record("r realistic", load, "chunk gap p50 ms", contender, percentile(found, 0.5), "time", "{:.2f}")
+        report.record("r realistic", load, "chunk gap p99 ms", contender, percentile(found, 0.99), "time", "{:.2f}",
+                      atMostAdded(2))
+        firstBytes = [1000 * s.ttfb for s in streams if s.ttfb is not None]
+        report.record("r realistic", load, "TTFB p50 ms", contender, percentile(firstBytes, 0.5), "time", "{:.2f}",
+                      atMostAdded(10))
+        report.record("r realistic", load, "TTFB p99 ms", contender, percentile(firstBytes, 0.99), "time", "{:.2f}",
+                      atMostAdded(20))
+    if ollamaReason is None and proxyCPU is not None:
+        run.prepare("proxy", "slow")
+        _, [ollamaCPU], _ = timedStreams(run.servers.proxyPort, OLLAMA_CHAT, ollamaBody(PROFILES["slow"], True, tokens),
+                                         count, "ndjson", run.watch("proxy", "slow"))
+        report.record("r realistic", load, "Ollama CPU / OpenAI path's", "proxy",
+                      ollamaCPU / proxyCPU if proxyCPU else 0, "plain", "{:.2f}", atMost(2.0, "{:.2f}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: every scenario, tiny loads")
-    parser.add_argument("--seconds", type=float, help="duration of each wrk run [5, or 1 with --quick]")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: every scenario, tiny loads, one round")
+    parser.add_argument("--seconds", type=float, help="duration of each wrk run [3, or 1 with --quick]")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds; the table shows medians [3, or 1 with --quick]")
     parser.add_argument("--only", default="abcder", help="scenarios to run, e.g. --only ad [abcder]")
+    parser.add_argument("--without", default="", help="contenders to leave out, e.g. --without nginx")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs) and print its path")
     options = parser.parse_args(argv)
     missing = [tool for tool in ("wrk", "curl") if shutil.which(tool) is None]
@@ -620,35 +841,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {' and '.join(missing)} not found; install with: apt-get install -y wrk curl",
               file=sys.stderr)
         return 2
-    settings = Settings.make(options.quick, options.seconds)
+    settings = Settings.make(options.quick, options.seconds, options.rounds)
     root = Path(tempfile.mkdtemp(prefix="tabbyproxy-bench-"))
     servers = Servers(root)
-    report = Report()
+    report = Report(settings.rounds)
+    contenders = [name for name in CONTENDERS if name not in options.without.split(",")]
     started = datetime.now(timezone.utc)
     loadBefore = os.getloadavg()[0]
     try:
-        print(f"bench: starting simulators and the proxy in {root}", file=sys.stderr)
+        print(f"bench: starting simulators, nginx and the proxy in {root}", file=sys.stderr)
         servers.startDirect("fast", FAST)
         servers.startDirect("slow", SLOW)
-        servers.startProxy({"bench": FAST, "bench-slow": SLOW, "bench-hold": settings.holdKnobs})
-        servers.use("bench")
-        if "d" in options.only:
-            coldStart(servers, report, settings)
-        if "e" in options.only:
-            memory(servers, report, settings)
-        openaiChunks: dict[int, float] = {}
-        if "a" in options.only or "c" in options.only:
-            openaiChunks = streaming(servers, report, settings)
-        if "b" in options.only:
-            small(servers, report, settings)
+        servers.startDirect("hold", settings.holdKnobs)
+        if "nginx" in contenders:
+            why = servers.startNginx()
+            if why is not None:
+                contenders.remove("nginx")
+                report.notes.append(f"nginx was not measured: {why}")
+        servers.startProxy({PROFILES["fast"]: FAST, PROFILES["slow"]: SLOW, PROFILES["hold"]: settings.holdKnobs})
+        servers.use(PROFILES["fast"])
         reason = ollamaAvailable(servers)
-        if "c" in options.only:
-            if reason is None:
-                ollama(servers, report, settings, openaiChunks)
-            else:
-                report.notes.append(f"c: the Ollama path was not measured: {reason}")
-        if "r" in options.only:
-            realistic(servers, report, settings, reason)
+        if reason is not None and "c" in options.only:
+            report.notes.append(f"c: the Ollama path was not measured: {reason}")
+        perAnswer: dict[str, int] = {}
+        for number in range(settings.rounds):
+            # Each round starts with the next contender, so none is always the first after a swap.
+            shift = number % len(contenders)
+            run = Round(servers, report, settings, tuple(contenders[shift:] + contenders[:shift]), number + 1)
+            print(f"bench: round {number + 1} of {settings.rounds}: {', '.join(run.contenders)}", file=sys.stderr)
+            if "d" in options.only:
+                coldStart(run)
+            if "e" in options.only:
+                memory(run)
+            openaiChunks: dict[int, float] = {}
+            if "a" in options.only or "c" in options.only:
+                openaiChunks = streaming(run, perAnswer)
+            if "b" in options.only:
+                small(run)
+            if "c" in options.only and reason is None:
+                ollama(run, openaiChunks)
+            if "r" in options.only:
+                realistic(run, reason)
     finally:
         servers.stop()
         if options.keep:
@@ -659,11 +892,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"command: {shlex.join(['python', 'bench/run.py', *arguments])}")
     print(f"date: {started:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores, {platform.machine()}, "
           f"Python {platform.python_version()}; 1-minute load average at start: {loadBefore:.2f}")
-    print(f"wrk runs: {settings.seconds:g} s each, one thread; simulator token delay 0 unless noted")
+    print(f"wrk runs: {settings.seconds:g} s each, one thread; medians of {settings.rounds} interleaved rounds; "
+          f"simulator token delay 0 unless noted; contenders: {', '.join(contenders)}")
     print()
     print(report.render())
-    missed = [row for row in report.rows if row.verdict == "MISSED"]
-    print(f"\ntargets: {sum(row.verdict == 'met' for row in report.rows)} met, {len(missed)} missed")
+    verdicts = report.verdicts()
+    print(f"\ntargets: {verdicts.count('met')} met, {verdicts.count('MISSED')} missed, "
+          f"{verdicts.count('n/a')} not judged")
     return 0
 
 

@@ -1,7 +1,8 @@
 """
 A smoke run of the benchmark (bench/run.py --quick): every scenario runs end to end against the
-real proxy and simulator, and the table comes out.  Nothing is timed here; the figures belong in
-the benchmark's own output.  Skipped where the load generators are not installed.
+real proxy and simulator (and nginx, where it is installed), and the table comes out.  Nothing is
+timed here; the figures belong in the benchmark's own output.  Skipped where the load generators
+are not installed.
 """
 
 from __future__ import annotations
@@ -9,12 +10,21 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.support.simulator import REPO_ROOT
 
 TOOLS = ("wrk", "curl")
+
+
+def nginxInstalled() -> bool:
+    """
+    Whether the benchmark will find nginx (where bench/run.py looks: the PATH, then sbin).
+    """
+    return shutil.which("nginx") is not None or any(
+        Path(folder, "nginx").exists() for folder in ("/usr/sbin", "/usr/local/sbin"))
 
 
 class BenchSmokeTests(SynchronousTestCase):
@@ -26,7 +36,8 @@ class BenchSmokeTests(SynchronousTestCase):
     def test_quickRun(self) -> None:
         """
         C{bench/run.py --quick} exits 0 and prints a row for each scenario, with no failed
-        request noted.
+        request noted, and nginx's figures where nginx is installed (a note saying why not where
+        it is not).
         """
         result = subprocess.run(
             [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--quick"],
@@ -37,5 +48,11 @@ class BenchSmokeTests(SynchronousTestCase):
         for scenario in ("a stream 256", "b small", "d cold start", "e memory", "r realistic"):
             self.assertIn(f"| {scenario}", table)
         self.assertIn("targets:", table)
+        self.assertIn("| proxy vs nginx", table)
+        if not nginxInstalled():
+            self.assertIn("nginx was not measured: nginx is not installed", table)
+        else:
+            self.assertNotIn("nginx was not measured", table)
+            self.assertIn("contenders: direct, nginx, proxy", table)
         self.assertNotIn("failed", table)
         self.assertNotIn("errors", table)
