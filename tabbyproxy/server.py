@@ -29,7 +29,8 @@ DEFAULT_CLIENT_TIMEOUT = 60.0
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 # Paths whose last part is a name: one metrics label for all of them.
-_NAMED_ROUTES = ((b"/v1/models/", "/v1/models/{model}"), (b"/api/blobs/", "/api/blobs/{digest}"))
+_NAMED_ROUTES = ((b"/v1/models/", "/v1/models/{model}"), (b"/v1/responses/", "/v1/responses/{id}"),
+                 (b"/api/blobs/", "/api/blobs/{digest}"))
 
 # Answers whose body is a stream of events, counted per event for the chunk metrics.
 _EVENT_SEPARATORS = {b"text/event-stream": b"data:", b"application/x-ndjson": b"\n"}

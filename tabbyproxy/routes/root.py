@@ -1,6 +1,6 @@
 """
-The proxy's whole HTTP side in one place: the resource tree that sends C{/v1/*} to the OpenAI
-routes, C{/api/*} to the Ollama routes and the rest to the admin routes, wrapped for CORS when
+The proxy's whole HTTP side in one place: the resource tree that sends C{/v1/responses} to the
+Responses routes, the rest of C{/v1/*} to the OpenAI routes, C{/api/*} to the Ollama routes and the rest to the admin routes, wrapped for CORS when
 origins are allowed, behind the L{ProxySite} with its guards.  The service (L{tabbyproxy.tap}) and
 the in-memory tests build it with the same function.
 """
@@ -17,34 +17,42 @@ from tabbyproxy.routes.admin import AdminRoutes
 from tabbyproxy.routes.common import ProxyState, errorBodyFor
 from tabbyproxy.routes.ollama import OllamaRoutes
 from tabbyproxy.routes.openai import OpenAIRoutes
+from tabbyproxy.routes.responses import ResponsesRoutes
 from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, ProxySite
 
 
 class Router(Resource):
     """
-    Picks the route table by the first path segment.  Each table is a Klein resource that sees
-    the whole path, so routes are written with their full paths.
+    Picks the route table by a path segment (the first, or the one at C{depth} for a router
+    inside another).  Each table is a Klein resource that sees the whole path, so routes are
+    written with their full paths.
     """
 
     isLeaf = True
 
-    def __init__(self, bySegment: dict[bytes, IResource], otherwise: IResource) -> None:
+    def __init__(self, bySegment: dict[bytes, IResource], otherwise: IResource, depth: int = 0) -> None:
         super().__init__()
         self._bySegment = bySegment
         self._otherwise = otherwise
+        self._depth = depth
 
     def render(self, request: IRequest) -> Any:
         segments = request.postpath
-        first = segments[0] if segments else b""
-        return self._bySegment.get(first, self._otherwise).render(request)
+        segment = segments[self._depth] if len(segments) > self._depth else b""
+        return self._bySegment.get(segment, self._otherwise).render(request)
 
 
 def rootResource(state: ProxyState, corsOrigins: Sequence[str] = ()) -> IResource:
     """
     Every route of the proxy, over C{state}.
     """
+    # The translated APIs under /v1 have route tables of their own.
+    v1 = Router(
+        {b"responses": ResponsesRoutes(state).app.resource()},
+        otherwise=OpenAIRoutes(state).app.resource(), depth=1,
+    )
     root: IResource = Router(
-        {b"v1": OpenAIRoutes(state).app.resource(), b"api": OllamaRoutes(state).app.resource()},
+        {b"v1": v1, b"api": OllamaRoutes(state).app.resource()},
         otherwise=AdminRoutes(state).app.resource(),
     )
     return CORSResource(root, corsOrigins) if corsOrigins else root

@@ -1,0 +1,274 @@
+"""
+OpenAI's Responses API: C{POST /v1/responses}, what Codex CLI and the C{openai} SDK's
+C{client.responses} speak, translated to TabbyAPI's chat completions (see
+L{tabbyproxy.responseswire}); C{GET} and C{DELETE /v1/responses/{id}} for the responses the
+proxy kept (L{tabbyproxy.responsestore}).
+
+TabbyAPI is always asked for a stream with usage, and its events go through one
+L{ResponseEncoder}: a streamed request gets the encoder's events as they come, a non-streamed
+one its final Response object, so both say the same.  A streaming request gets its headers,
+C{response.created} and C{response.in_progress} at once, then an SSE comment every few seconds
+while its model starts; anything that goes wrong after that ends the stream with an C{error}
+event and C{response.failed}, the end the Responses clients wait for.  Before that, errors are
+OpenAI's JSON documents, as on every C{/v1} route.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Callable
+
+from attrs import define, field
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from tabbyproxy.config import Profile
+from tabbyproxy.responsestore import ResponseStore
+from tabbyproxy.responseswire import (
+    CHAT_PATH,
+    ResponseEncoder,
+    ResponsesRequest,
+    ResponsesRequestError,
+    previousResponseId,
+    sseFrame,
+    translateRequest,
+)
+from tabbyproxy.routes.common import (
+    OPENAI,
+    ClientError,
+    ProxyState,
+    readJSONObject,
+    registerErrorAnswers,
+    takeKeepAlive,
+    writeJSON,
+)
+from tabbyproxy.server import noteModel, requestIdOf
+from tabbyproxy.supervisor import Lease, SchedulingError
+from tabbyproxy.tabbywire import ChatStreamDecoder
+from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
+from tabbyproxy.upstream import UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
+
+# How often a streaming request waiting for its model hears that it still waits.
+LOADING_COMMENT_INTERVAL = 5.0
+
+
+@define
+class _Relay:
+    """
+    TabbyAPI's event stream for one response, through the decoder and the encoder; the
+    Responses events are written to the client as they come when streaming.
+    """
+
+    request: IRequest
+    encoder: ResponseEncoder
+    streaming: bool
+    decoder: ChatStreamDecoder = field(factory=ChatStreamDecoder)
+
+    def dataReceived(self, data: bytes) -> None:
+        events = self.encoder.feed(self.decoder.feed(data))
+        if self.streaming and events:
+            # One write per read from TabbyAPI, however many tokens it carried.
+            self.request.write(b"".join(sseFrame(event) for event in events))
+
+    def send(self, events: list[dict[str, Any]]) -> None:
+        if self.streaming:
+            self.request.write(b"".join(sseFrame(event) for event in events))
+
+
+@define
+class ResponsesRoutes:
+    """
+    The C{/v1/responses} routes.
+
+    @ivar store: the kept responses, for C{previous_response_id}.
+    """
+
+    app = Klein()
+    registerErrorAnswers(app, OPENAI)
+    log = Logger()
+
+    state: ProxyState
+    now: Callable[[], datetime] = field(default=datetime.now)
+    store: ResponseStore = field(factory=ResponseStore)
+
+    @app.route("/v1/responses", methods=["POST"])
+    async def create(self, request: IRequest) -> bytes | None:
+        self.state.requireKey(request)
+        body = readJSONObject(request, self.state.maxBodySize)
+        name, profile = self._profileFor(body)
+        noteModel(request, profile.id)
+        keepAlive = takeKeepAlive(body)
+        translated = self._translate(body, profile)
+        if translated.ignored:
+            self.log.debug("Ignored what TabbyAPI has no meaning for in a response for {model}: {ignored}",
+                           model=profile.id, ignored=", ".join(translated.ignored))
+        encoder = ResponseEncoder(translated, name, int(self.state.clock.seconds()))
+        relay = _Relay(request, encoder, translated.stream)
+        if translated.stream:
+            await self._stream(request, relay, profile, keepAlive)
+            result = None
+        else:
+            await self._generate(request, relay, profile, keepAlive)
+            result = writeJSON(request, 200, encoder.response())
+        if translated.store:
+            self.store.put(encoder.response(), translated.items)
+        return result
+
+    def _profileFor(self, body: dict[str, Any]) -> tuple[str, Profile]:
+        """
+        The model name as the client sent it (the Response object says it back), and its profile.
+        """
+        name = body.pop("model", None)
+        if name is None or name == "":
+            raise ClientError(400, "model is required: GET /v1/models lists the available ids")
+        profile = self.state.catalog().resolve(name)
+        if profile is None or not isinstance(name, str):
+            shown = name if isinstance(name, str) else json.dumps(name)
+            raise ClientError(404, f"model '{shown}' not found: GET /v1/models lists the available ids")
+        return name, profile
+
+    def _translate(self, body: dict[str, Any], profile: Profile) -> ResponsesRequest:
+        """
+        The TabbyAPI request, continued from the kept response C{previous_response_id} names,
+        with the profile's template applied.
+        """
+        try:
+            previous = previousResponseId(body)
+            history: list[dict[str, Any]] = []
+            if previous is not None:
+                stored = self.store.get(previous)
+                if stored is None:
+                    raise ClientError(
+                        404,
+                        f"previous response '{previous}' not found: tabbyproxy keeps responses in memory, "
+                        "only those sent without store: false, and only the most recent ones",
+                    )
+                history = stored.items
+            translated = translateRequest(body, history)
+        except ResponsesRequestError as e:
+            raise ClientError(400, e.message) from e
+        upstream = translated.upstream
+        template = profile.template
+        upstream["messages"] = applySystemPrompt(upstream["messages"], template, self.now)
+        applyRequestDefaults(upstream, template)
+        return translated
+
+    async def _generate(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None) -> None:
+        """
+        A non-streamed response: errors are raised, for OpenAI's error document.
+        """
+        lease = await self.state.supervisor.acquire(profile, keepAlive)
+        try:
+            problem = await self._relay(request, relay, lease)
+        finally:
+            lease.release()
+        if problem is not None:
+            raise UpstreamAnswered(502, problem)
+        relay.encoder.finish()
+
+    async def _stream(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None) -> None:
+        """
+        A streamed response: once its first event went out, whatever goes wrong ends the
+        stream with C{response.failed}.
+        """
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        encoder = relay.encoder
+        relay.send(encoder.start())
+        acquiring = self.state.supervisor.acquire(profile, keepAlive)
+        comments = None if acquiring.called else _LoadingComments(request, profile.id, self.state.clock)
+        try:
+            lease = await acquiring
+        except SchedulingError as e:
+            self._failed(request, relay, profile.id, str(e))
+            return
+        finally:
+            if comments is not None:
+                comments.stop()
+        try:
+            problem = await self._relay(request, relay, lease)
+        except (UpstreamAnswered, UpstreamUnreachable) as e:
+            problem = str(e)
+        finally:
+            lease.release()
+        if problem is not None:
+            self._failed(request, relay, profile.id, problem)
+            return
+        relay.send(encoder.finish())
+
+    async def _relay(self, request: IRequest, relay: _Relay, lease: Lease) -> str | None:
+        """
+        Send the request to TabbyAPI and feed its answer through C{relay}.
+
+        @return: what went wrong in TabbyAPI's stream, C{None} when it ended well.
+        """
+        upstream = self.state.upstream
+        payload = json.dumps(relay.encoder.request.upstream).encode("utf-8")
+        response = await upstream.call(lease, "POST", CHAT_PATH, payload)
+        problem = None
+        try:
+            await upstream.pipe(response, request, relay.dataReceived)
+        except UpstreamBroken as e:
+            problem = f"{e} (model {lease.profile.id}); see GET /status"
+        decoder = relay.decoder
+        if problem is None:
+            problem = decoder.error
+        if problem is None and not decoder.complete:
+            problem = f"TabbyAPI's stream for {lease.profile.id} ended before it was complete"
+        if problem is not None:
+            # TabbyAPI's own error event (or a broken stream): its /health may be 503 for good now.
+            lease.suspect()
+        return problem
+
+    def _failed(self, request: IRequest, relay: _Relay, model: str, problem: str) -> None:
+        self.log.error("A response for {model} failed: {problem}", model=model, problem=problem,
+                       request_id=requestIdOf(request))
+        relay.send(relay.encoder.fail(problem))
+
+    # -- kept responses
+
+    @app.route("/v1/responses/<string:responseId>", methods=["GET"])
+    def retrieve(self, request: IRequest, responseId: str) -> bytes:
+        self.state.requireKey(request)
+        stored = self.store.get(responseId)
+        if stored is None:
+            raise ClientError(404, f"response '{responseId}' not found", "invalid_request_error")
+        return writeJSON(request, 200, stored.response)
+
+    @app.route("/v1/responses/<string:responseId>", methods=["DELETE"])
+    def delete(self, request: IRequest, responseId: str) -> bytes:
+        self.state.requireKey(request)
+        if not self.store.delete(responseId):
+            raise ClientError(404, f"response '{responseId}' not found", "invalid_request_error")
+        return writeJSON(request, 200, {"id": responseId, "object": "response", "deleted": True})
+
+
+class _LoadingComments:
+    """
+    While a streaming request waits for its model: an SSE comment (which clients skip) every
+    L{LOADING_COMMENT_INTERVAL} seconds, saying what it waits for and for how long, so clients
+    with read timeouts survive long loads.
+    """
+
+    def __init__(self, request: IRequest, modelId: str, clock: IReactorTime) -> None:
+        self.request = request
+        self.modelId = modelId
+        self.clock = clock
+        self.since = clock.seconds()
+        self.call = LoopingCall(self.comment)
+        self.call.clock = clock
+        self.call.start(LOADING_COMMENT_INTERVAL, now=False)
+
+    def comment(self) -> None:
+        waited = self.clock.seconds() - self.since
+        self.request.write(f": loading {self.modelId} ... {waited:.0f}s\n\n".encode("utf-8"))
+
+    def stop(self) -> None:
+        if self.call.running:
+            self.call.stop()
