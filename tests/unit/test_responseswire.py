@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -424,7 +424,6 @@ class EncoderTests(SynchronousTestCase):
         self.assertTrue(raw.startswith(b"event: response.created\ndata: {"))
         self.assertEqual(sseEvents(raw), events)
 
-    @settings(max_examples=60, deadline=None, derandomize=True)
     @given(st.lists(st.integers(min_value=0, max_value=len(FULL_STREAM)), max_size=12))
     def test_anySplitSameEvents(self, splits: list[int]) -> None:
         """
