@@ -6,7 +6,7 @@ same knobs), driven with the same loads in the same run, in interleaved rounds, 
 the proxy's ratios to direct and to nginx.
 
 The simulator runs with zero token delay for the throughput scenarios, so what separates the
-paths is the relay.  Load comes from compiled clients: C{wrk} for throughput and latency, C{curl
+paths is the relay, and writes each token in its own reactor turn as TabbyAPI does.  Load comes from compiled clients: C{wrk} for throughput and latency, C{curl
 --parallel} for the time to first byte of each request; L{streams} (raw sockets) times every
 event of the slow-stream scenarios.  See bench/README.md.
 
@@ -54,7 +54,9 @@ CONTENDERS = ("direct", "nginx", "proxy")
 
 # Simulator knobs per proxy profile: zero delay measures the relay's cost; "slow" is the
 # realistic load (about 50 tokens/s per stream); "hold" keeps many streams open for a while.
-FAST = {"token_delay": 0, "tokens": 256}
+# token_turns: even with no delay, each token is written in its own reactor turn (its own TCP
+# write), as TabbyAPI does, so that no relay is handed whole answers to coalesce.
+FAST = {"token_delay": 0, "tokens": 256, "token_turns": True}
 SLOW = {"token_delay": 0.02, "tokens": 256}
 
 # The proxy's profile for each kind of simulator (direct and nginx ignore the model name).

@@ -25,6 +25,8 @@ class SimulatorKnobs:
 
     @ivar loadTime: seconds spent "loading" before the port opens.
     @ivar tokenDelay: seconds between generated tokens.
+    @ivar tokenTurns: with no delay, still write each token in its own reactor turn (so each
+        is its own TCP write), as TabbyAPI does, instead of a batch of up to 256 tokens per turn.
     @ivar tokens: completion length when a request gives no C{max_tokens}.
     @ivar failLoad: fail the start-up load with a traceback and exit status 1.
     @ivar crashAfterTokens: after this many tokens of one request, the process dies with
@@ -37,6 +39,7 @@ class SimulatorKnobs:
 
     loadTime: float = 0.0
     tokenDelay: float = 0.0
+    tokenTurns: bool = False
     tokens: int = 16
     failLoad: bool = False
     crashAfterTokens: int | None = None
@@ -49,6 +52,7 @@ class SimulatorKnobs:
         return cls(
             loadTime=float(section.get("load_time", 0) or 0),
             tokenDelay=float(section.get("token_delay", 0) or 0),
+            tokenTurns=asBool(section.get("token_turns", False)),
             tokens=int(section.get("tokens", 16)),
             failLoad=asBool(section.get("fail_load", False)),
             crashAfterTokens=asOptionalInt(section.get("crash_after_tokens")),
@@ -67,5 +71,3 @@ def crashNow(clock: IReactorTime) -> None:
     """
     sys.stdout.flush()
     clock.callLater(0.05, os._exit, 1)
-
-

@@ -37,6 +37,8 @@ class TokenProducer:
 
     Registered on the request, it stops scheduling tokens while the transport is paused, so a
     slow reader holds the simulator back instead of making it buffer the whole answer.
+
+    @ivar turnEach: with no delay, emit one piece per reactor turn rather than a batch.
     """
 
     clock: IReactorTime
@@ -45,6 +47,7 @@ class TokenProducer:
     onPiece: Callable[[Piece], None]
     onDone: Callable[[], None]
     crashAfter: int | None = None
+    turnEach: bool = False
     emitted: int = 0
     paused: bool = False
     stopped: bool = False
@@ -60,8 +63,10 @@ class TokenProducer:
     def _step(self) -> None:
         self._call = None
         # With no delay, emit a batch per reactor turn: fast like a real GPU, yet the loop
-        # still ends at once when a write makes the transport pause us.
-        batch = 1 if self.delay > 0 else 256
+        # still ends at once when a write makes the transport pause us.  TabbyAPI itself writes
+        # each token in a turn of its own (one TCP write each): turnEach does the same, so that
+        # a relay in front is not handed whole answers to coalesce.
+        batch = 1 if self.delay > 0 or self.turnEach else 256
         while batch > 0 and not self.paused and not self.stopped:
             batch -= 1
             if self.crashAfter is not None and self.emitted >= self.crashAfter:
@@ -186,7 +191,7 @@ class EventStream:
         # carries the final text together with finish_reason.
         self.producer = TokenProducer(
             self.sim.reactor, self.sim.config.knobs.tokenDelay, pieces, self.onPiece,
-            self.onDone, self.sim.config.knobs.crashAfterTokens)
+            self.onDone, self.sim.config.knobs.crashAfterTokens, self.sim.config.knobs.tokenTurns)
         self.sim.generations[self.requestId].producer = self.producer
         self.request.registerProducer(self.producer, True)
         self.schedulePing()
