@@ -10,12 +10,12 @@ import os
 from typing import Any
 
 import openai
-import treq
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseFailed
 
 from tests.support.proxy import RunningProxy, inThread, waitUntil
 from tests.support.logs import CapturedEvents
-from tests.support.wire import ssePayloads
+from tests.support.wire import StreamedBody, ssePayloads
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha-exl3"}, "template": {"system": "Be brief."}},
@@ -105,12 +105,11 @@ class OpenAIClientTests(TestCase):
             unbuffered=True,
         )
         self.assertEqual(response.code, 200)
-        got: list[bytes] = []
-        done = treq.collect(response, got.append)
-        await waitUntil(lambda: len(b"".join(got)) > 200)
+        body = StreamedBody.of(response)
+        await waitUntil(lambda: len(body.data) > 200)
         self.assertEqual(proxy.supervisor.status()["in_flight"], 1)
-        response.original._transport.stopProducing()  # type: ignore[attr-defined]
-        await self.assertFailure(done, Exception)
+        body.hangUp()
+        await self.assertFailure(body.ended, ResponseFailed)
         await waitUntil(lambda: events.childSaid("cancelled by user"))
         await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
 

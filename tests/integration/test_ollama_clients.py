@@ -14,11 +14,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import ollama
-import treq
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseFailed
 
 from tests.support.logs import CapturedEvents
 from tests.support.proxy import RunningProxy, inThread, waitUntil
+from tests.support.wire import StreamedBody
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha-exl3", "max_seq_len": 4096},
@@ -236,12 +237,11 @@ class OllamaClientTests(TestCase):
             json={"model": "slow", "options": {"num_predict": 1000}, "messages": [{"role": "user", "content": "x"}]},
         )
         self.assertEqual(response.code, 200)
-        got: list[bytes] = []
-        done = treq.collect(response, got.append)
-        await waitUntil(lambda: b"".join(got).count(b"\n") >= 3)
+        body = StreamedBody.of(response)
+        await waitUntil(lambda: body.data.count(b"\n") >= 3)
         self.assertEqual(proxy.supervisor.status()["in_flight"], 1)
-        response.original._transport.stopProducing()  # type: ignore[attr-defined]
-        await self.assertFailure(done, Exception)
+        body.hangUp()
+        await self.assertFailure(body.ended, ResponseFailed)
         await waitUntil(lambda: events.childSaid("cancelled by user"))
         await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
 

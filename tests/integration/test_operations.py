@@ -5,7 +5,6 @@ default model, reloading profiles on SIGHUP, and running as a daemon.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,12 +21,13 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.supervisor import pickFreePort
 from tests.support.proxy import RunningProxy, TwistdProxy, pidAlive, waitForExit, waitUntil
+from tests.support.wire import StreamedBody, sseDocuments
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha"}},
@@ -101,18 +101,16 @@ class MetricsAndLogsTests(TestCase):
         proxy = RunningProxy(self, PROFILES)
         stream = await proxy.http.get(proxy.url + "/logs/stream?no-history&source=tabby", unbuffered=True)
         self.assertEqual(stream.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
-        received: list[bytes] = []
-        done = treq.collect(stream, received.append)
+        body = StreamedBody.of(stream)
         response = await chat(proxy, "alpha")
         await response.content()
-        await waitUntil(lambda: b"Model successfully loaded." in b"".join(received))
-        events = [json.loads(line[len(b"data: "):]) for line in b"".join(received).split(b"\n")
-                  if line.startswith(b"data: ")]
+        await waitUntil(lambda: b"Model successfully loaded." in body.data)
+        events = sseDocuments(body.data)
         self.assertTrue(events)
         self.assertEqual({event["source"] for event in events}, {"tabby"})
         self.assertEqual({event["model"] for event in events}, {"alpha"})
-        stream.original._transport.stopProducing()  # type: ignore[attr-defined]
-        await self.assertFailure(done, Exception)
+        body.hangUp()
+        await self.assertFailure(body.ended, ResponseFailed)
 
         recent = await (await proxy.http.get(proxy.url + "/logs?source=proxy")).json()
         texts = [record["text"] for record in recent["logs"]]

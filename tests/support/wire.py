@@ -1,11 +1,20 @@
 """
-Reading what the proxy sent: the payloads of an SSE body, and the objects of an NDJSON body.
+Reading what the proxy sent: the payloads of an SSE body, the objects of an NDJSON body, and a
+streamed body received piece by piece.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+import treq.response
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
 
 
 def ssePayloads(body: bytes) -> list[str]:
@@ -34,3 +43,44 @@ def ndjsonDocuments(raw: bytes) -> list[dict[str, Any]]:
     documents = [json.loads(line) for line in lines]
     assert all(isinstance(document, dict) for document in documents)
     return documents
+
+
+class StreamedBody(Protocol):
+    """
+    A response body as it arrives, for tests that act mid-stream: L{hangUp} leaves as a client
+    that gives up does; L{ended} fires when the whole body has arrived, or fails with the reason
+    it did not (C{ResponseFailed} when the connection was dropped).
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.ended: Deferred[None] = Deferred()
+
+    @classmethod
+    def of(cls, response: IResponse | treq.response._Response) -> StreamedBody:
+        """
+        Start receiving C{response}'s body.
+        """
+        body = cls()
+        response.deliverBody(body)
+        return body
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(ResponseDone):
+            self.ended.callback(None)
+        else:
+            self.ended.errback(reason)
+
+    def hangUp(self) -> None:
+        """
+        Stop the download and drop the connection, as a client that leaves does.
+        """
+        # A response body's transport is a push producer: stopping it drops the connection.
+        IPushProducer(self.transport).stopProducing()

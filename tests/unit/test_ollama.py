@@ -17,6 +17,7 @@ from treq import content
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
 from twisted.web.server import Request
 
 from tabbyproxy.config import Keys
@@ -25,7 +26,7 @@ from tabbyproxy.routes.ollama import NOT_MANAGED, OLLAMA_VERSION
 from tabbyproxy.ollamawire import toolCallId
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.support.fakes import InMemoryProxy
-from tests.support.wire import ndjsonDocuments
+from tests.support.wire import StreamedBody, ndjsonDocuments
 from tests.unit.test_ollamawire import (
     HEAD_CHAT,
     HEAD_COMPLETIONS,
@@ -437,12 +438,12 @@ class GenerationTests(OllamaTestCase):
         upstream.write(events(HEAD_CHAT)[0])
         self.proxy.flush()
         response = self.successResultOf(d)
-        collected = treq.collect(response, lambda data: None)
+        body = StreamedBody.of(response)
         self.assertEqual(self.proxy.supervisor.status()["in_flight"], 1)
-        response.original._transport.stopProducing()
+        body.hangUp()
         self.proxy.flush()
         self.proxy.flush()
-        self.failureResultOf(collected)
+        self.failureResultOf(body.ended, ResponseFailed)
         self.assertEqual(len(upstreamGone), 1)
         self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
 
