@@ -395,10 +395,7 @@ class FuzzTests(SynchronousTestCase):
         every route in its real shape.
         """
         if self._proxy is None:
-            proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
-            # The same resource keeps serving both of the proxy's TabbyAPI clients; it now answers
-            # the embeddings and token routes too.
-            proxy.tabby.__class__ = TabbyLike
+            proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, tabby=TabbyLike())
             self._proxy = proxy
         return self._proxy
 

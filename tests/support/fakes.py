@@ -223,11 +223,12 @@ class InMemoryProxy:
     """
 
     def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
-                 settings: SupervisorSettings = SupervisorSettings(), maxBodySize: int = DEFAULT_MAX_BODY) -> None:
+                 settings: SupervisorSettings = SupervisorSettings(), maxBodySize: int = DEFAULT_MAX_BODY,
+                 tabby: FakeTabby | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.catalog = writeProfiles(directory / "config", profiles)
         self.reactor = FakeProcessReactor()
-        self.tabby = FakeTabby()
+        self.tabby = FakeTabby() if tabby is None else tabby
         self.tabbyAgent = RequestTraversalAgent(self.tabby)
         runtime = directory / "runtime"
         runtime.mkdir()
