@@ -1,6 +1,7 @@
 """
 The proxy's whole HTTP side in one place: the resource tree that sends C{/v1/responses} to the
-Responses routes, the rest of C{/v1/*} to the OpenAI routes, C{/api/*} to the Ollama routes and the rest to the admin routes, wrapped for CORS when
+Responses routes, the rest of C{/v1/*} to the OpenAI routes, C{/api/*} to the Ollama routes,
+C{/ui/*} and C{/events} to the dashboard and the rest to the admin routes, wrapped for CORS when
 origins are allowed, behind the L{ProxySite} with its guards.  The service (L{tabbyproxy.tap}) and
 the in-memory tests build it with the same function.
 """
@@ -18,6 +19,7 @@ from tabbyproxy.routes.common import ProxyState, errorBodyFor
 from tabbyproxy.routes.ollama import OllamaRoutes
 from tabbyproxy.routes.openai import OpenAIRoutes
 from tabbyproxy.routes.responses import ResponsesRoutes
+from tabbyproxy.routes.ui import UIRoutes
 from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, ProxySite
 
 
@@ -42,6 +44,27 @@ class Router(Resource):
         return self._bySegment.get(segment, self._otherwise).render(request)
 
 
+class BrowserOrOllama(Resource):
+    """
+    C{/}: a browser asking for HTML goes to the dashboard; every other client gets the answer
+    of Ollama's root, by which Ollama clients find the server.
+    """
+
+    isLeaf = True
+
+    def __init__(self, otherwise: IResource) -> None:
+        super().__init__()
+        self._otherwise = otherwise
+
+    def render(self, request: IRequest) -> Any:
+        if request.method == b"GET" and b"text/html" in (request.getHeader(b"accept") or b""):
+            request.setResponseCode(302)
+            request.setHeader(b"Location", b"/ui/")
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"The dashboard is at /ui/\n"
+        return self._otherwise.render(request)
+
+
 def rootResource(state: ProxyState, corsOrigins: Sequence[str] = ()) -> IResource:
     """
     Every route of the proxy, over C{state}.
@@ -51,9 +74,12 @@ def rootResource(state: ProxyState, corsOrigins: Sequence[str] = ()) -> IResourc
         {b"responses": ResponsesRoutes(state).app.resource()},
         otherwise=OpenAIRoutes(state).app.resource(), depth=1,
     )
+    admin = AdminRoutes(state).app.resource()
+    ui = UIRoutes(state).app.resource()
     root: IResource = Router(
-        {b"v1": v1, b"api": OllamaRoutes(state).app.resource()},
-        otherwise=AdminRoutes(state).app.resource(),
+        {b"v1": v1, b"api": OllamaRoutes(state).app.resource(), b"ui": ui, b"events": ui,
+         b"": BrowserOrOllama(admin)},
+        otherwise=admin,
     )
     return CORSResource(root, corsOrigins) if corsOrigins else root
 
