@@ -9,13 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import treq
 from treq import content
 from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
 from tabbyproxy.routes.ui import MAX_QUEUED, TICK_SECONDS, EventViewer, loadStatic
 from tests.support.fakes import InMemoryProxy
+from tests.support.wire import StreamedBody
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha", "unload_timer": 60}},
@@ -61,18 +61,17 @@ class _Base(SynchronousTestCase):
         response = self.successResultOf(d)
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
-        received: list[bytes] = []
-        collected = treq.collect(response, received.append)
+        body = StreamedBody.of(response)
         self.proxy.flush()
 
         def leave() -> None:
-            response.original._transport.stopProducing()
+            body.hangUp()
             self.proxy.flush()
             # The stream never ends by itself: the client cut it.
-            self.failureResultOf(collected)
+            self.failureResultOf(body.ended)
 
         self.addCleanup(leave)
-        return received
+        return body.chunks
 
 
 class PageTests(_Base):
@@ -208,7 +207,7 @@ class EventsTests(_Base):
         """
         self.proxy.tabby.healthy = False
         received = self.startEvents()
-        received.clear()
+        del received[:]
         self.post("/ui/api/load", {"model": "alpha"})
         self.proxy.reactor.advance(0)
         self.proxy.flush()
@@ -232,12 +231,12 @@ class EventsTests(_Base):
         d = self.proxy.client.get("http://proxy/events", unbuffered=True)
         self.proxy.flush()
         response = self.successResultOf(d)
-        collected = treq.collect(response, lambda data: None)
+        body = StreamedBody.of(response)
         self.assertIn("_ticked", [getattr(getattr(call, "func", None), "__name__", "") for call in self.proxy.reactor.getDelayedCalls()])
-        response.original._transport.stopProducing()
+        body.hangUp()
         self.proxy.flush()
         self.proxy.flush()
-        self.failureResultOf(collected)
+        self.failureResultOf(body.ended)
         # Only the supervisor's own timers remain.
         self.assertEqual([call for call in self.proxy.reactor.getDelayedCalls()
                           if getattr(getattr(call, "func", None), "__name__", "") in ("_ticked", "_compare")], [])
