@@ -5,6 +5,7 @@ build (the web site, the TabbyAPI supervisor, and the private runtime directory)
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import tempfile
@@ -13,10 +14,13 @@ from typing import Any, Callable
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 from tabbyproxy import channel
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
@@ -301,6 +305,42 @@ class _ConnectionPool(Service):
         return closed
 
 
+@implementer(IStreamServerEndpoint)
+class _Announced:
+    """
+    The listening endpoint, which says once it listens where the proxy is and how to try it:
+    the address, the dashboard's URL, one C{curl}, and with C{--simulate-auth} the file that
+    holds the simulator's keys (never the keys).
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, model: str, auth: bool, keysFile: Path | None) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.auth = auth
+        self.keysFile = keysFile
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        listening: Deferred[IListeningPort] = self.endpoint.listen(factory)
+        return listening.addCallback(self._announce)
+
+    def _announce(self, port: IListeningPort) -> IListeningPort:
+        address = port.getHost()
+        if not isinstance(address, (IPv4Address, IPv6Address)):
+            log.info("tabbyproxy listens on {address}", address=str(address))
+            return port
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+        url = f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
+        log.info("tabbyproxy listens on {url}", url=url)
+        log.info("Dashboard: {url}/ui/", url=url)
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "Hello"}]})
+        key = ' -H "Authorization: Bearer $KEY"' if self.auth else ""
+        log.info("Try: {command}",
+                 command=f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'")
+        if self.keysFile is not None:
+            log.info("The simulator's keys (KEY above) are in {path}", path=str(self.keysFile))
+        return port
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -366,5 +406,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         history=RequestHistory(keepBodies=options["keep-request-bodies"]),
     )
     site = makeSite(state, options["cors-origin"], options["client-timeout"])
-    strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
+    listening = strports.service(options["listen"], site, reactor=reactor)
+    firstProfile = min(options.catalog.profiles)
+    keysFile = install.directory / "api_tokens.yml" if options["simulate-auth"] else None
+    listening.endpoint = _Announced(listening.endpoint, firstProfile, install.keys.enabled, keysFile)
+    listening.setServiceParent(top)
     return top

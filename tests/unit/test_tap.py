@@ -241,3 +241,35 @@ class PluginTests(SynchronousTestCase):
         [maker] = makers
         self.assertIs(maker.options, Options)
         self.assertTrue(maker.description)
+
+
+class FirstContactTests(SynchronousTestCase):
+    def test_listeningAnnouncesDashboardAndCurlNotKeys(self) -> None:
+        """
+        Once it listens, the proxy logs its URL, the dashboard's URL, one curl to try (with a
+        key placeholder when auth is on), and the file holding the simulator's keys; an address
+        on every interface is shown as loopback, which is where a curl on the box reaches it.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.defer import succeed
+        from twisted.logger import capturedLogs, formatEvent
+
+        from tabbyproxy.tap import _Announced
+
+        class Port:
+            def getHost(self) -> IPv4Address:
+                return IPv4Address("TCP", "0.0.0.0", 9000)
+
+        class Endpoint:
+            def listen(self, factory: object) -> object:
+                return succeed(Port())
+
+        announced = _Announced(Endpoint(), "alpha", True, Path("/run/x/api_tokens.yml"))  # type: ignore[arg-type]
+        with capturedLogs() as events:
+            self.successResultOf(announced.listen(object()))
+        lines = [formatEvent(event) for event in events]
+        self.assertEqual(lines[:2], ["tabbyproxy listens on http://127.0.0.1:9000", "Dashboard: http://127.0.0.1:9000/ui/"])
+        self.assertIn("curl http://127.0.0.1:9000/v1/chat/completions", lines[2])
+        self.assertIn('"model": "alpha"', lines[2])
+        self.assertIn("Authorization: Bearer $KEY", lines[2])
+        self.assertEqual(lines[3], "The simulator's keys (KEY above) are in /run/x/api_tokens.yml")
