@@ -13,7 +13,9 @@ from treq import content
 from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
-from tabbyproxy.routes.ui import MAX_QUEUED, TICK_SECONDS, EventViewer, loadStatic
+from twisted.internet.task import Clock
+
+from tabbyproxy.routes.ui import BATCH_SECONDS, MAX_QUEUED, TICK_SECONDS, EventViewer, loadStatic
 from tests.support.fakes import InMemoryProxy
 from tests.support.wire import StreamedBody
 
@@ -196,7 +198,7 @@ class EventsTests(_Base):
         self.proxy.state.logs.subscribe(lambda record: None)
         received = self.startEvents("/events?logs")
         kinds = [kind for kind, _ in parseEvents(b"".join(received))]
-        self.assertEqual(kinds, ["hello", "models", "requests", "logs"])
+        self.assertEqual(kinds, ["hello", "requests", "logs", "models"])
         hello = parseEvents(b"".join(received))[0][1]
         self.assertEqual(hello["permission"], "admin")
 
@@ -209,8 +211,9 @@ class EventsTests(_Base):
         received = self.startEvents()
         del received[:]
         self.post("/ui/api/load", {"model": "alpha"})
-        self.proxy.reactor.advance(0)
-        self.proxy.flush()
+        for _ in range(2):
+            self.proxy.reactor.advance(BATCH_SECONDS)
+            self.proxy.flush()
         self.proxy.tabby.healthy = True
         self.proxy.reactor.advance(TICK_SECONDS)
         self.proxy.flush()
@@ -219,6 +222,7 @@ class EventsTests(_Base):
         states = [data["models"][0]["state"] for kind, data in parseEvents(b"".join(received)) if kind == "models"]
         self.assertEqual(states, ["starting", "ready"])
         self.post("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})
+        self.proxy.reactor.advance(BATCH_SECONDS)
         self.proxy.flush()
         requests = [data for kind, data in parseEvents(b"".join(received)) if kind == "request"]
         self.assertEqual([(r["route"], r["model"], r["status"]) for r in requests],
@@ -295,18 +299,34 @@ class _RecordingRequest:
 
 
 class ViewerBackpressureTests(SynchronousTestCase):
+    def viewer(self) -> tuple[EventViewer, _RecordingRequest, Clock]:
+        request, clock = _RecordingRequest(), Clock()
+        return EventViewer(request, clock, admin=True, logs=True), request, clock  # type: ignore[arg-type]
+
+    def test_eventsGoOutTogether(self) -> None:
+        """
+        Events sent together reach the connection in one write, L{BATCH_SECONDS} later.
+        """
+        viewer, request, clock = self.viewer()
+        for number in range(5):
+            viewer.send("log", {"n": number})
+        self.assertEqual(request.written, [])
+        clock.advance(BATCH_SECONDS)
+        self.assertEqual(len(request.written), 1)
+        self.assertEqual([data["n"] for _, data in parseEvents(request.written[0])], [0, 1, 2, 3, 4])
+
     def test_pausedViewerHasBoundedMemory(self) -> None:
         """
         While its connection is full (paused), a viewer writes nothing; model snapshots replace
         one another and other events are capped at L{MAX_QUEUED}, the oldest dropped.  On resume
         it gets the count it missed, the latest events in order, and the last snapshot.
         """
-        request = _RecordingRequest()
-        viewer = EventViewer(request, admin=True, logs=True)  # type: ignore[arg-type]
+        viewer, request, clock = self.viewer()
         viewer.pauseProducing()
         for number in range(10_000):
             viewer.send("log", {"text": "x" * 100, "n": number})
             viewer.send("models", {"n": number}, coalesce=True)
+        clock.advance(BATCH_SECONDS)
         self.assertEqual(request.written, [])
         self.assertEqual(len(viewer.queued), MAX_QUEUED)
         self.assertLess(viewer.pendingBytes, MAX_QUEUED * 200)
@@ -317,35 +337,13 @@ class ViewerBackpressureTests(SynchronousTestCase):
         self.assertEqual(events[-1], ("models", {"n": 9999}))
         self.assertEqual(viewer.pendingBytes, 0)
 
-    def test_pausedAgainWhileFlushing(self) -> None:
-        """
-        A resume that fills the connection again stops writing there and keeps the rest.
-        """
-        viewer: EventViewer
-
-        class Filling(_RecordingRequest):
-            def write(self, data: bytes) -> None:
-                super().write(data)
-                if len(self.written) == 2:
-                    viewer.pauseProducing()
-
-        request = Filling()
-        viewer = EventViewer(request, admin=True, logs=True)  # type: ignore[arg-type]
-        viewer.pauseProducing()
-        for number in range(5):
-            viewer.send("log", {"n": number})
-        viewer.resumeProducing()
-        self.assertEqual(len(request.written), 2)
-        self.assertEqual(len(viewer.queued), 3)
-
     def test_stoppedViewerKeepsNothing(self) -> None:
         """
-        Once its connection is gone, a viewer drops what waited and takes no more.
+        Once its connection is gone, a viewer drops what waited, takes no more, and leaves no
+        timer behind.
         """
-        request = _RecordingRequest()
-        viewer = EventViewer(request, admin=True, logs=True)  # type: ignore[arg-type]
-        viewer.pauseProducing()
+        viewer, request, clock = self.viewer()
         viewer.send("log", {"n": 1})
         viewer.stopProducing()
         viewer.send("log", {"n": 2})
-        self.assertEqual((viewer.pendingBytes, request.written), (0, []))
+        self.assertEqual((viewer.pendingBytes, request.written, clock.getDelayedCalls()), (0, [], []))
