@@ -98,7 +98,8 @@ function onEvent(name, data) {
       logs.add(document);
       break;
     case "dropped":
-      showError(`This page fell behind and missed ${document.count} events.`);
+      // The proxy was busier than this page could follow: say so where the lines are missing.
+      logs.noteDropped(document.count);
       break;
   }
 }

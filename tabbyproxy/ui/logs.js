@@ -8,6 +8,7 @@ const LEVELS = { debug: 0, info: 1, warn: 2, error: 3, critical: 4 };
 let lines = [];
 let paused = false;
 let missed = 0;
+let dropped = 0;
 
 export function setup() {
   for (const id of ["#log-source", "#log-model", "#log-level"]) el(id).addEventListener("change", render);
@@ -30,6 +31,11 @@ export function setModels(ids) {
   const options = [new Option("all", ""), ...ids.map((id) => new Option(id, id))];
   select.replaceChildren(...options);
   select.value = ids.includes(chosen) ? chosen : "";
+}
+
+export function noteDropped(count) {
+  dropped += count;
+  summary();
 }
 
 export function reset(records) {
@@ -87,5 +93,6 @@ function render() {
 }
 
 function summary() {
-  setText("#logs-summary", paused ? `paused, ${missed} new lines not shown` : `${lines.length} lines`);
+  const skipped = dropped ? `, ${dropped} events skipped while the proxy was busy` : "";
+  setText("#logs-summary", (paused ? `paused, ${missed} new lines not shown` : `${lines.length} lines`) + skipped);
 }
