@@ -155,8 +155,10 @@ class Options(usage.Options):
 
     def opt_cors_origin(self, origin: str) -> None:
         """
-        Let browser pages from ORIGIN (e.g. https://chat.example.org) call the proxy; repeat for
-        more origins, or give * for any.  Off by default.
+        Also let browser pages from ORIGIN (e.g. https://chat.example.org, or http://*.lan:8080
+        with one * as a wildcard) call the proxy; repeat for more, or give * for any page.
+        Pages on localhost, 127.0.0.1, [::1], app://, file://, vscode-webview:// and browser
+        extensions are always allowed; any other origin gets a 403.
         """
         origin = origin.strip().rstrip("/")
         if origin != "*" and "://" not in origin:

@@ -105,7 +105,9 @@ class AdminRoutes:
             unsubscribe()
         return None
 
-    @app.route("/unload", methods=["GET", "POST"])
+    # POST only: a page cannot make a browser POST without an Origin (which the browser policy
+    # checks), while an <img> or a link makes a GET from any page.
+    @app.route("/unload", methods=["POST"])
     async def unload(self, request: IRequest) -> bytes:
         self.state.requireKey(request, Permission.ADMIN)
         running = self.state.supervisor.current

@@ -1,8 +1,8 @@
 """
 The proxy's whole HTTP side in one place: the resource tree that sends C{/v1/responses} to the
 Responses routes, the rest of C{/v1/*} to the OpenAI routes, C{/api/*} to the Ollama routes,
-C{/ui/*} and C{/events} to the dashboard and the rest to the admin routes, wrapped for CORS when
-origins are allowed, behind the L{ProxySite} with its guards.  The service (L{tabbyproxy.tap}) and
+C{/ui/*} and C{/events} to the dashboard and the rest to the admin routes, behind the browser
+policy (L{tabbyproxy.cors}) and the L{ProxySite} with its guards.  The service (L{tabbyproxy.tap}) and
 the in-memory tests build it with the same function.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from tabbyproxy.cors import CORSResource
+from tabbyproxy.cors import BrowserPolicy
 from tabbyproxy.routes.admin import AdminRoutes
 from tabbyproxy.routes.common import ProxyState, errorBodyFor
 from tabbyproxy.routes.ollama import OllamaRoutes
@@ -81,7 +81,7 @@ def rootResource(state: ProxyState, corsOrigins: Sequence[str] = ()) -> IResourc
          b"": BrowserOrOllama(admin)},
         otherwise=admin,
     )
-    return CORSResource(root, corsOrigins) if corsOrigins else root
+    return BrowserPolicy(root, errorBodyFor, corsOrigins)
 
 
 def makeSite(state: ProxyState, corsOrigins: Sequence[str] = (), clientTimeout: float = DEFAULT_CLIENT_TIMEOUT) -> ProxySite:

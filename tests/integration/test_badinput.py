@@ -86,7 +86,7 @@ class InMemoryBadInputTests(SynchronousTestCase):
         self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
 
     def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        d = self.proxy.client.post("http://proxy" + path, data=body, headers={"Content-Type": "application/json"})
+        d = self.proxy.client.post("http://localhost" + path, data=body, headers={"Content-Type": "application/json"})
         self.proxy.flush()
         response = self.successResultOf(d)
         return response.code, self.successResultOf(content(response))
@@ -212,7 +212,7 @@ class HTTPGuardTests(TestCase):
         connection is closed.  With C{Expect: 100-continue} no "100 Continue" invites the body.
         """
         for path in ("/v1/chat/completions", "/api/chat"):
-            head = (f"POST {path} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+            head = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {10**9}\r\nExpect: 100-continue\r\n\r\n").encode()
             raw = await exchange(self.proxy.port, head)
             self.assertNotIn(b"100 Continue", raw)
@@ -228,7 +228,7 @@ class HTTPGuardTests(TestCase):
         and the connection is closed, before the body ends.
         """
         chunk = b"x" * 400
-        head = (b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")
         raw = await exchange(self.proxy.port, head + b"".join(b"190\r\n" + chunk + b"\r\n" for _ in range(3)))
         status, _, body = self.only(raw)
@@ -240,9 +240,9 @@ class HTTPGuardTests(TestCase):
         A body under the limit, chunked or not, reaches the route as usual.
         """
         body = json.dumps({"model": "nope", "prompt": "x" * 800}).encode()
-        plain = (b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        plain = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                  % (len(body), body))
-        chunked = (b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        chunked = (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         status, _, answer = self.only(await exchange(self.proxy.port, plain))
         self.assertIn("'nope' not found", assertRouteError(self, "/v1/", 404, status, answer))
@@ -255,12 +255,12 @@ class HTTPGuardTests(TestCase):
         --client-timeout, and its connection closed; so is one whose headers stop coming.
         """
         started = reactor.seconds()
-        raw = await exchange(self.proxy.port, b"POST /api/chat HTTP/1.1\r\nHost: proxy\r\nContent-Length: 100\r\n\r\n{\"mo")
+        raw = await exchange(self.proxy.port, b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"mo")
         self.assertGreaterEqual(reactor.seconds() - started, 0.5)
         status, _, body = self.only(raw)
         self.assertIn("not complete within 0.5s (--client-timeout)", assertRouteError(self, "/api/", 408, status, body))
 
-        raw = await exchange(self.proxy.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n")
+        raw = await exchange(self.proxy.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
         status, _, body = self.only(raw)
         self.assertIn("headers were not complete", assertRouteError(self, "/v1/", 408, status, body))
         await self.assertStillServing()
@@ -270,7 +270,7 @@ class HTTPGuardTests(TestCase):
         A keep-alive connection left idle after a complete answer is closed after
         --client-timeout without a 408 (clients reuse such connections).
         """
-        raw = await exchange(self.proxy.port, b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        raw = await exchange(self.proxy.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         [(status, _, body)] = responses(raw)
         self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
 
@@ -281,8 +281,8 @@ class HTTPGuardTests(TestCase):
         where twisted.web alone would close the connection silently or send an empty 400.
         """
         cases = [
-            (b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: proxy\r\n\r\n", "/v1/", 414, "request line is over"),
-            (b"GET /api/tags HTTP/1.1\r\nHost: proxy\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", "/api/", 431,
+            (b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "/v1/", 414, "request line is over"),
+            (b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", "/api/", 431,
              "header line is over"),
             (b"GET /status HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(600)) + b"\r\n", "/", 431,
              "more than 500 request headers"),
@@ -301,9 +301,9 @@ class HTTPGuardTests(TestCase):
         """
         body = json.dumps({"model": "gpt-4", "prompt": "x"}).encode()
         raw = await exchange(self.proxy.port, (
-            b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n"
-            b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Length: %d\r\n\r\n%s"
-            b"GET /api/version HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n" % (len(body), body)))
+            b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % (len(body), body)))
         answers = responses(raw)
         self.assertEqual([status for status, _, _ in answers], [200, 404, 200])
         self.assertEqual(json.loads(answers[0][2]), {"status": "ok"})
@@ -368,7 +368,7 @@ class FuzzTests(SynchronousTestCase):
         """
         proxy = self.fuzzProxy()
         with capturedLogs() as events:
-            d = proxy.client.post("http://proxy" + route, data=body, headers={"Content-Type": "application/json"})
+            d = proxy.client.post("http://localhost" + route, data=body, headers={"Content-Type": "application/json"})
             proxy.flush()
             proxy.reactor.advance(0)
             response = self.successResultOf(d)
@@ -383,7 +383,7 @@ class FuzzTests(SynchronousTestCase):
         self.assertEqual(failures, [], (route, body))
         if response.code >= 400:
             assertRouteError(self, route, response.code, response.code, raw)
-        healthy = self.successResultOf(proxy.client.get("http://proxy/health"))
+        healthy = self.successResultOf(proxy.client.get("http://localhost/health"))
         self.assertEqual(healthy.code, 200)
         self.assertEqual(proxy.supervisor.status()["in_flight"], 0)
 

@@ -1,6 +1,6 @@
 """
 Security (issue 4): keys never reach a log line, admin routes need the admin key, the proxy
-listens on loopback by default, CORS is off unless configured, and the generated TabbyAPI
+listens on loopback by default, browser pages from other origins and rebound hosts are refused, and the generated TabbyAPI
 config and the other runtime files are private (0600 in a 0700 directory) and removed on exit.
 """
 
@@ -111,16 +111,16 @@ class KeysNeverLoggedTests(TestCase):
 class AdminKeyTests(SynchronousTestCase):
     def test_unloadNeedsTheAdminKey(self) -> None:
         """
-        /unload (GET and POST) refuses a missing key and any API key, in every header form, and
+        POST /unload refuses a missing key and any API key, in every header form, and
         takes the admin key in every header form.
         """
         keys = Keys(enabled=True, apiKeys=("api-1", "api-2"), adminKey="admin-key")
         proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=keys)
         forms = [lambda key: {"Authorization": f"Bearer {key}"}, lambda key: {"x-api-key": key},
                  lambda key: {"x-admin-key": key}]
-        for method in ("GET", "POST"):
+        for method in ("POST",):
             def call(headers: dict[str, str]) -> tuple[int, Any]:
-                response = self.successResultOf(proxy.client.request(method, "http://proxy/unload", headers=headers))
+                response = self.successResultOf(proxy.client.request(method, "http://localhost/unload", headers=headers))
                 return response.code, json.loads(self.successResultOf(response.content()))
 
             code, document = call({})
@@ -152,32 +152,37 @@ class CORSTests(TestCase):
         await response.content()
         return response
 
-    async def test_offByDefault(self) -> None:
+    async def test_foreignPagesRefusedByDefault(self) -> None:
         """
-        Without --cors-origin no response carries CORS headers, whatever the Origin, and a
-        preflight is not answered as one (a 405 in the route's shape).
+        Over a real socket, without --cors-origin: a foreign page's request and preflight get a
+        403 with no CORS header, a local page's preflight a 204, and a rebound C{Host} a 403.
         """
         proxy = RunningProxy(self, PROFILES)
         response = await self.call(proxy, "GET", "/v1/models", {"Origin": "https://evil.example"})
-        self.assertEqual(response.code, 200)
+        self.assertEqual(response.code, 403)
         self.assertFalse([name for name, _ in response.headers.getAllRawHeaders() if name.lower().startswith(b"access-control")])
         preflight = await self.call(proxy, "OPTIONS", "/v1/chat/completions", {
             "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
-        self.assertEqual(preflight.code, 405)
-        self.assertIsNone(preflight.headers.getRawHeaders("access-control-allow-origin"))
+        self.assertEqual(preflight.code, 403)
+        local = await self.call(proxy, "OPTIONS", "/api/chat", {
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+        self.assertEqual(local.code, 204)
+        self.assertEqual(local.headers.getRawHeaders("access-control-allow-origin"), ["http://localhost:3000"])
+        rebound = await self.call(proxy, "GET", "/health", {"Host": "rebind.evil.example:9000"})
+        self.assertEqual(rebound.code, 403)
 
     async def test_configuredOrigins(self) -> None:
         """
         With --cors-origin (repeatable), a preflight from a listed origin gets a 204 with the
         methods and headers it may use, its requests carry C{Access-Control-Allow-Origin} (with
-        C{Vary: Origin}), and other origins get no CORS header at all.
+        C{Vary: Origin}), errors too, and other origins get a 403.
         """
-        proxy = RunningProxy(self, PROFILES, "--cors-origin", "https://chat.example", "--cors-origin", "http://localhost:3000/")
+        proxy = RunningProxy(self, PROFILES, "--cors-origin", "https://chat.example", "--cors-origin", "http://lan.example:3000/")
         preflight = await self.call(proxy, "OPTIONS", "/api/chat", {
-            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Origin": "http://lan.example:3000", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type"})
         self.assertEqual(preflight.code, 204)
-        self.assertEqual(preflight.headers.getRawHeaders("access-control-allow-origin"), ["http://localhost:3000"])
+        self.assertEqual(preflight.headers.getRawHeaders("access-control-allow-origin"), ["http://lan.example:3000"])
         self.assertIn("POST", preflight.headers.getRawHeaders("access-control-allow-methods")[0])
         allowedHeaders = preflight.headers.getRawHeaders("access-control-allow-headers")[0].lower()
         for header in ("authorization", "content-type", "x-api-key"):
@@ -189,6 +194,7 @@ class CORSTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders("vary"), ["Origin"])
 
         other = await self.call(proxy, "GET", "/v1/models", {"Origin": "https://evil.example"})
+        self.assertEqual(other.code, 403)
         self.assertIsNone(other.headers.getRawHeaders("access-control-allow-origin"))
         errors = await self.call(proxy, "GET", "/v1/nothing", {"Origin": "https://chat.example"})
         self.assertEqual(errors.code, 404)

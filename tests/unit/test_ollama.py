@@ -76,7 +76,7 @@ class OllamaTestCase(SynchronousTestCase):
         One request to the proxy, and its response with the whole body.
         """
         data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        d = self.proxy.client.request(method, "http://proxy" + path, data=data,
+        d = self.proxy.client.request(method, "http://localhost" + path, data=data,
                                       headers={"Content-Type": "application/json", **(headers or {})})
         self.proxy.flush()
         response = self.successResultOf(d)
@@ -382,7 +382,7 @@ class GenerationTests(OllamaTestCase):
         and the lease is held until the stream ends.
         """
         self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://proxy/api/chat", unbuffered=True, json={
+        d = self.proxy.client.post("http://localhost/api/chat", unbuffered=True, json={
             "model": "qwen", "messages": [{"role": "user", "content": "Hi"}]})
         self.proxy.flush()
         [upstream] = self.proxy.tabby.pending
@@ -410,7 +410,7 @@ class GenerationTests(OllamaTestCase):
         """
         self.proxy.tabby.healthy = False
         self.proxy.tabby.chunks = events(HEAD_CHAT)
-        d = self.proxy.client.post("http://proxy/api/chat", json={
+        d = self.proxy.client.post("http://localhost/api/chat", json={
             "model": "qwen", "stream": False, "messages": [{"role": "user", "content": "Hi"}]})
         for _ in range(10):
             self.proxy.reactor.advance(0.25)
@@ -429,7 +429,7 @@ class GenerationTests(OllamaTestCase):
         lease back.
         """
         self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://proxy/api/generate", unbuffered=True,
+        d = self.proxy.client.post("http://localhost/api/generate", unbuffered=True,
                                    json={"model": "qwen", "prompt": "Hi"})
         self.proxy.flush()
         [upstream] = self.proxy.tabby.pending
@@ -580,7 +580,7 @@ class ErrorTests(OllamaTestCase):
         TabbyAPI's error answers reach the client as Ollama errors with TabbyAPI's status.
         """
         self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://proxy/api/chat", json={"model": "qwen", "messages": [{"role": "user"}]})
+        d = self.proxy.client.post("http://localhost/api/chat", json={"model": "qwen", "messages": [{"role": "user"}]})
         self.proxy.flush()
         [pending] = self.proxy.tabby.pending
         pending.setResponseCode(422)
@@ -625,7 +625,7 @@ class ErrorTests(OllamaTestCase):
         A model that fails to start answers 503 with the child's exit and last output.
         """
         self.proxy.tabby.healthy = False
-        d = self.proxy.client.post("http://proxy/api/chat", json={"model": "qwen", "messages": [{"role": "user"}]})
+        d = self.proxy.client.post("http://localhost/api/chat", json={"model": "qwen", "messages": [{"role": "user"}]})
         [process] = self.proxy.reactor.spawned
         process.print("ValueError: Failed to load config.json\n")
         process.exit(1)
@@ -639,7 +639,7 @@ class ErrorTests(OllamaTestCase):
         """
         self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
         self.proxy.tabby.healthy = False
-        self.proxy.client.post("http://proxy/api/generate", json={"model": "qwen", "prompt": "a"})
+        self.proxy.client.post("http://localhost/api/generate", json={"model": "qwen", "prompt": "a"})
         self.assertOllamaError(*self.post("/api/generate", {"model": "qwen", "prompt": "b"}), 503, "server busy")
 
     def test_modelFilesNotManaged(self) -> None:
@@ -672,7 +672,7 @@ class EmbeddingTests(OllamaTestCase):
         Send C{body} to C{path} and let TabbyAPI answer C{answer}.
         """
         self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://proxy" + path, json=body)
+        d = self.proxy.client.post("http://localhost" + path, json=body)
         self.proxy.flush()
         pending: Request = self.proxy.tabby.pending.pop()
         pending.setResponseCode(status)

@@ -33,7 +33,7 @@ class OpenAIRouteTests(SynchronousTestCase):
     def post(self, path: str, body: object, headers: dict[str, str] | None = None) -> Any:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         return self.successResultOf(self.proxy.client.post(
-            "http://proxy" + path, data=raw, headers={"Content-Type": "application/json", **(headers or {})}
+            "http://localhost" + path, data=raw, headers={"Content-Type": "application/json", **(headers or {})}
         ))
 
     def jsonOf(self, response: Any) -> Any:
@@ -129,7 +129,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         TabbyAPI's status.
         """
         self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://proxy/v1/chat/completions", json={"model": "qwen", "messages": []})
+        d = self.proxy.client.post("http://localhost/v1/chat/completions", json={"model": "qwen", "messages": []})
         [pending] = self.proxy.tabby.pending
         pending.setResponseCode(422)
         pending.write(json.dumps({"detail": [{"loc": ["body", "presence_penalty"],
@@ -144,7 +144,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         """
         self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
         self.proxy.tabby.healthy = False
-        self.proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "a"})
+        self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"})
         self.assertOpenAIError(self.post("/v1/completions", {"model": "qwen", "prompt": "b"}), 503, "server busy")
 
     def test_failedStartIs503WithChildOutput(self) -> None:
@@ -153,7 +153,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         child's last lines.
         """
         self.proxy.tabby.healthy = False
-        d = self.proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "a"})
+        d = self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"})
         [process] = self.proxy.reactor.spawned
         process.print("ValueError: Failed to load config.json\n")
         process.exit(1)
@@ -165,7 +165,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         /v1/models lists every profile in OpenAI's shape, saying which one is loaded.
         """
         self.post("/v1/completions", {"model": "qwen", "prompt": "a"})
-        response = self.successResultOf(self.proxy.client.get("http://proxy/v1/models"))
+        response = self.successResultOf(self.proxy.client.get("http://localhost/v1/models"))
         document = self.jsonOf(response)
         self.assertEqual(document["object"], "list")
         self.assertEqual(
@@ -187,7 +187,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         """
         Unknown routes under /v1 are 404s in OpenAI's shape.
         """
-        response = self.successResultOf(self.proxy.client.get("http://proxy/v1/nothing"))
+        response = self.successResultOf(self.proxy.client.get("http://localhost/v1/nothing"))
         self.assertOpenAIError(response, 404, "/v1/nothing")
 
 
@@ -200,7 +200,7 @@ class MissingRouteTests(SynchronousTestCase):
         proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
 
         def call(method: bytes, path: str) -> tuple[int, Any]:
-            response = self.successResultOf(proxy.client.request(method.decode(), "http://proxy" + path))
+            response = self.successResultOf(proxy.client.request(method.decode(), "http://localhost" + path))
             return response.code, self.successResultOf(json_content(response))
 
         code, document = call(b"GET", "/v1/chat/completions")
@@ -214,9 +214,9 @@ class AuthTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=KEYS)
 
-    def get(self, path: str, key: str | None = None, header: str = "Authorization") -> Any:
+    def get(self, path: str, key: str | None = None, header: str = "Authorization", method: str = "GET") -> Any:
         headers = {} if key is None else {header: f"Bearer {key}" if header == "Authorization" else key}
-        return self.successResultOf(self.proxy.client.get("http://proxy" + path, headers=headers))
+        return self.successResultOf(self.proxy.client.request(method, "http://localhost" + path, headers=headers))
 
     def test_keysRequired(self) -> None:
         """
@@ -235,8 +235,8 @@ class AuthTests(SynchronousTestCase):
         """
         /unload refuses API keys and accepts the admin key; /status is open.
         """
-        self.assertEqual(self.get("/unload", "api-key").code, 401)
-        self.assertEqual(self.get("/unload", "admin-key").code, 200)
+        self.assertEqual(self.get("/unload", "api-key", method="POST").code, 401)
+        self.assertEqual(self.get("/unload", "admin-key", method="POST").code, 200)
         self.assertEqual(self.get("/status").code, 200)
 
     def test_proxyAuthenticatesToTabby(self) -> None:
@@ -244,7 +244,7 @@ class AuthTests(SynchronousTestCase):
         The proxy sends TabbyAPI's admin key with each request it forwards.
         """
         response = self.successResultOf(self.proxy.client.post(
-            "http://proxy/v1/completions", json={"model": "qwen", "prompt": "a"},
+            "http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"},
             headers={"Authorization": "Bearer api-key"},
         ))
         self.assertEqual(response.code, 200)
@@ -258,7 +258,7 @@ class LoadingFeedbackTests(SynchronousTestCase):
         self.proxy.tabby.healthy = False
 
     def streamChat(self) -> Any:
-        d = self.proxy.client.post("http://proxy/v1/chat/completions", json={
+        d = self.proxy.client.post("http://localhost/v1/chat/completions", json={
             "model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         return d
 
@@ -301,7 +301,7 @@ class LoadingFeedbackTests(SynchronousTestCase):
         A request for a ready model gets no comment at all: its stream is TabbyAPI's, untouched.
         """
         self.proxy.tabby.healthy = True
-        self.successResultOf(self.proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "x"}))
+        self.successResultOf(self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "x"}))
         response = self.successResultOf(self.streamChat())
         self.assertEqual(self.successResultOf(content(response)), b"".join(self.proxy.tabby.chunks))
 
@@ -314,10 +314,10 @@ class SuspectAnswerTests(SynchronousTestCase):
         """
         proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
         proxy.tabby.chunks = [b'data: {"error":{"message":"Chat completion aborted.","trace":null}}\r\n\r\n']
-        first = self.successResultOf(proxy.client.post("http://proxy/v1/completions", json={"model": "qwen", "prompt": "x"}))
+        first = self.successResultOf(proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "x"}))
         self.successResultOf(content(first))
         proxy.tabby.healthy = False
-        response = self.successResultOf(proxy.client.post("http://proxy/v1/completions", json={
+        response = self.successResultOf(proxy.client.post("http://localhost/v1/completions", json={
             "model": "qwen", "prompt": "x", "stream": True}))
         self.successResultOf(content(response))
         self.assertEqual(proxy.reactor.spawned[0].signals, ["TERM"])
