@@ -88,7 +88,7 @@ class HistoryFromTheSiteTests(SynchronousTestCase):
 
     def chat(self, stream: bool, text: str = "hello") -> bytes:
         response = self.successResultOf(self.proxy.client.post(
-            "http://proxy/v1/chat/completions",
+            "http://localhost/v1/chat/completions",
             data=json.dumps({"model": "alpha", "stream": stream,
                              "messages": [{"role": "user", "content": text}]}).encode(),
             headers={"Content-Type": "application/json"},
@@ -135,10 +135,10 @@ class HistoryFromTheSiteTests(SynchronousTestCase):
         an unknown model's 404 is.
         """
         for path in ("/status", "/health", "/metrics", "/ui/"):
-            self.successResultOf(self.proxy.client.get("http://proxy" + path))
+            self.successResultOf(self.proxy.client.get("http://localhost" + path))
         self.assertEqual(list(self.proxy.state.history), [])
         response = self.successResultOf(self.proxy.client.post(
-            "http://proxy/v1/chat/completions", data=b'{"model": "nope", "messages": []}',
+            "http://localhost/v1/chat/completions", data=b'{"model": "nope", "messages": []}',
             headers={"Content-Type": "application/json"},
         ))
         self.successResultOf(content(response))

@@ -53,7 +53,7 @@ class ResponsesTestCase(SynchronousTestCase):
 
     def post(self, body: object, headers: dict[str, str] | None = None) -> tuple[Any, bytes]:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        d = self.proxy.client.post("http://proxy/v1/responses", data=raw,
+        d = self.proxy.client.post("http://localhost/v1/responses", data=raw,
                                    headers={"Content-Type": "application/json", **(headers or {})})
         self.proxy.flush()
         response = self.successResultOf(d)
@@ -160,9 +160,9 @@ class StoreTests(ResponsesTestCase):
         self.assertEqual(self.lastUpstream()["messages"], [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}])
-        got = self.successResultOf(self.proxy.client.get(f"http://proxy/v1/responses/{first['id']}"))
+        got = self.successResultOf(self.proxy.client.get(f"http://localhost/v1/responses/{first['id']}"))
         self.assertEqual(json.loads(self.successResultOf(content(got))), first)
-        deleted = self.successResultOf(self.proxy.client.delete(f"http://proxy/v1/responses/{first['id']}"))
+        deleted = self.successResultOf(self.proxy.client.delete(f"http://localhost/v1/responses/{first['id']}"))
         self.assertEqual(json.loads(self.successResultOf(content(deleted))),
                          {"id": first["id"], "object": "response", "deleted": True})
         response, raw = self.post({"model": "qwen", "input": "x", "previous_response_id": first["id"]})
@@ -176,7 +176,7 @@ class StoreTests(ResponsesTestCase):
         first = self.create({"model": "qwen", "input": "Hi", "store": False})
         response, raw = self.post({"model": "qwen", "input": "x", "previous_response_id": first["id"]})
         self.assertOpenAIError(response, raw, 404, "only those sent without store: false")
-        got = self.successResultOf(self.proxy.client.get(f"http://proxy/v1/responses/{first['id']}"))
+        got = self.successResultOf(self.proxy.client.get(f"http://localhost/v1/responses/{first['id']}"))
         self.assertOpenAIError(got, self.successResultOf(content(got)), 404, "not found")
 
     def test_storeIsBounded(self) -> None:
@@ -259,7 +259,7 @@ class ErrorTests(ResponsesTestCase):
         """
         for streaming in (False, True):
             self.proxy.tabby.hold = True
-            d = self.proxy.client.post("http://proxy/v1/responses",
+            d = self.proxy.client.post("http://localhost/v1/responses",
                                        json={"model": "qwen", "input": "x", "stream": streaming})
             self.proxy.flush()
             [pending] = self.proxy.tabby.pending
@@ -289,7 +289,7 @@ class LoadingTests(ResponsesTestCase):
         A streamed request whose model is starting gets C{response.created} at once, an SSE
         comment every few seconds while it waits, then the answer.
         """
-        d = self.proxy.client.post("http://proxy/v1/responses", json={"model": "qwen", "input": "x", "stream": True})
+        d = self.proxy.client.post("http://localhost/v1/responses", json={"model": "qwen", "input": "x", "stream": True})
         self.proxy.flush()
         body = content(self.successResultOf(d))
         self.proxy.reactor.advance(5)
@@ -306,7 +306,7 @@ class LoadingTests(ResponsesTestCase):
         A model that fails to start ends the stream with C{response.failed} saying why; a
         non-streamed request gets OpenAI's 503.
         """
-        d = self.proxy.client.post("http://proxy/v1/responses", json={"model": "qwen", "input": "x", "stream": True})
+        d = self.proxy.client.post("http://localhost/v1/responses", json={"model": "qwen", "input": "x", "stream": True})
         self.proxy.flush()
         body = content(self.successResultOf(d))
         self.proxy.reactor.spawned[0].exit(1)
@@ -315,7 +315,7 @@ class LoadingTests(ResponsesTestCase):
         self.assertEqual([e["type"] for e in events], ["response.created", "response.in_progress", "error",
                                                        "response.failed"])
         self.assertIn("exited with status 1", events[-1]["response"]["error"]["message"])
-        d = self.proxy.client.post("http://proxy/v1/responses", json={"model": "qwen", "input": "x"})
+        d = self.proxy.client.post("http://localhost/v1/responses", json={"model": "qwen", "input": "x"})
         self.proxy.flush()
         self.proxy.reactor.spawned[-1].exit(1)
         self.proxy.flush()
@@ -328,7 +328,7 @@ class LoadingTests(ResponsesTestCase):
         """
         self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
         self.proxy.tabby.healthy = False
-        self.proxy.client.post("http://proxy/v1/responses", json={"model": "qwen", "input": "a"})
+        self.proxy.client.post("http://localhost/v1/responses", json={"model": "qwen", "input": "a"})
         self.assertOpenAIError(*self.post({"model": "qwen", "input": "b"}), 503, "server busy")
 
 
@@ -338,7 +338,7 @@ class DisconnectTests(ResponsesTestCase):
         A client that leaves mid-stream closes the request to TabbyAPI and gives the lease back.
         """
         self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://proxy/v1/responses", unbuffered=True,
+        d = self.proxy.client.post("http://localhost/v1/responses", unbuffered=True,
                                    json={"model": "qwen", "input": "Hi", "stream": True})
         self.proxy.flush()
         [upstream] = self.proxy.tabby.pending
