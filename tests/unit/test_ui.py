@@ -47,18 +47,18 @@ class _Base(SynchronousTestCase):
         self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=self.keys)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> Any:
-        return self.successResultOf(self.proxy.client.get("http://proxy" + path, headers=headers or {}))
+        return self.successResultOf(self.proxy.client.get("http://localhost" + path, headers=headers or {}))
 
     def post(self, path: str, body: object, headers: dict[str, str] | None = None) -> Any:
         return self.successResultOf(self.proxy.client.post(
-            "http://proxy" + path, data=json.dumps(body).encode(),
+            "http://localhost" + path, data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **(headers or {})}))
 
     def jsonOf(self, response: Any) -> Any:
         return json.loads(self.successResultOf(content(response)))
 
     def startEvents(self, path: str = "/events", headers: dict[str, str] | None = None) -> list[bytes]:
-        d = self.proxy.client.get("http://proxy" + path, headers=headers or {}, unbuffered=True)
+        d = self.proxy.client.get("http://localhost" + path, headers=headers or {}, unbuffered=True)
         self.proxy.flush()
         response = self.successResultOf(d)
         self.assertEqual(response.code, 200)
@@ -123,7 +123,7 @@ class PageTests(_Base):
         """
         C{/ui} sends the browser to C{/ui/}, so the page's relative links work.
         """
-        response = self.successResultOf(self.proxy.client.get("http://proxy/ui", allow_redirects=False))
+        response = self.successResultOf(self.proxy.client.get("http://localhost/ui", allow_redirects=False))
         self.assertEqual((response.code, response.headers.getRawHeaders("location")), (301, ["/ui/"]))
 
     def test_rootSendsBrowsersToTheDashboard(self) -> None:
@@ -132,7 +132,7 @@ class PageTests(_Base):
         gets Ollama's C{Ollama is running}.
         """
         browser = self.successResultOf(self.proxy.client.get(
-            "http://proxy/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}, allow_redirects=False))
+            "http://localhost/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}, allow_redirects=False))
         self.assertEqual((browser.code, browser.headers.getRawHeaders("location")), (302, ["/ui/"]))
         for accept in ("*/*", None):
             response = self.get("/", {"Accept": accept} if accept else {})
@@ -232,7 +232,7 @@ class EventsTests(_Base):
         """
         Once the last viewer leaves, nothing more is watched: no subscriber, no timer.
         """
-        d = self.proxy.client.get("http://proxy/events", unbuffered=True)
+        d = self.proxy.client.get("http://localhost/events", unbuffered=True)
         self.proxy.flush()
         response = self.successResultOf(d)
         body = StreamedBody.of(response)
