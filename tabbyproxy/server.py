@@ -36,6 +36,21 @@ _NAMED_ROUTES = ((b"/v1/models/", "/v1/models/{model}"), (b"/v1/responses/", "/v
 _EVENT_SEPARATORS = {b"text/event-stream": b"data:", b"application/x-ndjson": b"\n"}
 
 
+# Query parameters whose value is a secret (api_key=, token=, ...): masked in the access log.
+_SECRET_QUERY = re.compile(rb"(?i)(^|[?&;])([^=&;]*(?:key|token|secret|passw|auth|sig)[^=&;]*=)[^&;]*")
+
+
+def maskedTarget(uri: bytes) -> bytes:
+    """
+    A request target fit for a log line: the value of every query parameter named like a
+    credential (C{api_key}, C{token}, C{password}, ...) replaced by C{***}.
+    """
+    path, question, query = uri.partition(b"?")
+    if not question:
+        return uri
+    return path + b"?" + _SECRET_QUERY.sub(rb"\1\2***", query)
+
+
 def requestIdOf(request: IRequest) -> str | None:
     """
     The id the proxy gave C{request} (sent back as C{X-Request-Id}), for log events about it.
@@ -124,6 +139,11 @@ class ProxyRequest(Request):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
 
+    def __repr__(self) -> str:
+        # Twisted's repr shows the whole target, and log events carry the request as their source.
+        return (f"<{type(self).__name__} at 0x{id(self):x} method={self.method.decode('latin-1')} "
+                f"uri={maskedTarget(self.uri).decode('latin-1')} clientproto={self.clientproto.decode('latin-1')}>")
+
     def process(self) -> None:
         site = self._proxySite = self._site()
         self._arrivedAt = site.reactor.seconds() if site is not None else 0.0
@@ -178,7 +198,7 @@ class ProxyRequest(Request):
         self.log.info(
             "{method} {path} {status} {seconds:.3f}s{forModel}",
             method=self.method.decode("latin-1"),
-            path=self.uri.decode("latin-1"),
+            path=maskedTarget(self.uri).decode("latin-1"),
             status=status,
             seconds=seconds,
             forModel=f" ({model})" if model else "",

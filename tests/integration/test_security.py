@@ -268,3 +268,25 @@ class PrivateFilesTests(TestCase):
         self.assertTrue(runtime.exists())
         await stopped
         self.assertFalse(runtime.exists())
+
+
+class QueryKeysNotLoggedTests(SynchronousTestCase):
+    def test_keyInQueryIsMasked(self) -> None:
+        """
+        A key sent in the query string (which the proxy does not accept) never reaches the access
+        line: values of credential-like parameters are masked, the rest of the target is kept.
+        """
+        from tabbyproxy.server import maskedTarget
+
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES,
+                              keys=Keys(enabled=True, apiKeys=("api-secret-1",), adminKey="admin-secret-2"))
+        with capturedLogs() as events:
+            response = self.successResultOf(proxy.client.get(
+                "http://localhost/v1/models?api_key=api-secret-1&x=1&Token=admin-secret-2"))
+        self.assertEqual(response.code, 401)
+        for event in events:
+            self.assertNotIn("secret", everything(event))
+        [access] = [event for event in events if event.get("route") is not None]
+        self.assertEqual(access["path"], "/v1/models?api_key=***&x=1&Token=***")
+        self.assertEqual(maskedTarget(b"/a?access_token=t;password=p&q=ok"), b"/a?access_token=***;password=***&q=ok")
+        self.assertEqual(maskedTarget(b"/plain"), b"/plain")
