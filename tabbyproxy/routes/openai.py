@@ -15,8 +15,6 @@ from typing import Any, Callable
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -30,45 +28,13 @@ from tabbyproxy.routes.common import (
     takeKeepAlive,
     writeJSON,
 )
+from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
 from tabbyproxy.server import modelOf, noteModel, requestIdOf
 from tabbyproxy.supervisor import Lease
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.upstream import UpstreamBroken
 
 _ERROR_EVENT = b'data: {"error"'
-
-# How often a streaming request waiting for its model hears that it still waits.
-LOADING_COMMENT_INTERVAL = 5.0
-
-
-class _LoadingComments:
-    """
-    While a streaming request waits for its model: the answer's headers at once, then an SSE
-    comment (which clients skip) every L{LOADING_COMMENT_INTERVAL} seconds, saying what it waits
-    for and for how long.
-    """
-
-    def __init__(self, request: IRequest, modelId: str, clock: IReactorTime) -> None:
-        self.request = request
-        self.modelId = modelId
-        self.clock = clock
-        self.since = clock.seconds()
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        self.call = LoopingCall(self.comment)
-        self.call.clock = clock
-        self.call.start(LOADING_COMMENT_INTERVAL, now=True)
-
-    def comment(self) -> None:
-        waited = self.clock.seconds() - self.since
-        self.request.write(f": loading {self.modelId} ... {waited:.0f}s\r\n\r\n".encode("utf-8"))
-
-    def stop(self) -> None:
-        if self.call.running:
-            self.call.stop()
-
 
 @define
 class OpenAIRoutes:
@@ -147,7 +113,8 @@ class OpenAIRoutes:
         acquiring = self.state.supervisor.acquire(profile, keepAlive)
         comments = None
         if streaming and not acquiring.called:
-            comments = _LoadingComments(request, profile.id, self.state.clock)
+            startEventStream(request)
+            comments = LoadingTicks(request, self.state.clock, loadingComment(profile.id, "\r\n"), now=True)
         try:
             lease = await acquiring
         finally:

@@ -21,8 +21,6 @@ from typing import Any, Callable
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -46,14 +44,12 @@ from tabbyproxy.routes.common import (
     takeKeepAlive,
     writeJSON,
 )
+from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
 from tabbyproxy.server import noteModel, requestIdOf
 from tabbyproxy.supervisor import Lease, SchedulingError
 from tabbyproxy.tabbywire import ChatStreamDecoder
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.upstream import UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
-
-# How often a streaming request waiting for its model hears that it still waits.
-LOADING_COMMENT_INTERVAL = 5.0
 
 
 @define
@@ -175,14 +171,13 @@ class ResponsesRoutes:
         A streamed response: once its first event went out, whatever goes wrong ends the
         stream with C{response.failed}.
         """
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Accel-Buffering", b"no")
+        startEventStream(request)
         encoder = relay.encoder
         relay.send(encoder.start())
         acquiring = self.state.supervisor.acquire(profile, keepAlive)
-        comments = None if acquiring.called else _LoadingComments(request, profile.id, self.state.clock)
+        comments = None
+        if not acquiring.called:
+            comments = LoadingTicks(request, self.state.clock, loadingComment(profile.id), now=False)
         try:
             lease = await acquiring
         except SchedulingError as e:
@@ -247,28 +242,3 @@ class ResponsesRoutes:
         if not self.store.delete(responseId):
             raise ClientError(404, f"response '{responseId}' not found", "invalid_request_error")
         return writeJSON(request, 200, {"id": responseId, "object": "response", "deleted": True})
-
-
-class _LoadingComments:
-    """
-    While a streaming request waits for its model: an SSE comment (which clients skip) every
-    L{LOADING_COMMENT_INTERVAL} seconds, saying what it waits for and for how long, so clients
-    with read timeouts survive long loads.
-    """
-
-    def __init__(self, request: IRequest, modelId: str, clock: IReactorTime) -> None:
-        self.request = request
-        self.modelId = modelId
-        self.clock = clock
-        self.since = clock.seconds()
-        self.call = LoopingCall(self.comment)
-        self.call.clock = clock
-        self.call.start(LOADING_COMMENT_INTERVAL, now=False)
-
-    def comment(self) -> None:
-        waited = self.clock.seconds() - self.since
-        self.request.write(f": loading {self.modelId} ... {waited:.0f}s\n\n".encode("utf-8"))
-
-    def stop(self) -> None:
-        if self.call.running:
-            self.call.stop()
