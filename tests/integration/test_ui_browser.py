@@ -206,21 +206,21 @@ class EventStreamTests(TestCase):
         client.sendall(b"GET /events?logs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await waitUntil(lambda: bool(viewers))
         [viewer] = viewers
+        transport = viewer.request.transport  # type: ignore[attr-defined]
+        # A small kernel buffer on the proxy's side too, so that the kernel cannot absorb
+        # megabytes (send buffers grow on their own) and let the viewer resume.
+        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         log = Logger(namespace="tests.ui")
         line = "x" * 1000
-        for number in range(100):
-            for _ in range(200):
-                log.info("filler {number} {line}", number=number, line=line)
-            await deferLater(reactor, 2 * BATCH_SECONDS)
-            if viewer.paused:
-                break
-        # A few more rounds while paused: nothing more reaches the connection.
-        for _ in range(5):
-            for _ in range(200):
-                log.info("filler {line}", line=line)
-            await deferLater(reactor, 2 * BATCH_SECONDS)
+        # One batch of these is more than the connection's buffer takes.
+        for number in range(200):
+            log.info("filler {number} {line}", number=number, line=line)
+        await waitUntil(lambda: viewer.paused)
+        # Paused, the viewer writes nothing: what happens now waits in its capped queue.
+        for _ in range(4 * MAX_QUEUED):
+            log.info("filler {line}", line=line)
+        await deferLater(reactor, 2 * BATCH_SECONDS)
         self.assertTrue(viewer.paused)
-        transport = viewer.request.transport  # type: ignore[attr-defined]
         buffered = len(transport.dataBuffer) + transport._tempDataLen
         # Megabytes were logged; the proxy holds at most one batch over its buffer's limit.
         self.assertLess(buffered, 64 * 1024 + MAX_QUEUED * 1200)
