@@ -177,17 +177,24 @@ class ErrorShape:
 
     @ivar document: the error's JSON document, from its status, message and OpenAI error type.
     @ivar inStream: that document framed as one more event of a stream already under way.
+    @ivar status: the status the API answers for the proxy's own (Anthropic's 529 for 503).
+    @ivar requestIdKey: where the document carries the request's id, if it does.
     """
 
     document: Callable[[int, str, str], object]
     inStream: Callable[[object], bytes]
+    status: Callable[[int], int] = int
+    requestIdKey: str | None = None
 
     def answer(self, request: IRequest, status: int, message: str, kind: str = "invalid_request_error") -> bytes | None:
         """
         Answer C{request} with an error: a JSON document with C{status}, or one more event once
         its stream has started (its status went out already).
         """
+        status = self.status(status)
         document = self.document(status, message, kind)
+        if self.requestIdKey is not None and isinstance(document, dict):
+            document[self.requestIdKey] = requestIdOf(request)
         if request.startedWriting:  # type: ignore[attr-defined]
             request.write(self.inStream(document))
             return None
@@ -197,7 +204,12 @@ class ErrorShape:
         """
         The bytes of the error's document, for answers written before any route runs.
         """
-        return _encodeCompact(self.document(status, message, "invalid_request_error")).encode("utf-8")
+        status = self.status(status)
+        document = self.document(status, message, "invalid_request_error")
+        if self.requestIdKey is not None and isinstance(document, dict):
+            # Answered before any route ran: the id is in the X-Request-Id header only.
+            document[self.requestIdKey] = None
+        return _encodeCompact(document).encode("utf-8")
 
 
 OPENAI = ErrorShape(document=errorDocument, inStream=sseEvent)
@@ -206,8 +218,48 @@ OPENAI = ErrorShape(document=errorDocument, inStream=sseEvent)
 PLAIN = ErrorShape(document=lambda status, message, kind: errorLine(message), inStream=ndjsonLine)
 """C{/api/*} (Ollama's) and the admin routes: C{{"error": "..."}}, an NDJSON line in a stream."""
 
+# Anthropic's error types by status; 529 is its "overloaded".
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error",
+}
+
+
+def anthropicStatus(status: int) -> int:
+    """
+    The status Anthropic answers where the proxy would answer C{status}: a full queue or a
+    model that cannot start now (503) is its C{overloaded_error}, 529, which its clients retry.
+    """
+    return 529 if status == 503 else status
+
+
+def anthropicErrorDocument(status: int, message: str, kind: str = "") -> dict[str, Any]:
+    """
+    Anthropic's error body: C{{"type": "error", "error": {"type", "message"}}}.
+    """
+    if status in _ANTHROPIC_TYPES:
+        kind = _ANTHROPIC_TYPES[status]
+    elif 400 <= status < 500:
+        kind = "invalid_request_error"
+    else:
+        kind = "api_error"
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropicErrorEvent(document: object) -> bytes:
+    """
+    Anthropic's error in a stream under way: an C{error} event.
+    """
+    return b"event: error\ndata: " + _encodeCompact(document).encode("utf-8") + b"\n\n"
+
+
+ANTHROPIC = ErrorShape(document=anthropicErrorDocument, inStream=anthropicErrorEvent, status=anthropicStatus,
+                       requestIdKey="request_id")
+"""C{/v1/messages}: C{{"type": "error", "error": {"type", "message"}, "request_id"}}, an
+C{error} event in a stream."""
+
 # Which shape a path's errors take, for answers given before a route is known; first match wins.
-_SHAPES_BY_PREFIX: tuple[tuple[bytes, ErrorShape], ...] = ((b"/v1/", OPENAI),)
+_SHAPES_BY_PREFIX: tuple[tuple[bytes, ErrorShape], ...] = ((b"/v1/messages/", ANTHROPIC), (b"/v1/", OPENAI))
 
 
 def errorBodyFor(path: bytes, status: int, message: str) -> bytes:

@@ -1,6 +1,7 @@
 """
 The proxy's whole HTTP side in one place: the resource tree that sends C{/v1/responses} to the
-Responses routes, the rest of C{/v1/*} to the OpenAI routes, C{/api/*} to the Ollama routes,
+Responses routes, C{/v1/messages} (and C{/v1/models} asked with C{anthropic-version}) to the
+Anthropic Messages routes, the rest of C{/v1/*} to the OpenAI routes, C{/api/*} to the Ollama routes,
 C{/ui/*} and C{/events} to the dashboard and the rest to the admin routes, behind the browser
 policy (L{tabbyproxy.cors}) and the L{ProxySite} with its guards.  The service (L{tabbyproxy.tap}) and
 the in-memory tests build it with the same function.
@@ -16,6 +17,7 @@ from twisted.web.resource import IResource, Resource
 from tabbyproxy.cors import BrowserPolicy
 from tabbyproxy.routes.admin import AdminRoutes
 from tabbyproxy.routes.common import ProxyState, errorBodyFor
+from tabbyproxy.routes.messages import MessagesRoutes
 from tabbyproxy.routes.ollama import OllamaRoutes
 from tabbyproxy.routes.openai import OpenAIRoutes
 from tabbyproxy.routes.responses import ResponsesRoutes
@@ -44,6 +46,25 @@ class Router(Resource):
         return self._bySegment.get(segment, self._otherwise).render(request)
 
 
+class ByHeader(Resource):
+    """
+    Sends the requests that carry C{header} to C{carrying}, the rest to C{otherwise}: the
+    same path in two APIs, as C{/v1/models} is in OpenAI's and Anthropic's.
+    """
+
+    isLeaf = True
+
+    def __init__(self, header: bytes, carrying: IResource, otherwise: IResource) -> None:
+        super().__init__()
+        self._header = header
+        self._carrying = carrying
+        self._otherwise = otherwise
+
+    def render(self, request: IRequest) -> Any:
+        chosen = self._carrying if request.getHeader(self._header) is not None else self._otherwise
+        return chosen.render(request)
+
+
 class BrowserOrOllama(Resource):
     """
     C{/}: a browser asking for HTML goes to the dashboard; every other client gets the answer
@@ -70,9 +91,12 @@ def rootResource(state: ProxyState, corsOrigins: Sequence[str] = ()) -> IResourc
     Every route of the proxy, over C{state}.
     """
     # The translated APIs under /v1 have route tables of their own.
+    openai = OpenAIRoutes(state).app.resource()
+    messages = MessagesRoutes(state).app.resource()
     v1 = Router(
-        {b"responses": ResponsesRoutes(state).app.resource()},
-        otherwise=OpenAIRoutes(state).app.resource(), depth=1,
+        {b"responses": ResponsesRoutes(state).app.resource(), b"messages": messages,
+         b"models": ByHeader(b"anthropic-version", messages, openai)},
+        otherwise=openai, depth=1,
     )
     admin = AdminRoutes(state).app.resource()
     ui = UIRoutes(state).app.resource()
