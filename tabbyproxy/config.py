@@ -3,9 +3,10 @@ The proxy's view of its files: per-model profiles in the config directory, and t
 checkout (its ``config.yml`` and ``api_tokens.yml``) that runs them.
 
 A profile ``config/<id>.yml`` holds TabbyAPI sections (``model``, ``draft_model``, ``sampling``,
-...) that are handed to TabbyAPI as they are, plus two things of the proxy's own that never reach
-TabbyAPI: ``model.unload_timer`` (the idle time) and the ``template`` section (request defaults and
-the system prompt).
+...) that are handed to TabbyAPI as they are, plus three things of the proxy's own that never reach
+TabbyAPI: ``model.unload_timer`` (the idle time), the ``template`` section (request defaults and
+the system prompt) and ``aliases`` (other names clients may ask for the model by, such as the
+``claude-...`` or ``gpt-...`` names coding agents send).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 DEFAULT_CONTEXT_LENGTH = 8192
 """TabbyAPI's context length for a model whose profile and config.json set none."""
 
-_PROXY_ONLY_SECTIONS = frozenset({"template"})
+_PROXY_ONLY_SECTIONS = frozenset({"template", "aliases"})
 _PROXY_ONLY_MODEL_KEYS = frozenset({"unload_timer"})
 
 
@@ -43,6 +44,7 @@ class Profile:
     @ivar tabby: the sections passed to TabbyAPI, without the proxy's own keys.
     @ivar template: request defaults (sampler values, C{system}, C{system_time}).
     @ivar unloadTimer: the profile's idle time in seconds, or C{None} to use the global one.
+    @ivar aliases: other names that resolve to this profile.
     """
 
     id: str
@@ -50,6 +52,7 @@ class Profile:
     tabby: Mapping[str, Any]
     template: Mapping[str, Any]
     unloadTimer: float | None
+    aliases: tuple[str, ...] = ()
 
     @property
     def modelName(self) -> str:
@@ -98,6 +101,12 @@ def loadProfile(configDir: Path, path: Path) -> Profile:
     if not isinstance(template, dict):
         raise ConfigError(f"{path}: template must be a mapping, found {_kind(template)}")
 
+    aliases = document.get("aliases")
+    if aliases is None:
+        aliases = []
+    if not isinstance(aliases, list) or not all(isinstance(alias, str) and alias for alias in aliases):
+        raise ConfigError(f"{path}: aliases must be a list of model names, found {_kind(aliases)}")
+
     unloadTimer: float | None = None
     if model.get("unload_timer") is not None:
         try:
@@ -119,6 +128,7 @@ def loadProfile(configDir: Path, path: Path) -> Profile:
         tabby=tabby,
         template=template,
         unloadTimer=unloadTimer,
+        aliases=tuple(aliases),
     )
 
 
@@ -145,9 +155,34 @@ def _profilePaths(configDir: Path) -> Iterator[Path]:
 class Catalog:
     """
     Every profile, by id, and the rules that turn a client's model name into one.
+
+    @ivar aliases: each alias to the id of the profile that lists it: the first one, in the
+        order of the files, when two list the same; never a profile's own id.
     """
 
     profiles: Mapping[str, Profile]
+    aliases: Mapping[str, str] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        aliases: dict[str, str] = {}
+        for profile in self.profiles.values():
+            for alias in profile.aliases:
+                if alias not in self.profiles:
+                    aliases.setdefault(alias, profile.id)
+        object.__setattr__(self, "aliases", aliases)
+
+    def aliasProblems(self) -> list[str]:
+        """
+        One message per alias that cannot mean the profile listing it: another profile's id,
+        or an alias an earlier profile already claimed.
+        """
+        problems = []
+        for profile in self.profiles.values():
+            for alias in profile.aliases:
+                owner = alias if alias in self.profiles else self.aliases.get(alias)
+                if owner != profile.id:
+                    problems.append(f"{profile.path}: the alias {alias!r} already names the profile {owner!r}")
+        return problems
 
     @classmethod
     def load(cls, configDir: Path) -> Catalog:
@@ -162,7 +197,11 @@ class Catalog:
         for path in _profilePaths(configDir):
             profile = loadProfile(configDir, path)
             profiles[profile.id] = profile
-        return cls(profiles=profiles)
+        catalog = cls(profiles=profiles)
+        problems = catalog.aliasProblems()
+        if problems:
+            raise ConfigError(problems[0])
+        return catalog
 
     def reloaded(self, configDir: Path) -> tuple[Catalog, list[str]]:
         """
@@ -186,18 +225,26 @@ class Catalog:
                 problems.append(f"{e}; {'kept the previous version' if previous else 'skipped'}")
                 continue
             profiles[profile.id] = profile
-        return Catalog(profiles=profiles), problems
+        catalog = Catalog(profiles=profiles)
+        return catalog, problems + catalog.aliasProblems()
 
     def resolve(self, name: object) -> Profile | None:
         """
-        The profile a client means by C{name}: its id, or its id with an Ollama tag
-        (C{"id:latest"}, or C{"id:tag"} when a profile is named C{id:tag}).
+        The profile a client means by C{name}, on every API: its id or one of its aliases, or
+        either with an Ollama tag (C{"id:latest"}, or C{"id:tag"} when a profile is named
+        C{id:tag}).  This is the one place names are resolved.
         """
         if not isinstance(name, str) or not name:
             return None
-        found = self.profiles.get(name)
+        found = self._byName(name)
         if found is None and name.endswith(":latest"):
-            found = self.profiles.get(name[: -len(":latest")])
+            found = self._byName(name[: -len(":latest")])
+        return found
+
+    def _byName(self, name: str) -> Profile | None:
+        found = self.profiles.get(name)
+        if found is None and name in self.aliases:
+            found = self.profiles[self.aliases[name]]
         return found
 
     def __iter__(self) -> Iterator[Profile]:

@@ -6,6 +6,7 @@ temporary directories.
 from __future__ import annotations
 
 import copy
+import json
 import stat
 import sys
 from pathlib import Path
@@ -289,6 +290,89 @@ class CatalogResolveTests(SynchronousTestCase):
         """
         for name in [None, 1, ["qwen"], {"qwen": 1}, b"qwen"]:
             self.assertIsNone(self.catalog.resolve(name))
+
+
+class AliasTests(SynchronousTestCase):
+    """
+    A profile's C{aliases} are other names that resolve to it, and never reach TabbyAPI.
+    """
+
+    def load(self, files: dict[str, str]) -> Catalog:
+        configDir = Path(self.mktemp())
+        for name, text in files.items():
+            write(configDir / name, text)
+        return Catalog.load(configDir)
+
+    def test_aliasesResolve(self) -> None:
+        """
+        An alias resolves to its profile, with C{:latest} too; the section is the proxy's own.
+        """
+        catalog = self.load({"qwen.yml": "model: {model_name: Q}\naliases: [claude-sonnet-4-5, gpt-5-codex]\n"})
+        qwen = catalog.profiles["qwen"]
+        for name in ("claude-sonnet-4-5", "gpt-5-codex", "gpt-5-codex:latest"):
+            self.assertIs(catalog.resolve(name), qwen)
+        self.assertEqual(qwen.aliases, ("claude-sonnet-4-5", "gpt-5-codex"))
+        self.assertNotIn("aliases", qwen.tabby)
+        self.assertIsNone(catalog.resolve("claude-opus-4-5"))
+
+    def test_conflicts(self) -> None:
+        """
+        An alias that is another profile's id, or that an earlier profile claimed, is a
+        configuration error that names both; a reload keeps serving and reports it.
+        """
+        for files in ({"a.yml": "model: {model_name: A}\naliases: [b]\n", "b.yml": "model: {model_name: B}\n"},
+                      {"a.yml": "model: {model_name: A}\naliases: [gpt]\n",
+                       "b.yml": "model: {model_name: B}\naliases: [gpt]\n"}):
+            with self.assertRaises(ConfigError) as raised:
+                self.load(files)
+            self.assertIn("already names the profile", str(raised.exception))
+        configDir = Path(self.mktemp())
+        write(configDir / "a.yml", "model: {model_name: A}\naliases: [gpt]\n")
+        catalog = Catalog.load(configDir)
+        write(configDir / "b.yml", "model: {model_name: B}\naliases: [gpt]\n")
+        reloaded, problems = catalog.reloaded(configDir)
+        self.assertEqual(reloaded.resolve("gpt"), reloaded.profiles["a"])
+        self.assertEqual(len(problems), 1)
+
+    def test_badAliases(self) -> None:
+        """
+        Aliases must be a list of non-empty names.
+        """
+        for value in ("gpt", "[1]", '[""]'):
+            with self.assertRaises(ConfigError):
+                self.load({"a.yml": f"model: {{model_name: A}}\naliases: {value}\n"})
+
+
+class AliasOnEveryAPITests(SynchronousTestCase):
+    def test_everyAPI(self) -> None:
+        """
+        An alias starts its profile's model on every API (OpenAI chat, Ollama, Responses,
+        Messages); an unknown name is a 404 in each API's own error shape.
+        """
+        from treq import content
+
+        from tests.support.fakes import InMemoryProxy
+
+        proxy = InMemoryProxy(Path(self.mktemp()), {"qwen": {"model": {"model_name": "Q"}, "aliases": ["claude-x"]}})
+        chat = {"messages": [{"role": "user", "content": "Hi"}]}
+        routes: list[tuple[str, dict[str, Any], Any]] = [
+            ("/v1/chat/completions", chat, lambda error: error["error"]["code"] == "model_not_found"),
+            ("/api/chat", {**chat, "stream": False}, lambda error: isinstance(error["error"], str)),
+            ("/v1/responses", {"input": "Hi"}, lambda error: error["error"]["code"] == "model_not_found"),
+            ("/v1/messages", {**chat, "max_tokens": 5}, lambda error: error["error"]["type"] == "not_found_error"),
+        ]
+        for path, body, isItsShape in routes:
+            for name, status in (("claude-x", 200), ("claude-y", 404)):
+                proxy.tabby.chunks = [b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}'
+                                      b'\r\n\r\n', b"data: [DONE]\r\n\r\n"]
+                d = proxy.client.post(f"http://localhost{path}", json={**body, "model": name})
+                proxy.flush()
+                response = self.successResultOf(d)
+                raw = self.successResultOf(content(response))
+                self.assertEqual(response.code, status, (path, raw))
+                if status == 404:
+                    self.assertTrue(isItsShape(json.loads(raw)), (path, raw))
+        self.assertEqual(len(proxy.reactor.spawned), 1)
 
 
 class ReadKeysTests(SynchronousTestCase):
