@@ -2,6 +2,11 @@
 Deterministic text generation without a model: a fixed vocabulary, words chosen from a digest
 of the prompt, token ids that round-trip through encode and decode, embeddings, and the plan of
 one generation (its pieces, reasoning, length, stop reason and usage).
+
+Agent loops are tested with a directive: when the request offers tools and its last user
+message holds C{[[call NAME {"arg": ...}]]} naming one of them, the answer is that tool call,
+as TabbyAPI sends one; once a tool result follows the last assistant message, the answer is
+text that quotes the result.
 """
 
 from __future__ import annotations
@@ -115,6 +120,61 @@ class Plan:
     promptTokens: int
 
 
+_DIRECTIVE = re.compile(r"\[\[call\s+([^\s\]]+)\s*")
+_decodeJSON = json.JSONDecoder()
+
+
+def _directive(text: str) -> tuple[str, str] | None:
+    """
+    The tool name and JSON arguments of the last C{[[call NAME {json}]]} in C{text}.
+    """
+    found = None
+    for match in _DIRECTIVE.finditer(text):
+        arguments: object = {}
+        end = match.end()
+        if text.startswith("{", end):
+            try:
+                arguments, end = _decodeJSON.raw_decode(text, end)
+            except ValueError:
+                continue
+        if text.startswith("]]", end) and isinstance(arguments, dict):
+            found = (match.group(1), json.dumps(arguments))
+    return found
+
+
+def _toolName(tool: object) -> str | None:
+    if not isinstance(tool, dict):
+        return None
+    function = tool.get("function")
+    name = (function if isinstance(function, dict) else tool).get("name")
+    return name if isinstance(name, str) else None
+
+
+def toolTurn(messages: Sequence[Any], tools: list[Any] | None) -> tuple[str, str, str] | None:
+    """
+    What a tool loop asks of this answer: C{("result", text, "")} when tool results follow the
+    last assistant message (their text, to quote), C{("call", name, arguments)} when the last
+    user message's directive names an offered tool, else C{None}.
+    """
+    results: list[str] = []
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            break
+        if isinstance(message, dict) and message.get("role") == "tool":
+            results.insert(0, messageText(message.get("content")))
+    if results:
+        return ("result", "\n".join(results), "")
+    # The last user message, behind the system messages an agent may add after it.
+    lastUser = next((messageText(m.get("content")) for m in reversed(messages)
+                     if isinstance(m, dict) and m.get("role") == "user"), None)
+    if not tools or lastUser is None:
+        return None
+    directive = _directive(lastUser)
+    if directive is None or directive[0] not in {_toolName(tool) for tool in tools or []}:
+        return None
+    return ("call", *directive)
+
+
 def _thinkingRequested(body: JSON) -> bool:
     for holder in (body, body.get("template_vars"), body.get("chat_template_kwargs")):
         if isinstance(holder, dict) and asBool(holder.get("enable_thinking", False)):
@@ -148,9 +208,20 @@ def planGeneration(
     Decide the tokens of one answer: the model's name, then words hashed from the prompt.
 
     With C{max_tokens} the answer is exactly that long and ends with C{length}; without it the
-    answer is C{defaultTokens} long and ends on a stop token.
+    answer is C{defaultTokens} long and ends on a stop token.  A tool loop (L{toolTurn}) is
+    answered with its tool call, or with text quoting the tool's result.
     """
-    if tools and re.search(r"\bweather\b", promptText, re.IGNORECASE):
+    messages = body.get("messages")
+    turn = toolTurn(messages if isinstance(messages, list) else [], tools)
+    quoted: list[str] | None = None
+    if turn is not None and turn[0] == "call":
+        call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                "function": {"name": turn[1], "arguments": turn[2]}}
+        return Plan(_reasoning(body, promptText), "tool_calls", "stop_token", [call], promptTokens)
+    if turn is not None:
+        words = f'The tool said: "{turn[1]}"'.split(" ")
+        quoted = [word + " " for word in words[:-1]] + words[-1:]
+    elif tools and re.search(r"\bweather\b", promptText, re.IGNORECASE):
         first = tools[0] if isinstance(tools[0], dict) else {}
         function: JSON = first["function"] if isinstance(first.get("function"), dict) else first
         call = {
@@ -163,25 +234,34 @@ def planGeneration(
         }
         return Plan((), "tool_calls", "stop_token", [call], promptTokens)
     maxTokens = requestedMaxTokens(body)
-    count = maxTokens if maxTokens is not None else defaultTokens
-    texts = ([modelName + " "] + [w + " " for w in chooseWords(promptText, max(count - 1, 0))])
-    texts = texts[:count]
+    if quoted is not None:
+        texts = quoted[:maxTokens] if maxTokens is not None else quoted
+        # The quote ends on a stop token unless max_tokens cut it short.
+        maxTokens = maxTokens if maxTokens is not None and maxTokens < len(quoted) else None
+    else:
+        count = maxTokens if maxTokens is not None else defaultTokens
+        texts = ([modelName + " "] + [w + " " for w in chooseWords(promptText, max(count - 1, 0))])
+        texts = texts[:count]
     if _jsonRequested(body) and texts:
         escaped = [json.dumps(t)[1:-1] for t in texts]
         escaped[-1] = escaped[-1].rstrip()
         escaped[0] = '{"answer": "' + escaped[0]
         escaped[-1] = escaped[-1] + '"}'
         texts = escaped
-    pieces = [Piece("content", t) for t in texts]
-    if _thinkingRequested(body):
-        thought = chooseWords("reasoning\0" + promptText, 1)[0]
-        pieces = [
-            Piece("reasoning", "Thinking "), Piece("reasoning", "about "),
-            Piece("reasoning", thought + ". "),
-        ] + pieces
+    pieces = [*_reasoning(body, promptText), *(Piece("content", t) for t in texts)]
     if maxTokens is not None:
         return Plan(tuple(pieces), "length", "max_new_tokens", None, promptTokens)
     return Plan(tuple(pieces), "stop", "stop_token", None, promptTokens)
+
+
+def _reasoning(body: JSON, promptText: str) -> tuple[Piece, ...]:
+    """
+    The reasoning that comes first when the request turns thinking on.
+    """
+    if not _thinkingRequested(body):
+        return ()
+    thought = chooseWords("reasoning\0" + promptText, 1)[0]
+    return (Piece("reasoning", "Thinking "), Piece("reasoning", "about "), Piece("reasoning", thought + ". "))
 
 
 def usageObject(promptTokens: int, completionTokens: int, completionTime: float) -> JSON:

@@ -362,6 +362,42 @@ class GenerationTests(SimulatorTestCase):
         self.assertEqual(final["finish_reason"], "tool_calls")
         self.assertEqual(final["delta"]["tool_calls"][0]["function"]["name"], "get_weather")
 
+    async def test_toolLoopDirective(self) -> None:
+        """
+        A C{[[call NAME {json}]]} directive in the last user message, naming an offered tool,
+        is answered with that call (after the reasoning, when thinking is on), streamed whole in
+        TabbyAPI's final chunk as non-streamed; once a tool result follows, the answer quotes it.
+        A directive naming a tool not offered is plain text.
+        """
+        process = await self.start(models=["alpha"], modelName="alpha")
+        shell = {"type": "function", "function": {"name": "Bash", "parameters": {"type": "object"}}}
+        asking = [{"role": "user", "content": 'Run it [[call Bash {"command": "echo MARK-1"}]]'},
+                  {"role": "system", "content": "Mind the tools."}]
+        request = {"messages": asking, "tools": [shell], "template_vars": {"enable_thinking": True},
+                   "stream_options": {"include_usage": True}}
+        code, _, raw = await self.post(process, "/v1/chat/completions", request)
+        choice = json.loads(raw)["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"]["reasoning_content"][:9]),
+                         ("tool_calls", "Thinking "))
+        [call] = choice["message"]["tool_calls"]
+        self.assertEqual(call["function"], {"name": "Bash", "arguments": '{"command": "echo MARK-1"}'})
+        code, _, raw = await self.post(process, "/v1/chat/completions", dict(request, stream=True))
+        events = dataEvents(raw)
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertIn("reasoning_content", events[0]["choices"][0]["delta"])
+        calls = [c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls") or []]
+        self.assertEqual([(c["index"], c["function"]["arguments"]) for c in calls], [(0, '{"command": "echo MARK-1"}')])
+        self.assertEqual(events[-2]["usage"]["total_tokens"],
+                         events[-2]["usage"]["prompt_tokens"] + events[-2]["usage"]["completion_tokens"])
+        answered = asking + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": call["id"], "content": "MARK-1"}]
+        code, _, raw = await self.post(process, "/v1/chat/completions", {"messages": answered, "tools": [shell]})
+        message = json.loads(raw)["choices"][0]["message"]
+        self.assertEqual((message["content"], message["tool_calls"]), ('The tool said: "MARK-1"', None))
+        code, _, raw = await self.post(process, "/v1/chat/completions",
+                                       {"messages": asking, "tools": [dict(shell, function={"name": "Other"})]})
+        self.assertIsNone(json.loads(raw)["choices"][0]["message"]["tool_calls"])
+
     async def test_embeddingsTokensAndModels(self) -> None:
         """
         With an embedding model configured, /v1/embeddings returns one 8-float vector per
