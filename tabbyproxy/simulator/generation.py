@@ -202,12 +202,13 @@ def requestedMaxTokens(body: JSON) -> int | None:
 
 def planGeneration(
     modelName: str, promptText: str, promptTokens: int, body: JSON, defaultTokens: int,
-    tools: list[Any] | None,
+    tools: list[Any] | None, stopAfterTokens: int | None = None,
 ) -> Plan:
     """
     Decide the tokens of one answer: the model's name, then words hashed from the prompt.
 
-    With C{max_tokens} the answer is exactly that long and ends with C{length}; without it the
+    With C{max_tokens} the answer is exactly that long and ends with C{length} (unless
+    C{stopAfterTokens} is shorter: then it is that long and ends on a stop token); without it the
     answer is C{defaultTokens} long and ends on a stop token.  A tool loop (L{toolTurn}) is
     answered with its tool call, or with text quoting the tool's result.
     """
@@ -234,6 +235,8 @@ def planGeneration(
         }
         return Plan((), "tool_calls", "stop_token", [call], promptTokens)
     maxTokens = requestedMaxTokens(body)
+    if maxTokens is not None and stopAfterTokens is not None and maxTokens > stopAfterTokens:
+        maxTokens, defaultTokens = None, stopAfterTokens
     if quoted is not None:
         texts = quoted[:maxTokens] if maxTokens is not None else quoted
         # The quote ends on a stop token unless max_tokens cut it short.

@@ -28,6 +28,9 @@ class SimulatorKnobs:
     @ivar tokenTurns: with no delay, still write each token in its own reactor turn (so each
         is its own TCP write), as TabbyAPI does, instead of a batch of up to 256 tokens per turn.
     @ivar tokens: completion length when a request gives no C{max_tokens}.
+    @ivar stopAfterTokens: the answer ends on a stop token after this many tokens even when
+        C{max_tokens} asks for more, as a real model stops long before the 32000 tokens coding
+        agents allow.
     @ivar failLoad: fail the start-up load with a traceback and exit status 1.
     @ivar crashAfterTokens: after this many tokens of one request, the process dies with
         C{os._exit(1)}.
@@ -41,6 +44,7 @@ class SimulatorKnobs:
     tokenDelay: float = 0.0
     tokenTurns: bool = False
     tokens: int = 16
+    stopAfterTokens: int | None = None
     failLoad: bool = False
     crashAfterTokens: int | None = None
     hangAtStart: bool = False
@@ -54,6 +58,7 @@ class SimulatorKnobs:
             tokenDelay=float(section.get("token_delay", 0) or 0),
             tokenTurns=asBool(section.get("token_turns", False)),
             tokens=int(section.get("tokens", 16)),
+            stopAfterTokens=asOptionalInt(section.get("stop_after_tokens")),
             failLoad=asBool(section.get("fail_load", False)),
             crashAfterTokens=asOptionalInt(section.get("crash_after_tokens")),
             hangAtStart=asBool(section.get("hang_at_start", False)),

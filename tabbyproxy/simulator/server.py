@@ -468,7 +468,7 @@ class Simulator:
                 "code": "context_length_exceeded"}})
         requestId = uuid.uuid4().hex
         plan = planGeneration(model.name, promptText, promptTokens, body,
-                              self.config.knobs.tokens, tools)
+                              self.config.knobs.tokens, tools, self.config.knobs.stopAfterTokens)
         streamOptions = body.get("stream_options")
         includeUsage = isinstance(streamOptions, dict) and \
             asBool(streamOptions.get("include_usage", False))
