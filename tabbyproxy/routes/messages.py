@@ -47,7 +47,7 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.routes.loading import LoadingTicks, startEventStream
-from tabbyproxy.server import noteModel, requestIdOf
+from tabbyproxy.server import noteModel, noteUsage, requestIdOf
 from tabbyproxy.supervisor import Lease, SchedulingError
 from tabbyproxy.tabbywire import ChatStreamDecoder
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
@@ -172,6 +172,7 @@ class MessagesRoutes:
         if problem is not None:
             raise UpstreamAnswered(502, problem)
         relay.encoder.finish()
+        noteUsage(request, relay.encoder.inputTokens, relay.encoder.outputTokens)
 
     async def _stream(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None,
                       payload: bytes) -> None:
@@ -204,6 +205,7 @@ class MessagesRoutes:
             self._failed(request, relay, profile.id, problem, "api_error")
             return
         relay.send(encoder.finish())
+        noteUsage(request, encoder.inputTokens, encoder.outputTokens)
 
     async def _relay(self, request: IRequest, relay: _Relay, lease: Lease, payload: bytes) -> str | None:
         """

@@ -91,6 +91,8 @@ class CreateTests(MessagesTestCase):
         })
         status = self.proxy.supervisor.status()
         self.assertEqual((status["in_flight"], status["unload"]["fires_in_seconds"]), (0, 300))
+        [record] = list(self.proxy.state.history)
+        self.assertEqual((record.tokensIn, record.tokensOut, record.tokensExact), (3, 2, True))
 
     def test_streamed(self) -> None:
         """
@@ -107,6 +109,7 @@ class CreateTests(MessagesTestCase):
         self.assertEqual(streamed, document["content"][0]["text"])
         self.assertEqual(events[-2]["usage"]["output_tokens"], 2)
         self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual([(r.tokensOut, r.tokensExact) for r in self.proxy.state.history], [(2, True), (2, True)])
 
     def test_toolUse(self) -> None:
         """
