@@ -829,6 +829,40 @@ def realistic(run: Round, ollamaReason: str | None) -> None:
                       ollamaCPU / proxyCPU if proxyCPU else 0, "plain", "{:.2f}", atMost(2.0, "{:.2f}"))
 
 
+# The agents' APIs: their streaming bodies for the same answer as chatBody's.
+AGENT_PATHS = {
+    "/v1/messages": lambda model, tokens: {"model": model, "stream": True, "max_tokens": tokens, "messages": MESSAGES},
+    "/v1/responses": lambda model, tokens: {"model": model, "stream": True, "max_output_tokens": tokens,
+                                            "input": MESSAGES[0]["content"], "store": False},
+}
+
+
+def agentAPIs(run: Round, openaiChunks: dict[int, float]) -> None:
+    """
+    (c) The Anthropic Messages and OpenAI Responses translations, streaming 256 tokens, beside
+    /api/chat: events per second as a ratio to the proxy's OpenAI path of the same round.
+    """
+    servers, report, settings = run.servers, run.report, run.settings
+    run.prepare("proxy", "fast")
+    for path, makeBody in AGENT_PATHS.items():
+        body = makeBody(PROFILES["fast"], 256)
+        perAnswer = eventsPerAnswer(servers.proxyPort, path, body, "sse")
+        scenario = f"c {path.rsplit('/', 1)[1]}"
+        for connections in settings.concurrency:
+            load = f"c={connections}"
+            result = runWrk(servers.root, servers.proxyPort, path, body, connections, settings.seconds,
+                            run.watch("proxy", "fast"))
+            chunks = result.requestsPerSecond * perAnswer
+            report.record(scenario, load, "events/s", "proxy", chunks, "plain", "{:,.0f}")
+            if openaiChunks.get(connections):
+                report.record(scenario, load, "events/s / OpenAI path's chunks/s", "proxy",
+                              chunks / openaiChunks[connections], "plain", "{:.2f}")
+            report.record(scenario, load, "CPU us per event", "proxy",
+                          1e6 * result.cpuSeconds[0] / max(result.requests * perAnswer, 1), "plain", "{:.2f}")
+            if result.errors:
+                report.notes.append(f"{scenario} {load} round {run.number}: {result.errors} wrk errors")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: every scenario, tiny loads, one round")
@@ -882,6 +916,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 small(run)
             if "c" in options.only and reason is None:
                 ollama(run, openaiChunks)
+            if "c" in options.only:
+                agentAPIs(run, openaiChunks)
             if "r" in options.only:
                 realistic(run, reason)
     finally:

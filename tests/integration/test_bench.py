@@ -45,7 +45,8 @@ class BenchSmokeTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         table = result.stdout
-        for scenario in ("a stream 256", "b small", "d cold start", "e memory", "r realistic"):
+        for scenario in ("a stream 256", "b small", "c messages", "c responses", "d cold start", "e memory",
+                         "r realistic"):
             self.assertIn(f"| {scenario}", table)
         self.assertIn("targets:", table)
         self.assertIn("| proxy vs nginx", table)
