@@ -18,8 +18,9 @@ L{translateRequest} turns a Messages body into a TabbyAPI C{/v1/chat/completions
     named function/C{none}, C{disable_parallel_tool_use} C{parallel_tool_calls: false}.
   - C{max_tokens}, C{stop_sequences} (as C{stop}), C{temperature}, C{top_p}, C{top_k};
     C{thinking} C{enabled} (with C{budget_tokens}) or C{adaptive} turns the template's
-    C{enable_thinking} on, C{disabled} off.
-  - C{metadata}, C{context_management}, C{output_config}, C{service_tier}, C{container},
+    C{enable_thinking} on, C{disabled} off; C{output_config.format} (a JSON schema) becomes
+    TabbyAPI's C{json_schema}.
+  - C{metadata}, C{context_management}, C{output_config.effort}, C{service_tier}, C{container},
     C{mcp_servers} and any other field have no TabbyAPI meaning: accepted, named in
     L{MessagesRequest.ignored} for a debug log.
 
@@ -55,7 +56,7 @@ ENCODE_PATH = "/v1/token/encode"
 # What the proxy reads; every other field is accepted and named in MessagesRequest.ignored.
 _READ = frozenset({
     "model", "messages", "system", "tools", "tool_choice", "max_tokens", "stop_sequences",
-    "temperature", "top_p", "top_k", "thinking", "stream", "keep_alive",
+    "temperature", "top_p", "top_k", "thinking", "stream", "keep_alive", "output_config",
 })
 
 PING = {"type": "ping"}
@@ -119,6 +120,7 @@ def translateRequest(body: Mapping[str, Any]) -> MessagesRequest:
         if stops:
             upstream["stop"] = stops
     upstream.update(_thinking(body.get("thinking")))
+    upstream.update(_outputFormat(body.get("output_config"), ignored))
     return MessagesRequest(upstream=upstream, stream=stream, ignored=tuple(ignored))
 
 
@@ -334,6 +336,27 @@ def _toolChoice(value: object, offered: set[str]) -> dict[str, Any]:
     if value.get("disable_parallel_tool_use") is True:
         translated["parallel_tool_calls"] = False
     return translated
+
+
+def _outputFormat(value: object, ignored: list[str]) -> dict[str, Any]:
+    """
+    C{output_config.format}, Anthropic's structured output, as TabbyAPI's C{json_schema}; its
+    C{effort} has no TabbyAPI meaning.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MessagesRequestError(f"output_config: must be an object, not {describeJSON(value)}")
+    ignored.extend(f"field output_config.{key}" for key in value if key != "format")
+    outputFormat = value.get("format")
+    if outputFormat is None:
+        return {}
+    if not isinstance(outputFormat, dict) or outputFormat.get("type") != "json_schema":
+        raise MessagesRequestError('output_config.format.type: must be "json_schema"')
+    schema = outputFormat.get("schema")
+    if not isinstance(schema, dict):
+        raise MessagesRequestError("output_config.format.schema: must be a JSON schema object")
+    return {"json_schema": schema}
 
 
 def _thinking(value: object) -> dict[str, Any]:

@@ -50,7 +50,8 @@ class MessagesSDKTests(TestCase):
     async def test_createAndStream(self) -> None:
         """
         create and stream give the same text for the same request; the model's alias works; the
-        stream's final Message has usage and the stop reason; count_tokens counts.
+        stream's final Message has usage and the stop reason; structured output is JSON;
+        count_tokens counts and models.list lists.
         """
         proxy = RunningProxy(self, PROFILES)
         client = anthropicClient(proxy)
@@ -72,6 +73,12 @@ class MessagesSDKTests(TestCase):
         self.assertEqual((final.stop_reason, final.usage.output_tokens), ("max_tokens", 6))
         counted = await inThread(lambda: client.messages.count_tokens(model="alpha", messages=user("one two three")))
         self.assertGreater(counted.input_tokens, 0)
+        structured = await inThread(lambda: client.messages.create(
+            model="alpha", max_tokens=100, messages=user("Answer in JSON"),
+            output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}}))
+        [jsonBlock] = structured.content
+        assert isinstance(jsonBlock, anthropic.types.TextBlock)
+        self.assertIn("answer", json.loads(jsonBlock.text))
         models = await inThread(lambda: client.models.list())
         self.assertEqual({model.id for model in models.data}, {"alpha", "slow"})
 

@@ -97,8 +97,9 @@ class RequestTests(SynchronousTestCase):
 
     def test_choicesAndThinking(self) -> None:
         """
-        C{tool_choice} auto/any/none map to auto/required/none; C{thinking} switches the
-        template's C{enable_thinking} and passes a budget; images become image_url parts.
+        C{tool_choice} auto/any/none map to auto/required/none; C{output_config.format}
+        becomes TabbyAPI's json_schema; C{thinking} switches the template's C{enable_thinking}
+        and passes a budget; images become image_url parts.
         """
         def upstream(**fields: Any) -> dict[str, Any]:
             return translateRequest({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
@@ -108,6 +109,9 @@ class RequestTests(SynchronousTestCase):
             self.assertEqual(upstream(tool_choice={"type": kind})["tool_choice"], expected)
         self.assertEqual(upstream(thinking={"type": "disabled"})["template_vars"], {"enable_thinking": False})
         self.assertEqual(upstream(thinking={"type": "adaptive"})["template_vars"], {"enable_thinking": True})
+        schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+        self.assertEqual(upstream(output_config={"format": {"type": "json_schema", "schema": schema}})["json_schema"],
+                         schema)
         enabled = upstream(thinking={"type": "enabled", "budget_tokens": 2048})
         self.assertEqual((enabled["template_vars"], enabled["reasoning_budget_tokens"]),
                          ({"enable_thinking": True}, 2048))
@@ -128,8 +132,8 @@ class RequestTests(SynchronousTestCase):
             "messages": [{"role": "user", "content": "x"}], "metadata": {"user_id": "u"},
             "context_management": {"edits": []}, "output_config": {"effort": "high"}, "service_tier": "auto",
         })
-        self.assertEqual(translated.ignored, ("field metadata", "field context_management", "field output_config",
-                                              "field service_tier"))
+        self.assertEqual(translated.ignored, ("field metadata", "field context_management", "field service_tier",
+                                              "field output_config.effort"))
         self.assertNotIn("metadata", translated.upstream)
 
     def test_capturedClaudeCode(self) -> None:
@@ -155,6 +159,7 @@ class RequestTests(SynchronousTestCase):
             ({"messages": [], "max_tokens": "many"}, "max_tokens"),
             ({"messages": [], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
             ({"messages": [], "thinking": {"type": "maybe"}}, "thinking.type"),
+            ({"messages": [], "output_config": {"format": {"type": "xml"}}}, "output_config.format.type"),
             ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}, "tool_use_id"),
         ]
         for body, fragment in cases:
