@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from treq import content
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
@@ -17,6 +18,7 @@ from tabbyproxy.routes.loading import TICK_INTERVAL
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.support.fakes import InMemoryProxy
 from tests.support.messagestypes import messageEvents, parseError, parseEvent, parseMessage
+from tests.support.wire import StreamedBody
 from tests.unit.test_responses import HELLO, PROFILES, TOOL_CALL, chunk
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city.",
@@ -253,3 +255,55 @@ class LoadingTests(MessagesTestCase):
         events = messageEvents(self.successResultOf(body))
         self.assertEqual([e["type"] for e in events][:4], ["message_start", "ping", "ping", "content_block_start"])
         self.assertEqual(events[-1]["type"], "message_stop")
+
+    def test_failedStartFailsTheStream(self) -> None:
+        """
+        A model that fails to start ends the stream with an overloaded_error event saying why;
+        a non-streamed request gets Anthropic's 529.
+        """
+        self.proxy.tabby.healthy = False
+        body = {"model": "qwen", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+        d = self.proxy.client.post("http://localhost/v1/messages", headers=ANTHROPIC_HEADERS,
+                                   json={**body, "stream": True})
+        self.proxy.flush()
+        streamed = content(self.successResultOf(d))
+        self.proxy.reactor.spawned[0].exit(1)
+        self.proxy.flush()
+        events = messageEvents(self.successResultOf(streamed))
+        self.assertEqual([e["type"] for e in events], ["message_start", "ping", "error"])
+        parseEvent(events[-1])
+        self.assertEqual(events[-1]["error"]["type"], "overloaded_error")
+        self.assertIn("exited with status 1", events[-1]["error"]["message"])
+        d = self.proxy.client.post("http://localhost/v1/messages", headers=ANTHROPIC_HEADERS, json=body)
+        self.proxy.flush()
+        self.proxy.reactor.spawned[-1].exit(1)
+        self.proxy.flush()
+        response = self.successResultOf(d)
+        self.assertAnthropicError(response, self.successResultOf(content(response)), 529, "overloaded_error",
+                                  "exited with status 1")
+
+
+class DisconnectTests(MessagesTestCase):
+    def test_clientLeavingStopsUpstream(self) -> None:
+        """
+        A client that leaves mid-stream closes the request to TabbyAPI and gives the lease back.
+        """
+        self.proxy.tabby.hold = True
+        d = self.proxy.client.post("http://localhost/v1/messages", unbuffered=True, headers=ANTHROPIC_HEADERS, json={
+            "model": "qwen", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
+        self.proxy.flush()
+        [upstream] = self.proxy.tabby.pending
+        upstreamGone: list[Failure] = []
+        upstream.notifyFinish().addErrback(upstreamGone.append)
+        upstream.write(HELLO[0])
+        self.proxy.flush()
+        response = self.successResultOf(d)
+        body = StreamedBody.of(response)
+        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 1)
+        self.assertIn(b"content_block_delta", body.data)
+        body.hangUp()
+        self.proxy.flush()
+        self.proxy.flush()
+        self.failureResultOf(body.ended)
+        self.assertEqual(len(upstreamGone), 1)
+        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
