@@ -8,7 +8,8 @@ C{anthropic-version} (L{tabbyproxy.routes.root} sends them here).
 TabbyAPI is always asked for a stream with usage, and its events go through one
 L{MessageEncoder}: a streamed request gets the encoder's events as they come, a non-streamed
 one its final Message, so both say the same.  A streaming request gets its headers,
-C{message_start} and a C{ping} at once, then a C{ping} every few seconds while its model starts;
+C{message_start} and a C{ping} at once, then a C{ping} every few seconds until the first token
+(while its model starts, and while TabbyAPI reads the prompt);
 anything that goes wrong after that ends the stream with an C{error} event.  Before that, errors
 are Anthropic's JSON documents (C{overloaded_error} 529 for a full queue or a model that cannot
 start now).  The key comes in C{x-api-key} or C{Authorization: Bearer}; C{anthropic-version}
@@ -67,9 +68,14 @@ class _Relay:
     encoder: MessageEncoder
     streaming: bool
     decoder: ChatStreamDecoder = field(factory=ChatStreamDecoder)
+    pings: LoadingTicks | None = None
 
     def dataReceived(self, data: bytes) -> None:
         events = self.encoder.feed(self.decoder.feed(data))
+        if events and self.pings is not None:
+            # The model answers: no more pings needed.
+            self.pings.stop()
+            self.pings = None
         if self.streaming and events:
             # One write per read from TabbyAPI, however many tokens it carried.
             self.request.write(b"".join(sseFrame(event) for event in events))
@@ -183,29 +189,35 @@ class MessagesRoutes:
         startEventStream(request)
         encoder = relay.encoder
         relay.send(encoder.start())
-        acquiring = self.state.supervisor.acquire(profile, keepAlive)
-        pings = None
-        if not acquiring.called:
-            pings = LoadingTicks(request, self.state.clock, lambda waited: _PING_FRAME, now=False)
+        # A ping every few seconds until the first token: while the model loads, and while
+        # TabbyAPI reads a long prompt (an agent's first one is tens of thousands of tokens).
+        pings = relay.pings = LoadingTicks(request, self.state.clock, lambda waited: _PING_FRAME, now=False)
         try:
-            lease = await acquiring
-        except SchedulingError as e:
-            self._failed(request, relay, profile.id, str(e), "overloaded_error")
-            return
+            problem = await self._generateStreamed(request, relay, profile, keepAlive, payload)
         finally:
-            if pings is not None:
-                pings.stop()
+            pings.stop()
+        if problem is not None:
+            self._failed(request, relay, profile.id, *problem)
+            return
+        relay.send(encoder.finish())
+        noteUsage(request, encoder.inputTokens, encoder.outputTokens)
+
+    async def _generateStreamed(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None,
+                                payload: bytes) -> tuple[str, str] | None:
+        """
+        @return: what went wrong and its Anthropic error type, C{None} when the answer is whole.
+        """
+        try:
+            lease = await self.state.supervisor.acquire(profile, keepAlive)
+        except SchedulingError as e:
+            return str(e), "overloaded_error"
         try:
             problem = await self._relay(request, relay, lease, payload)
         except (UpstreamAnswered, UpstreamUnreachable) as e:
             problem = str(e)
         finally:
             lease.release()
-        if problem is not None:
-            self._failed(request, relay, profile.id, problem, "api_error")
-            return
-        relay.send(encoder.finish())
-        noteUsage(request, encoder.inputTokens, encoder.outputTokens)
+        return None if problem is None else (problem, "api_error")
 
     async def _relay(self, request: IRequest, relay: _Relay, lease: Lease, payload: bytes) -> str | None:
         """

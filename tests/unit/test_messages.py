@@ -256,6 +256,32 @@ class LoadingTests(MessagesTestCase):
         self.assertEqual([e["type"] for e in events][:4], ["message_start", "ping", "ping", "content_block_start"])
         self.assertEqual(events[-1]["type"], "message_stop")
 
+    def test_pingsUntilFirstToken(self) -> None:
+        """
+        While TabbyAPI reads the prompt (no token yet) the stream still gets a ping every few
+        seconds; once tokens come, no more pings.
+        """
+        self.proxy.tabby.hold = True
+        d = self.proxy.client.post("http://localhost/v1/messages", unbuffered=True, headers=ANTHROPIC_HEADERS, json={
+            "model": "qwen", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        self.proxy.flush()
+        [upstream] = self.proxy.tabby.pending
+        body = StreamedBody.of(self.successResultOf(d))
+        self.proxy.reactor.advance(TICK_INTERVAL)
+        self.proxy.flush()
+        self.assertEqual([e["type"] for e in messageEvents(body.data)], ["message_start", "ping", "ping"])
+        upstream.setHeader(b"Content-Type", b"text/event-stream")
+        upstream.write(HELLO[0])
+        self.proxy.flush()
+        self.proxy.reactor.advance(3 * TICK_INTERVAL)
+        for data in HELLO[1:]:
+            upstream.write(data)
+        upstream.finish()
+        self.proxy.flush()
+        types = [e["type"] for e in messageEvents(body.data)]
+        self.assertEqual(types.count("ping"), 2)
+        self.assertEqual(types[-1], "message_stop")
+
     def test_failedStartFailsTheStream(self) -> None:
         """
         A model that fails to start ends the stream with an overloaded_error event saying why;
