@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from attrs import frozen
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -18,6 +19,20 @@ from prometheus_client.registry import Collector
 # Model loads take seconds to minutes; requests from milliseconds to minutes.
 _LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@frozen
+class RequestSeries:
+    """
+    The metric series one kind of request (its route, model and status) is counted in, found
+    once: C{labels()} hashes and locks on every call, and every request ends in one of a few.
+    """
+
+    requests: Any
+    seconds: Any
+    # None for a request no model was named for: those have no such series.
+    firstByte: Any | None
+    chunks: Any | None
 
 
 class Metrics:
@@ -58,6 +73,24 @@ class Metrics:
             "tabbyproxy_model_load_seconds", "Time from spawning TabbyAPI to its first healthy answer.",
             ["model"], buckets=_LOAD_BUCKETS, registry=self.registry,
         )
+        # As many as prometheus_client keeps children for: one per route, model and status seen.
+        self._series: dict[tuple[str, str, int], RequestSeries] = {}
+
+    def forRequest(self, route: str, model: str, status: int) -> RequestSeries:
+        """
+        The series a request of C{route} for C{model} (C{""} when none) that ended with C{status}
+        is counted in.
+        """
+        key = (route, model, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = RequestSeries(
+                self.requests.labels(route, model, str(status)),
+                self.requestSeconds.labels(route, model),
+                self.firstByteSeconds.labels(route, model) if model else None,
+                self.chunks.labels(model) if model else None,
+            )
+        return series
 
     def watch(self, state: Callable[[], dict[str, Any]]) -> None:
         """

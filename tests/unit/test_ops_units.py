@@ -98,6 +98,28 @@ class LogBufferTests(SynchronousTestCase):
 
 
 class MetricsTests(SynchronousTestCase):
+    def test_requestSeriesFoundOnce(self) -> None:
+        """
+        L{Metrics.forRequest} gives the same series for the same route, model and status, and
+        they count in the registry's own series; a request without a model has no first-byte or
+        chunk series, so none with an empty model appears.
+        """
+        metrics = Metrics()
+        series = metrics.forRequest("/v1/chat/completions", "qwen", 200)
+        self.assertIs(metrics.forRequest("/v1/chat/completions", "qwen", 200), series)
+        self.assertIsNot(metrics.forRequest("/v1/chat/completions", "qwen", 500), series)
+        series.requests.inc()
+        series.requests.inc()
+        self.assertEqual(
+            metrics.registry.get_sample_value(
+                "tabbyproxy_requests_total", {"route": "/v1/chat/completions", "model": "qwen", "status": "200"}),
+            2)
+        modelless = metrics.forRequest("/status", "", 200)
+        self.assertEqual((modelless.firstByte, modelless.chunks), (None, None))
+        self.assertIsNone(metrics.registry.get_sample_value(
+            "tabbyproxy_time_to_first_byte_seconds_count", {"route": "/status", "model": ""}))
+        self.assertIsNone(metrics.registry.get_sample_value("tabbyproxy_stream_chunks_relayed_total", {"model": ""}))
+
     def test_exposition(self) -> None:
         """
         The registry's text parses with Prometheus' own parser and carries the counters, the
