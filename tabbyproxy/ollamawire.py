@@ -30,6 +30,7 @@ import json
 import functools
 import math
 from datetime import datetime, timedelta, timezone
+from json.encoder import encode_basestring_ascii as _jsonString
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 from attrs import define, field, frozen
@@ -47,6 +48,9 @@ from tabbyproxy.tabbywire import (
 
 
 What = Literal["chat", "generate"]
+
+# Compact JSON, ASCII only, as the routes write it (one encoder, built once).
+_encodeCompact = json.JSONEncoder(separators=(",", ":")).encode
 Clock = Callable[[], float]
 
 CHAT_PATH = "/v1/chat/completions"
@@ -652,6 +656,8 @@ class StreamTranslator:
     _usage: Usage = field(default=Usage(None, None), init=False)
     _chunks: int = field(default=0, init=False)
     _firstOutputAt: float | None = field(default=None, init=False)
+    # The start of every streamed line: the model name, escaped once.
+    _prefix: str | None = field(default=None, init=False)
 
     def feed(self, events: Iterable[Event]) -> list[dict[str, Any]]:
         """
@@ -659,18 +665,49 @@ class StreamTranslator:
         reasoning, and one with the tool calls complete so far (JSON arguments that parse), or
         all of them once the generation finished.  The objects of one read share its time stamp.
         """
-        lines: list[dict[str, Any]] = []
+        return [self._textLine(*line) if isinstance(line, tuple) else line for line in self._translate(events)]
+
+    def feedNDJSON(self, events: Iterable[Event]) -> bytes:
+        """
+        L{feed}'s objects as NDJSON, exactly as compact C{json.dumps} writes them, a line each;
+        the lines of text and reasoning, one per token, are filled into a template instead of
+        building and encoding an object for each.
+        """
+        if self._prefix is None:
+            self._prefix = '{"model":' + _jsonString(self.modelName) + ',"created_at":"'
+        prefix = self._prefix
+        pieces = []
+        for line in self._translate(events):
+            if isinstance(line, tuple):
+                createdAt, text, thinking = line
+                self._chunks += 1
+                thought = ',"thinking":' + _jsonString(thinking) if thinking else ""
+                if self.what == "chat":
+                    pieces.append(f'{prefix}{createdAt}","message":{{"role":"assistant","content":'
+                                  f'{_jsonString(text)}{thought}}},"done":false}}\n')
+                else:
+                    pieces.append(f'{prefix}{createdAt}","response":{_jsonString(text)}{thought},"done":false}}\n')
+            else:
+                pieces.append(_encodeCompact(line) + "\n")
+        return "".join(pieces).encode("ascii")
+
+    def _translate(self, events: Iterable[Event]) -> list[dict[str, Any] | tuple[str, str, str]]:
+        """
+        L{feed}'s objects, with each line of text or reasoning as its time stamp, text and
+        reasoning, to be made into an object or a line.
+        """
+        lines: list[dict[str, Any] | tuple[str, str, str]] = []
         createdAt = ""
         toolCallsChanged = False
         for event in events:
             if isinstance(event, TextDelta):
                 createdAt = createdAt or self._output()
                 self._content.append(event.text)
-                lines.append(self._textLine(createdAt, event.text, ""))
+                lines.append((createdAt, event.text, ""))
             elif isinstance(event, ReasoningDelta):
                 createdAt = createdAt or self._output()
                 self._thinking.append(event.text)
-                lines.append(self._textLine(createdAt, "", event.text))
+                lines.append((createdAt, "", event.text))
             elif isinstance(event, ToolCallStart):
                 self._toolCalls[event.index] = _ToolCall(name=event.name)
                 toolCallsChanged = True

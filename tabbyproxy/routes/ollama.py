@@ -94,10 +94,14 @@ class _StreamRelay:
     error: str | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        lines = self.translator.feed(self.decoder.feed(data))
-        if self.streaming and lines:
+        events = self.decoder.feed(data)
+        if not self.streaming:
+            self.translator.feed(events)
+            return
+        lines = self.translator.feedNDJSON(events)
+        if lines:
             # One write per read from TabbyAPI, however many tokens it carried.
-            self.request.write(b"".join(ndjsonLine(line) for line in lines))
+            self.request.write(lines)
 
     def write(self, document: object) -> None:
         self.request.write(ndjsonLine(document))

@@ -10,7 +10,7 @@ import json
 import math
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from attrs import define, field
 from hypothesis import given
@@ -43,7 +43,14 @@ from tabbyproxy.ollamawire import (
     unloadReply,
     upstreamEmbeddings,
 )
-from tabbyproxy.tabbywire import ChatStreamDecoder
+from tabbyproxy.tabbywire import (
+    ChatStreamDecoder,
+    Event,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallArguments,
+    ToolCallStart,
+)
 from tests.support.wire import sseDocuments
 
 
@@ -1039,7 +1046,31 @@ class StreamTranslatorTests(SynchronousTestCase):
                          text)
 
 
-class EmbeddingTests(SynchronousTestCase):
+class NDJSONTemplateTests(SynchronousTestCase):
+    @given(
+        st.text(),
+        st.lists(st.tuples(st.sampled_from(["text", "reasoning"]), st.text()), max_size=8),
+        st.sampled_from(["chat", "generate"]),
+        st.booleans(),
+    )
+    def test_sameAsJSONDumps(self, model: str, deltas: list[tuple[str, str]], what: str, toolCall: bool) -> None:
+        """
+        L{StreamTranslator.feedNDJSON} writes exactly the compact C{json.dumps} of each of
+        L{StreamTranslator.feed}'s objects and a newline, whatever the model name and the text
+        (quotes, backslashes, control characters, non-ASCII, lone surrogates), for text,
+        reasoning and tool-call lines, and counts the lines the same way.
+        """
+        events: list[Event] = [TextDelta(text) if kind == "text" else ReasoningDelta(text) for kind, text in deltas]
+        if toolCall:
+            events += [ToolCallStart(0, "c0", "look\u00e9\""), ToolCallArguments(0, '{"q": "\\n\u2028"}')]
+        made = [StreamTranslator(what=cast(Any, what), modelName=model, clock=lambda: STARTED + 1.5, startedAt=STARTED)
+                for _ in range(2)]
+        expected = b"".join(json.dumps(line, separators=(",", ":")).encode("utf-8") + b"\n"
+                            for line in made[0].feed(events))
+        self.assertEqual(made[1].feedNDJSON(events), expected)
+        self.assertEqual(made[1].finish(), made[0].finish())
+
+
     """
     The C{/api/embed} and C{/api/embeddings} translation.
     """
