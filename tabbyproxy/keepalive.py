@@ -6,6 +6,11 @@ How long a model stays loaded once idle: parsing Ollama's ``keep_alive`` and the
 negative value means "keep loaded until told otherwise" (represented as ``FOREVER``). Unlike
 Ollama, a bare numeric string such as ``"300"`` is accepted as seconds: Ollama's own
 ``OLLAMA_KEEP_ALIVE`` setting takes that form, and rejecting it would break no one's safety.
+
+A value whose magnitude is beyond what Go's ``time.ParseDuration`` accepts (2**63 - 1 ns, about
+292 years), including infinities and numbers too large for a float, is refused with
+L{KeepAliveError} (a 400 on requests, a usage error on options) rather than taken as "forever":
+Ollama refuses such strings too, and a refused value can never reach time formatting.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from tabbyproxy.jsontypes import describeJSON
 
 FOREVER = math.inf
+MAX_SECONDS = (2**63 - 1) / 1e9
+"""The longest duration Go's C{time.ParseDuration} accepts, in seconds."""
 
 _UNIT_SECONDS = {
     "ns": 1e-9,
@@ -56,10 +63,15 @@ def parseKeepAlive(value: object) -> float:
     try:
         seconds = _parseDuration(value) if isinstance(value, str) else float(value)
     except OverflowError:
-        # A number too large for a float: longer than anyone will wait.
-        return FOREVER
+        seconds = math.inf
     if math.isnan(seconds):
         raise KeepAliveError("keep_alive must be a number of seconds, not NaN")
+    if abs(seconds) > MAX_SECONDS:
+        shown = repr(value) if isinstance(value, str) else f"{seconds:g}"
+        raise KeepAliveError(
+            f"keep_alive {shown} is out of range: at most {MAX_SECONDS:.0f} seconds "
+            f"(about 292 years); use -1 for forever"
+        )
     return FOREVER if seconds < 0 else seconds + 0.0  # + 0.0 turns -0.0 into 0.0
 
 

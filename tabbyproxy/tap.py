@@ -24,7 +24,7 @@ from zope.interface import implementer
 from tabbyproxy import channel
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.history import RequestHistory
-from tabbyproxy.keepalive import FOREVER, KeepAliveError, parseKeepAlive
+from tabbyproxy.keepalive import FOREVER, MAX_SECONDS, KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer, LogBufferService
 from tabbyproxy.metrics import Metrics
 from tabbyproxy.relaypool import makeAgent, makeConnectionPool
@@ -49,7 +49,7 @@ def _duration(option: str) -> Callable[[str], float]:
             return parseKeepAlive(text)
         except KeepAliveError:
             raise ValueError(f"--{option} {text!r}: give seconds, or a duration such as 15m or 1h30m "
-                             f"(negative: never)") from None
+                             f"(negative: never), at most {MAX_SECONDS:.0f} seconds") from None
 
     coerce.coerceDoc = "Seconds, or a duration like 15m; negative means never."  # type: ignore[attr-defined]
     return coerce

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.keepalive import (
     FOREVER,
+    MAX_SECONDS,
     IdleTimer,
     KeepAliveError,
     describeDuration,
@@ -232,15 +233,18 @@ class ParseKeepAlivePropertyTests(SynchronousTestCase):
 
     @settings(max_examples=300)
     @given(st.one_of(st.integers(), st.floats(allow_nan=False)))
-    def test_anyNumberIsSecondsOrForever(self, number: float) -> None:
+    def test_anyNumberIsSecondsForeverOrOutOfRange(self, number: float) -> None:
         """
-        Every JSON number is accepted: non-negative ones as they are, negative ones as forever.
+        Every JSON number within Go's duration range is accepted: non-negative ones as they are,
+        negative ones as forever; every number beyond it is refused as out of range.
         """
-        result = parseKeepAlive(number)
-        if number < 0:
-            self.assertEqual(result, FOREVER)
+        if abs(number) > MAX_SECONDS:
+            error = self.assertRaises(KeepAliveError, parseKeepAlive, number)
+            self.assertIn("out of range", str(error))
+        elif number < 0:
+            self.assertEqual(parseKeepAlive(number), FOREVER)
         else:
-            self.assertEqual(result, float(number))
+            self.assertEqual(parseKeepAlive(number), float(number))
 
 
 class DescribeDurationTests(SynchronousTestCase):
@@ -419,15 +423,23 @@ class ParseKeepAliveHugeNumberTests(SynchronousTestCase):
     Integers too large for a float, as Python's C{json} module happily produces them.
     """
 
-    def test_hugeIntegerIsForeverOrClearError(self) -> None:
+    def test_hugeIntegerIsClearError(self) -> None:
         """
-        An integer beyond the float range (C{json.loads("1" + "0" * 400)} is a valid int) is
-        either L{FOREVER} or a L{KeepAliveError}, never an L{OverflowError} (which would surface
-        as a 500 instead of a 400).
+        An integer beyond the float range (C{json.loads("1" + "0" * 400)} is a valid int), of
+        either sign, is a L{KeepAliveError} (a 400), never an L{OverflowError} (a 500) and never
+        L{FOREVER}.
         """
         for value in (10**400, -(10**400)):
-            try:
-                result = parseKeepAlive(value)
-            except KeepAliveError:
-                continue
-            self.assertEqual(result, FOREVER)
+            self.assertRaises(KeepAliveError, parseKeepAlive, value)
+
+    def test_beyondGoRangeIsClearError(self) -> None:
+        """
+        Numbers and durations beyond Go's C{ParseDuration} range (about 292 years), and the
+        infinities Python's C{json} accepts, are refused with a message naming the limit; the
+        largest value inside the range is accepted.
+        """
+        for value in (1e308, 1e17, -1e17, math.inf, -math.inf, "99999999h", "-99999999h"):
+            error = self.assertRaises(KeepAliveError, parseKeepAlive, value)
+            self.assertIn("out of range", str(error))
+        self.assertEqual(parseKeepAlive(MAX_SECONDS), MAX_SECONDS)
+        self.assertEqual(parseKeepAlive("2562047h"), 2562047 * 3600.0)

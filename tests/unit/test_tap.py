@@ -118,6 +118,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse("--simulate", "--unload-timer", "-1")["unload-timer"],
                          float("inf"))
 
+    def test_unloadTimerBeyondGoRangeIsUsageError(self) -> None:
+        """
+        An C{--unload-timer} beyond Go's duration range is a usage error naming the limit, not a
+        timer that later breaks C{/status}.
+        """
+        message = self.assertUsageError("--simulate", "--unload-timer", "99999999h")
+        self.assertIn("99999999h", message)
+        self.assertIn("at most 9223372037 seconds", message)
+
     def test_brokenProfile(self) -> None:
         """
         A broken profile is a usage error naming the file.
