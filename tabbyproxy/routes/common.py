@@ -129,11 +129,15 @@ def takeKeepAlive(body: dict[str, Any]) -> float | None:
         raise ClientError(400, str(e)) from e
 
 
+# Reason phrases twisted.web does not know (its status line would say "Unknown Status").
+_REASONS = {422: b"Unprocessable Entity", 429: b"Too Many Requests"}
+
+
 def writeJSON(request: IRequest, status: int, document: object) -> bytes:
     """
     Set the status and content type for a JSON answer and return its bytes.
     """
-    request.setResponseCode(status)
+    request.setResponseCode(status, _REASONS.get(status))
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     return _encodeCompact(document).encode("utf-8")
 
@@ -156,11 +160,22 @@ _OPENAI_CODES = {
 
 def errorDocument(status: int, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
     """
-    OpenAI's error body: C{{"error": {"message", "type", "code"}}}.
+    OpenAI's error body: C{{"error": {"message", "type", "code", "param"}}}, C{param} null as
+    the proxy never blames one field.
     """
     if status >= 500:
         kind = "server_error"
-    return {"error": {"message": message, "type": kind, "code": _OPENAI_CODES.get(status, str(status))}}
+    return {"error": {"message": message, "type": kind, "code": _OPENAI_CODES.get(status, str(status)),
+                      "param": None}}
+
+
+def invalidURLDocument(method: str, path: str) -> dict[str, Any]:
+    """
+    OpenAI's answer to a path it has no route for: C{Invalid URL (POST /v1/nope)}, C{code} null.
+    """
+    return {"error": {"message": f"Invalid URL ({method} {path})", "type": "invalid_request_error",
+                      "code": None, "param": None}}
+
 
 
 def errorLine(message: str) -> dict[str, Any]:
@@ -179,12 +194,15 @@ class ErrorShape:
     @ivar inStream: that document framed as one more event of a stream already under way.
     @ivar status: the status the API answers for the proxy's own (Anthropic's 529 for 503).
     @ivar requestIdKey: where the document carries the request's id, if it does.
+    @ivar noRoute: the 404 document for a path the API has no route for, from the method and
+        path; by default the document of a 404 saying C{no route PATH}.
     """
 
     document: Callable[[int, str, str], object]
     inStream: Callable[[object], bytes]
     status: Callable[[int], int] = int
     requestIdKey: str | None = None
+    noRoute: Callable[[str, str], object] | None = None
 
     def answer(self, request: IRequest, status: int, message: str, kind: str = "invalid_request_error") -> bytes | None:
         """
@@ -192,7 +210,12 @@ class ErrorShape:
         its stream has started (its status went out already).
         """
         status = self.status(status)
-        document = self.document(status, message, kind)
+        return self.answerWith(request, status, self.document(status, message, kind))
+
+    def answerWith(self, request: IRequest, status: int, document: object) -> bytes | None:
+        """
+        Answer C{request} with C{document}, as L{answer} does.
+        """
         if self.requestIdKey is not None and isinstance(document, dict):
             document[self.requestIdKey] = requestIdOf(request)
         if request.startedWriting:  # type: ignore[attr-defined]
@@ -212,8 +235,8 @@ class ErrorShape:
         return _encodeCompact(document).encode("utf-8")
 
 
-OPENAI = ErrorShape(document=errorDocument, inStream=sseEvent)
-"""C{/v1/*}: C{{"error": {"message", "type", "code"}}}, an SSE event in a stream."""
+OPENAI = ErrorShape(document=errorDocument, inStream=sseEvent, noRoute=invalidURLDocument)
+"""C{/v1/*}: C{{"error": {"message", "type", "code", "param"}}}, an SSE event in a stream."""
 
 PLAIN = ErrorShape(document=lambda status, message, kind: errorLine(message), inStream=ndjsonLine)
 """C{/api/*} (Ollama's) and the admin routes: C{{"error": "..."}}, an NDJSON line in a stream."""
@@ -281,7 +304,10 @@ def registerErrorAnswers(app: Klein, shape: ErrorShape) -> None:
 
     @app.handle_errors(NotFound)
     def notFound(self: Any, request: IRequest, failure: Failure) -> bytes | None:
-        return shape.answer(request, 404, f"no route {request.path.decode('utf-8', 'replace')}")
+        path = request.path.decode("utf-8", "replace")
+        if shape.noRoute is None:
+            return shape.answer(request, 404, f"no route {path}")
+        return shape.answerWith(request, 404, shape.noRoute(request.method.decode("ascii", "replace"), path))
 
     @app.handle_errors(MethodNotAllowed)
     def wrongMethod(self: Any, request: IRequest, failure: Failure) -> bytes | None:

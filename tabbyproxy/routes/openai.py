@@ -1,10 +1,12 @@
 """
 The OpenAI API: C{/v1/chat/completions} and C{/v1/completions} start the model their body names
-and stream TabbyAPI's answer back untouched; C{/v1/models} lists the profiles; C{/v1/embeddings},
-C{/v1/token/*} and C{/v1/model} pass through to the running model.
+and relay TabbyAPI's answer as it arrives, with what OpenAI's clients need that TabbyAPI leaves
+out (L{tabbyproxy.openaiwire}): the model name the client asked for, a role in each choice's
+first delta, and C{usage} on every non-streamed reply.  C{/v1/models} lists the profiles;
+C{/v1/embeddings}, C{/v1/token/*} and C{/v1/model} pass through to the running model.
 
-Errors are OpenAI's shape, C{{"error": {"message", "type", "code"}}}; once a stream has started,
-an error arrives as one more SSE event of that shape.
+Errors are OpenAI's shape, C{{"error": {"message", "type", "code", "param"}}}; once a stream has
+started, an error arrives as one more SSE event of that shape.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from tabbyproxy.config import Profile
+from tabbyproxy.openaiwire import AnswerRewriter
 from tabbyproxy.routes.common import (
     OPENAI,
     ClientError,
@@ -62,11 +65,16 @@ class OpenAIRoutes:
     async def _generate(self, request: IRequest, path: str, chat: bool) -> None:
         self.state.requireKey(request)
         body = readJSONObject(request, self.state.maxBodySize)
+        asked = body.get("model")
         profile = self._profileFor(body)
         keepAlive = takeKeepAlive(body)
         self._applyTemplate(body, profile, chat)
-        streaming = body.get("stream") is True
-        await self.forward(request, profile, keepAlive, path, body, streaming)
+        rewriter = AnswerRewriter.forRequest(asked if isinstance(asked, str) else profile.id, body, chat)
+        if not rewriter.streaming:
+            # TabbyAPI counts tokens only when asked, even without a stream; OpenAI always does.
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        await self.forward(request, profile, keepAlive, path, body, rewriter.streaming, rewriter=rewriter)
 
     def _profileFor(self, body: dict[str, Any]) -> Profile:
         name = body.pop("model", None)
@@ -101,13 +109,15 @@ class OpenAIRoutes:
         body: dict[str, Any] | None,
         streaming: bool,
         method: str = "POST",
+        rewriter: AnswerRewriter | None = None,
     ) -> None:
         """
         Get C{profile}'s model, send it the request, and relay its answer as it arrives.
 
         A streaming request that has to wait for its model gets its answer's headers at once and
         an SSE comment every few seconds while it waits, so clients with read timeouts survive
-        long loads; errors after that arrive as SSE events.
+        long loads; errors after that arrive as SSE events.  A generation's answer goes through
+        C{rewriter}; other answers pass as they are.
         """
         noteModel(request, profile.id)
         acquiring = self.state.supervisor.acquire(profile, keepAlive)
@@ -122,12 +132,13 @@ class OpenAIRoutes:
                 comments.stop()
         try:
             payload = None if body is None else json.dumps(body).encode("utf-8")
-            await self._relay(request, lease, method, path, payload, streaming)
+            await self._relay(request, lease, method, path, payload, streaming, rewriter)
         finally:
             lease.release()
 
     async def _relay(
-        self, request: IRequest, lease: Lease, method: str, path: str, payload: bytes | None, streaming: bool
+        self, request: IRequest, lease: Lease, method: str, path: str, payload: bytes | None, streaming: bool,
+        rewriter: AnswerRewriter | None,
     ) -> None:
         upstream = self.state.upstream
         response = await upstream.call(lease, method, path, payload)
@@ -140,8 +151,20 @@ class OpenAIRoutes:
                 lease.suspect()
             request.write(data)
 
+        sink = relayed if streaming else request.write
+
+        def rewritten(data: bytes) -> None:
+            assert rewriter is not None
+            data = rewriter.feed(data)
+            if data:
+                sink(data)
+
         try:
-            await upstream.pipe(response, request, relayed if streaming else request.write)
+            await upstream.pipe(response, request, sink if rewriter is None else rewritten)
+            if rewriter is not None:
+                rest = rewriter.end()
+                if rest:
+                    sink(rest)
         except UpstreamBroken as e:
             if streaming or not request.startedWriting:  # type: ignore[attr-defined]
                 raise

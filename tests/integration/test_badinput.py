@@ -50,7 +50,7 @@ def assertRouteError(testCase: SynchronousTestCase, path: str, status: int, code
     document = json.loads(raw)
     if path.startswith("/v1/"):
         error = document["error"]
-        testCase.assertEqual(set(error), {"message", "type", "code"})
+        testCase.assertEqual(set(error), {"message", "type", "code", "param"})
         return str(error["message"])
     testCase.assertEqual(set(document), {"error"})
     testCase.assertIsInstance(document["error"], str)

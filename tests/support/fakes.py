@@ -140,7 +140,7 @@ class FakeTabby(Resource):
             request.finish()
             return NOT_DONE_YET
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps({"object": "chat.completion", "path": path}).encode()
+        return json.dumps({"object": "chat.completion", "model": "Folder-exl3", "path": path}).encode()
 
 
 def writeProfiles(directory: Path, profiles: dict[str, dict[str, Any]]) -> Catalog:

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tabbyproxy.config import Keys
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.support.fakes import InMemoryProxy
+from tests.support.wire import sseDocuments
 
 PROFILES: dict[str, dict[str, Any]] = {
     "qwen": {
@@ -24,6 +25,25 @@ PROFILES: dict[str, dict[str, Any]] = {
     "llama": {"model": {"model_name": "Llama"}},
 }
 KEYS = Keys(enabled=True, apiKeys=("api-key",), adminKey="admin-key")
+
+# The fake TabbyAPI's default stream, as the proxy relays it: a role in the first delta.
+RELAYED_CHUNKS = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"}}]}\r\n\r\ndata: [DONE]\r\n\r\n'
+
+HEAD_CHAT_CHUNKS = [
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"choices":[{"index":0,'
+    b'"delta":{"reasoning_content":"Hm"},"finish_reason":null}],"model":"Qwen3-8B-exl3"}\r\n\r\n',
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"choices":[{"index":0,'
+    b'"delta":{"content":"Hi"},"finish_reason":"stop","eos_reason":"stop_token"}],"model":"Qwen3-8B-exl3"}\r\n\r\n',
+    b"data: [DONE]\r\n\r\n",
+]
+"""A chat stream as TabbyAPI's HEAD writes it: no role, its folder as model."""
+
+HEAD_COMPLETION_CHUNKS = [
+    b'data: {"id":"chatcmpl-1","object":"text_completion","choices":[{"index":0,"text":"Once",'
+    b'"finish_reason":null}],"created":1,"model_name":"Qwen3-8B-exl3"}\r\n\r\n',
+    b"data: [DONE]\r\n\r\n",
+]
+"""A completions stream as TabbyAPI's HEAD writes it: its folder as model_name."""
 
 
 class OpenAIRouteTests(SynchronousTestCase):
@@ -44,7 +64,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
         error = self.jsonOf(response)["error"]
         self.assertIn(fragment, error["message"])
-        self.assertEqual(set(error), {"message", "type", "code"})
+        self.assertEqual(set(error), {"message", "type", "code", "param"})
 
     def test_chatIsForwardedWithTemplateDefaults(self) -> None:
         """
@@ -61,22 +81,63 @@ class OpenAIRouteTests(SynchronousTestCase):
         [(path, body, _)] = self.proxy.tabby.requests
         self.assertEqual(path, "/v1/chat/completions")
         self.assertEqual(body, {
-            "temperature": 0.1, "top_k": 20,
+            "temperature": 0.1, "top_k": 20, "stream_options": {"include_usage": True},
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
         })
         self.assertEqual(self.proxy.supervisor.status()["unload"]["fires_in_seconds"], 300)
         self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
 
-    def test_streamIsRelayedUntouched(self) -> None:
+    def test_streamIsRelayedWithRole(self) -> None:
         """
-        A streaming answer reaches the client byte for byte, as an event stream.
+        A streaming answer reaches the client as an event stream, with a role in its first delta.
         """
         response = self.post("/v1/chat/completions", {
             "model": "llama", "stream": True, "messages": [{"role": "user", "content": "hi"}],
         })
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
-        self.assertEqual(self.successResultOf(content(response)), b"".join(self.proxy.tabby.chunks))
+        self.assertEqual(self.successResultOf(content(response)), RELAYED_CHUNKS)
+        [(_, body, _)] = self.proxy.tabby.requests
+        self.assertNotIn("stream_options", body)
+
+    def test_chatStreamNamesTheAskedModelAndRole(self) -> None:
+        """
+        TabbyAPI's chat stream reaches the client with the model name the client sent in every
+        chunk, and C{"role": "assistant"} in the first delta only; the rest is unchanged.
+        """
+        self.proxy.tabby.chunks = HEAD_CHAT_CHUNKS
+        response = self.post("/v1/chat/completions", {
+            "model": "qwen:latest", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+        })
+        chunks = sseDocuments(self.successResultOf(content(response)))
+        self.assertEqual([chunk["model"] for chunk in chunks], ["qwen:latest", "qwen:latest"])
+        self.assertEqual([chunk["choices"][0]["delta"] for chunk in chunks],
+                         [{"role": "assistant", "reasoning_content": "Hm"}, {"content": "Hi"}])
+        self.assertEqual(chunks[1]["choices"][0]["eos_reason"], "stop_token")
+
+    def test_completionsStreamCarriesModel(self) -> None:
+        """
+        TabbyAPI's completions chunks say C{model_name}: the client gets C{model}, the name it
+        sent, and no role.
+        """
+        self.proxy.tabby.chunks = HEAD_COMPLETION_CHUNKS
+        response = self.post("/v1/completions", {"model": "qwen", "stream": True, "prompt": "x"})
+        [chunk] = sseDocuments(self.successResultOf(content(response)))
+        self.assertEqual(chunk["model"], "qwen")
+        self.assertNotIn("model_name", chunk)
+        self.assertEqual(chunk["choices"], [{"index": 0, "text": "Once", "finish_reason": None}])
+
+    def test_replyNamesTheAskedModelAndHasUsage(self) -> None:
+        """
+        A non-streamed reply asks TabbyAPI for usage (it counts only when asked) and names the
+        model the client sent.
+        """
+        response = self.post("/v1/chat/completions", {
+            "model": "qwen", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"x": 1},
+        })
+        [(_, body, _)] = self.proxy.tabby.requests
+        self.assertEqual(body["stream_options"], {"x": 1, "include_usage": True})
+        self.assertEqual(self.jsonOf(response)["model"], "qwen")
 
     def test_completionsTakeModelAndDefaults(self) -> None:
         """
@@ -86,7 +147,8 @@ class OpenAIRouteTests(SynchronousTestCase):
         response = self.post("/v1/completions", {"model": "qwen:latest", "prompt": "Once"})
         self.assertEqual(response.code, 200)
         [(path, body, _)] = self.proxy.tabby.requests
-        self.assertEqual((path, body), ("/v1/completions", {"prompt": "Once", "temperature": 0.6, "top_k": 20}))
+        self.assertEqual((path, body), ("/v1/completions", {
+            "prompt": "Once", "temperature": 0.6, "top_k": 20, "stream_options": {"include_usage": True}}))
 
     def test_unknownModel(self) -> None:
         """
@@ -205,7 +267,7 @@ class MissingRouteTests(SynchronousTestCase):
 
         code, document = call(b"GET", "/v1/chat/completions")
         self.assertEqual((code, document["error"]["message"]), (405, "GET is not allowed here"))
-        self.assertEqual(set(document["error"]), {"message", "type", "code"})
+        self.assertEqual(set(document["error"]), {"message", "type", "code", "param"})
         self.assertEqual(call(b"GET", "/nope"), (404, {"error": "no route /nope"}))
         self.assertEqual(call(b"DELETE", "/status"), (405, {"error": "DELETE is not allowed here"}))
 
@@ -278,7 +340,7 @@ class LoadingFeedbackTests(SynchronousTestCase):
         self.proxy.reactor.advance(0.05)
         self.proxy.flush()
         raw = self.successResultOf(body)
-        self.assertEqual(raw, b": loading qwen ... 0s\r\n\r\n: loading qwen ... 5s\r\n\r\n" + b"".join(self.proxy.tabby.chunks))
+        self.assertEqual(raw, b": loading qwen ... 0s\r\n\r\n: loading qwen ... 5s\r\n\r\n" + RELAYED_CHUNKS)
 
     def test_failedStartAfterCommentsIsAnEvent(self) -> None:
         """
@@ -298,12 +360,12 @@ class LoadingFeedbackTests(SynchronousTestCase):
 
     def test_noCommentsWhenTheModelIsReady(self) -> None:
         """
-        A request for a ready model gets no comment at all: its stream is TabbyAPI's, untouched.
+        A request for a ready model gets no comment at all: only its stream.
         """
         self.proxy.tabby.healthy = True
         self.successResultOf(self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "x"}))
         response = self.successResultOf(self.streamChat())
-        self.assertEqual(self.successResultOf(content(response)), b"".join(self.proxy.tabby.chunks))
+        self.assertEqual(self.successResultOf(content(response)), RELAYED_CHUNKS)
 
 
 class SuspectAnswerTests(SynchronousTestCase):

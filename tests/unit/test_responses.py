@@ -88,7 +88,7 @@ class ResponsesTestCase(SynchronousTestCase):
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
         error = json.loads(raw)["error"]
         self.assertIn(fragment, error["message"])
-        self.assertEqual(set(error), {"message", "type", "code"})
+        self.assertEqual(set(error), {"message", "type", "code", "param"})
 
 
 class CreateTests(ResponsesTestCase):
