@@ -14,7 +14,8 @@ import anthropic
 import openai
 from twisted.trial.unittest import TestCase
 
-from tests.support.proxy import RunningProxy, inThread, waitUntil
+from tests.support.processes import waitUntil
+from tests.support.proxy import RunningProxy, inThread
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha-exl3"}, "aliases": ["claude-haiku-4-5", "gpt-5-codex"]},

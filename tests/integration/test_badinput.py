@@ -27,7 +27,7 @@ from twisted.web.server import Request
 from tabbyproxy.tap import Options
 from tests.support.fakes import FakeTabby, InMemoryProxy, writeProfiles
 from tests.support.proxy import RunningProxy
-from tests.support.proxy import reactor as _reactor
+from tests.support.processes import reactor as _reactor
 
 reactor: Any = _reactor
 

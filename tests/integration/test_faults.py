@@ -26,8 +26,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tabbyproxy.config import Catalog
 from tabbyproxy.supervisor import Lease, Supervisor, SupervisorSettings
 from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
-from tests.support.proxy import RunningProxy, pidAlive, waitForExit, waitUntil
-from tests.support.proxy import reactor as _reactor
+from tests.support.processes import pidAlive, waitForExit, waitUntil
+from tests.support.processes import reactor as _reactor
+from tests.support.proxy import RunningProxy
 from tests.support.logs import CapturedEvents
 from tests.support.wire import ssePayloads
 

@@ -13,7 +13,8 @@ import openai
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed
 
-from tests.support.proxy import RunningProxy, inThread, waitUntil
+from tests.support.processes import waitUntil
+from tests.support.proxy import RunningProxy, inThread
 from tests.support.logs import CapturedEvents
 from tests.support.wire import StreamedBody, ssePayloads
 

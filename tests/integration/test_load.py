@@ -15,8 +15,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from tests.support.proxy import RunningProxy, TwistdProxy, waitUntil
-from tests.support.proxy import reactor as _reactor
+from tests.support.processes import reactor as _reactor
+from tests.support.processes import waitUntil
+from tests.support.proxy import RunningProxy, TwistdProxy
 from tests.integration.test_faults import streamedText
 from tests.support.logs import CapturedEvents
 

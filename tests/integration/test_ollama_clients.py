@@ -18,7 +18,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed
 
 from tests.support.logs import CapturedEvents
-from tests.support.proxy import RunningProxy, inThread, waitUntil
+from tests.support.processes import waitUntil
+from tests.support.proxy import RunningProxy, inThread
 from tests.support.wire import StreamedBody
 
 PROFILES: dict[str, dict[str, Any]] = {

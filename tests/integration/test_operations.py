@@ -15,18 +15,15 @@ import treq
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from tabbyproxy.keepalive import FOREVER
-from tabbyproxy.supervisor import pickFreePort
-from tests.support.proxy import RunningProxy, TwistdProxy, pidAlive, waitForExit, waitUntil
+from tests.support.processes import ChildProcess, findFreePorts, killIfAlive, pidAlive, waitForExit, waitUntil
+from tests.support.proxy import RunningProxy, TwistdProxy
 from tests.support.wire import StreamedBody, sseDocuments
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -178,7 +175,7 @@ class ReloadTests(TestCase):
         (configDir / "beta.yml").unlink()
         (configDir / "gamma.yml").write_text("model: [\n")
         (configDir / "delta.yml").write_text(yaml.safe_dump({"model": {"model_name": "Delta"}}))
-        proxy.signal("HUP")
+        proxy.signalProcess("HUP")
         await proxy.printed("Reloaded the profiles")
         await proxy.printed("Unloading beta: its profile was removed")
         models = await (await proxy.http.get(proxy.url + "/v1/models")).json()
@@ -187,14 +184,6 @@ class ReloadTests(TestCase):
         response = await chat(proxy, "delta")
         self.assertIn("Delta ", (await response.json())["choices"][0]["message"]["content"])
         await proxy.childPid()
-
-
-class _Exited(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: Deferred[None] = Deferred()
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
 
 
 class DaemonTests(TestCase):
@@ -208,9 +197,9 @@ class DaemonTests(TestCase):
         root = Path(self.mktemp()).absolute()
         (root / "config").mkdir(parents=True)
         (root / "config" / "alpha.yml").write_text(yaml.safe_dump(PROFILES["alpha"]))
-        port = pickFreePort()
+        port = findFreePorts()
         pidfile, logfile = root / "twistd.pid", root / "twistd.log"
-        launcher = _Exited()
+        launcher = ChildProcess("twistd launcher")
         # Whatever happens below, the daemon (and its child) must not outlive the test.
         self.addCleanup(killDaemon, pidfile)
         reactor.spawnProcess(
@@ -221,7 +210,7 @@ class DaemonTests(TestCase):
             env=dict(os.environ), path=str(root),
         )
         # The launcher returns once the daemon has forked off.
-        await launcher.ended
+        await launcher.exited()
         await waitUntil(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
         daemonPid = int(pidfile.read_text())
         client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
@@ -240,14 +229,6 @@ class DaemonTests(TestCase):
         log = logfile.read_text()
         self.assertIn("Starting alpha on port", log)
         self.assertIn("alpha stopped", log)
-
-
-def killIfAlive(pid: int) -> None:
-    """
-    Cleanup for a process a test started but could not reap: make sure it is gone.
-    """
-    if pid and pidAlive(pid):
-        os.kill(pid, signal.SIGKILL)
 
 
 def killDaemon(pidfile: Path) -> None:

@@ -19,7 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tabbyproxy.config import Keys
 from tabbyproxy.tap import Options
 from tests.support.fakes import InMemoryProxy, writeProfiles
-from tests.support.proxy import RunningProxy, waitUntil
+from tests.support.processes import waitUntil
+from tests.support.proxy import RunningProxy
 
 PROFILES: dict[str, dict[str, Any]] = {
     "alpha": {"model": {"model_name": "Alpha"}},

@@ -16,7 +16,8 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import TestCase
 
-from tests.support.proxy import TwistdProxy, pidAlive, reactor, waitForExit, waitUntil
+from tests.support.processes import pidAlive, reactor, waitForExit, waitUntil
+from tests.support.proxy import TwistdProxy
 
 clock = cast(IReactorTime, reactor)
 
@@ -64,7 +65,7 @@ class SignalTests(TestCase):
         C{childPid} is gone by then.
         """
         started = clock.seconds()
-        await proxy.ended(timeout=limit)
+        await proxy.exited(timeout=limit)
         self.assertLess(clock.seconds() - started, limit)
         self.assertFalse(pidAlive(childPid), "the TabbyAPI child outlived twistd")
         self.assertIn("Server Shut Down.", proxy.text)
@@ -80,7 +81,7 @@ class SignalTests(TestCase):
         """
         proxy = TwistdProxy(self, streamingProfile(), "--stop-grace", str(GRACE))
         pid, received, bodies = await self.startWithStreams(proxy, 3)
-        proxy.signal("TERM")
+        proxy.signalProcess("TERM")
         await self.assertStopsWithin(proxy, pid, SIGTERM, GRACE + MARGIN)
         await DeferredList(bodies, consumeErrors=True)
         for chunks in received:
@@ -92,7 +93,7 @@ class SignalTests(TestCase):
         """
         proxy = TwistdProxy(self, streamingProfile(), "--stop-grace", str(GRACE))
         pid, _, bodies = await self.startWithStreams(proxy, 1)
-        proxy.signal("INT")
+        proxy.signalProcess("INT")
         await self.assertStopsWithin(proxy, pid, SIGINT, GRACE + MARGIN)
         await DeferredList(bodies, consumeErrors=True)
 
@@ -108,7 +109,7 @@ class SignalTests(TestCase):
         pid = await proxy.childPid()
         assert pid is not None
         self.assertEqual((await proxy.status())["state"], "starting")
-        proxy.signal("TERM")
+        proxy.signalProcess("TERM")
         await self.assertStopsWithin(proxy, pid, SIGTERM, GRACE + MARGIN)
         response = await waiting
         self.assertEqual(response.code, 503)
@@ -125,7 +126,7 @@ class SignalTests(TestCase):
         await proxy.printed("Loading model:")
         pid = await proxy.childPid()
         assert pid is not None
-        proxy.signal("INT")
+        proxy.signalProcess("INT")
         await self.assertStopsWithin(proxy, pid, SIGINT, GRACE + MARGIN)
         await waiting
 
@@ -136,7 +137,7 @@ class SignalTests(TestCase):
         """
         proxy = TwistdProxy(self, streamingProfile(ignore_sigterm=True), "--stop-grace", str(GRACE))
         pid, _, bodies = await self.startWithStreams(proxy, 1)
-        proxy.signal("TERM")
+        proxy.signalProcess("TERM")
         await self.assertStopsWithin(proxy, pid, SIGTERM, GRACE + MARGIN)
         self.assertIn("sending SIGKILL", proxy.text)
         await DeferredList(bodies, consumeErrors=True)
@@ -158,8 +159,8 @@ class ParentDeathTests(TestCase):
         await waitUntil(lambda: b"".join(received).count(b"data: ") >= 3)
         pid = await proxy.childPid()
         assert pid is not None
-        proxy.signal("KILL")
-        await proxy.ended()
+        proxy.signalProcess("KILL")
+        await proxy.exited()
         await waitForExit(pid, timeout=5)
         await DeferredList([body], consumeErrors=True)
 
@@ -174,8 +175,8 @@ class ParentDeathTests(TestCase):
         await proxy.printed("Loading model:")
         pid = await proxy.childPid()
         assert pid is not None
-        proxy.signal("KILL")
-        await proxy.ended()
+        proxy.signalProcess("KILL")
+        await proxy.exited()
         await waitForExit(pid, timeout=5)
         await waiting
 

@@ -20,9 +20,9 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.support.processes import findFreePorts
 from tests.support.simulator import (
     SimulatorProcess,
-    findFreePorts,
     makeHTTPClient,
     makeTabbyDirectory,
     reactor,
@@ -96,7 +96,7 @@ class SimulatorTestCase(TestCase):
 
     def spawn(self, directory: Path, args: tuple[str, ...] = ()) -> SimulatorProcess:
         process = spawnSimulator(directory, self.port, args)
-        self.addCleanup(process.stop)
+        self.addCleanup(process.kill)
         return process
 
     async def start(self, **kwargs: Any) -> SimulatorProcess:
@@ -469,7 +469,7 @@ class ProcessBehaviourTests(SimulatorTestCase):
         directory = makeTabbyDirectory(Path(self.mktemp()), port=self.port, models=["alpha"],
                                        modelName="alpha", simulator={"fail_load": True})
         process = self.spawn(directory)
-        code = await process.ended
+        code = await process.exited()
         self.assertEqual(code, 1)
         self.assertIn("ValueError: Failed to load config.json from", process.text)
         self.assertNotIn("Uvicorn running", process.text)
@@ -483,7 +483,7 @@ class ProcessBehaviourTests(SimulatorTestCase):
                                        emptyModels=["tiny-model"])
         (directory / "override.yml").write_text("model:\n  model_name: tiny-model\n")
         process = self.spawn(directory, ("--config", "override.yml"))
-        code = await process.ended
+        code = await process.exited()
         self.assertEqual(code, 1)
         self.assertIn(f"ValueError: Failed to load config.json from "
                       f"{(directory / 'models' / 'tiny-model').resolve()}", process.text)
@@ -525,7 +525,7 @@ class ProcessBehaviourTests(SimulatorTestCase):
         process = await self.start()
         started = time.monotonic()
         process.signalProcess("TERM")
-        code = await process.ended
+        code = await process.exited()
         self.assertEqual(code, 0)
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertIn("Shutdown signal called. Exiting gracefully.", process.text)
@@ -543,7 +543,7 @@ class ProcessBehaviourTests(SimulatorTestCase):
         await reader.first
         started = time.monotonic()
         process.signalProcess("TERM")
-        self.assertEqual(await process.ended, 0)
+        self.assertEqual(await process.exited(), 0)
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertNotIn(b"[DONE]", await reader.done)
 
@@ -554,9 +554,9 @@ class ProcessBehaviourTests(SimulatorTestCase):
         directory = makeTabbyDirectory(Path(self.mktemp()), port=self.port, models=["alpha"],
                                        modelName="alpha", simulator={"hang_at_start": True})
         process = self.spawn(directory)
-        await process.waitForOutput("Loading model:")
+        await process.printed("Loading model:")
         process.signalProcess("TERM")
-        self.assertEqual(await process.ended, 0)
+        self.assertEqual(await process.exited(), 0)
         self.assertIn("Shutdown signal called. Exiting gracefully.", process.text)
         self.assertNotIn("Uvicorn running", process.text)
 
@@ -566,12 +566,12 @@ class ProcessBehaviourTests(SimulatorTestCase):
         """
         process = await self.start(simulator={"ignore_sigterm": True})
         process.signalProcess("TERM")
-        await process.waitForOutput("ignoring it")
+        await process.printed("ignoring it")
         await waitForHealth(self.client, process, timeout=2)
         self.assertFalse(process.finished)
         process.signalProcess("KILL")
-        await process.ended
-        self.assertEqual(process.signal, 9)
+        await process.exited()
+        self.assertEqual(process.exitSignal, 9)
 
     async def test_crashAfterTokens(self) -> None:
         """
@@ -587,7 +587,7 @@ class ProcessBehaviourTests(SimulatorTestCase):
         body = await reader.done
         self.assertNotIn(b"[DONE]", body)
         self.assertEqual(body.count(b'"content"'), 3)
-        self.assertEqual(await process.ended, 1)
+        self.assertEqual(await process.exited(), 1)
 
     async def test_failGenerationAfterStreaming(self) -> None:
         """
@@ -646,7 +646,7 @@ class ProcessBehaviourTests(SimulatorTestCase):
         # The body transport is a push producer; stopping it drops the connection.
         cast(IPushProducer, reader.transport).stopProducing()
         await reader.done
-        await process.waitForOutput("cancelled by user")
+        await process.printed("cancelled by user")
         line = [ln for ln in process.text.splitlines() if "cancelled by user" in ln][0]
         self.assertIn(requestId.removeprefix("chatcmpl-"), line)
         self.assertNotIn(f"Metrics (ID: {requestId.removeprefix('chatcmpl-')})", process.text)
@@ -677,7 +677,7 @@ class ProcessBehaviourTests(SimulatorTestCase):
         self.assertNotIn("Metrics (ID:", process.text)
         producer.stopProducing()
         await reader.done
-        await process.waitForOutput("cancelled by user")
+        await process.printed("cancelled by user")
 
 
 def residentKiB(status: Path) -> int:

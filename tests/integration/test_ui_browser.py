@@ -20,7 +20,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support.proxy import RunningProxy, waitUntil
+from tests.support.processes import waitUntil
+from tests.support.proxy import RunningProxy
 
 T = TypeVar("T")
 

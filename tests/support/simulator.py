@@ -11,54 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from twisted.internet import reactor as _globalReactor
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IProcessTransport, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
+from treq.client import HTTPClient
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from treq.client import HTTPClient
+from tests.support.processes import ChildProcess, reactor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# The default reactor, typed loosely: it provides process, TCP and time interfaces at once.
-reactor: Any = _globalReactor
-
-
-def findFreePorts(count: int = 2) -> int:
-    """
-    Return a loopback port C{p} such that C{p} .. C{p+count-1} all look free right now.
-
-    Two ports by default, because TabbyAPI (and so the simulator) moves to port+1 when its port
-    is busy; a test that owns both knows which one it will be served on.
-    """
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        if all(_portFree(base + i) for i in range(count)):
-            return int(base)
-    raise RuntimeError("no run of free loopback ports found")
-
-
-def _portFree(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def makeTabbyDirectory(
@@ -112,92 +77,17 @@ def makeTabbyDirectory(
     return base
 
 
-class SimulatorProcess(ProcessProtocol):
+class SimulatorProcess(ChildProcess):
     """
-    A spawned simulator: collects its stdout and stderr and records how it ended.
-
-    C{ended} fires with the exit code (or C{-signal} when a signal killed it) once the process
-    has exited and its pipes are closed.
+    A spawned simulator, expected to serve on C{port}.
     """
 
     def __init__(self, port: int) -> None:
+        super().__init__("simulator")
         self.port = port
-        self.output = b""
-        self.transport: IProcessTransport | None = None
-        self.exitCode: int | None = None
-        self.signal: int | None = None
-        self.finished = False
-        self.ended: Deferred[int] = Deferred()
-        self._waiters: list[tuple[bytes, Deferred[None]]] = []
-
-    @property
-    def text(self) -> str:
-        return self.output.decode("utf8", "replace")
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-        for needle, waiter in list(self._waiters):
-            if needle in self.output:
-                self._waiters.remove((needle, waiter))
-                waiter.callback(None)
-
-    def processEnded(self, reason: Failure) -> None:
-        self.finished = True
-        value = reason.value
-        if isinstance(value, ProcessTerminated):
-            self.exitCode = value.exitCode
-            self.signal = value.signal
-        elif isinstance(value, ProcessDone):
-            self.exitCode = 0
-        waiters, self._waiters = self._waiters, []
-        for needle, waiter in waiters:
-            waiter.errback(AssertionError(
-                f"simulator exited before printing {needle!r}; output:\n{self.text}"))
-        code = self.exitCode if self.exitCode is not None else -(self.signal or 0)
-        self.ended.callback(code)
 
     def url(self, path: str = "", port: int | None = None) -> str:
         return f"http://127.0.0.1:{port if port is not None else self.port}{path}"
-
-    def waitForOutput(self, needle: str, timeout: float = 10.0) -> Deferred[None]:
-        """
-        Fire once C{needle} has appeared in the combined output; fail after C{timeout} seconds
-        or as soon as the process exits without printing it.
-        """
-        encoded = needle.encode()
-        waiter: Deferred[None] = Deferred()
-        if encoded in self.output:
-            waiter.callback(None)
-        elif self.finished:
-            waiter.errback(AssertionError(f"simulator exited without printing {needle!r}"))
-        else:
-            self._waiters.append((encoded, waiter))
-            waiter.addTimeout(timeout, reactor)
-        return waiter
-
-    def signalProcess(self, name: str) -> None:
-        """
-        Send a signal (C{"TERM"}, C{"KILL"}, ...) unless the process is already gone.
-        """
-        if self.transport is not None and not self.finished:
-            try:
-                self.transport.signalProcess(name)
-            except ProcessExitedAlready:
-                pass
-
-    def stop(self) -> Deferred[int]:
-        """
-        SIGKILL the process if it still runs and fire with its exit code once it is reaped.
-        Tests add this as a cleanup so no child outlives them.
-        """
-        self.signalProcess("KILL")
-        return self.ended if not self.ended.called else _succeeded(self.exitCode)
-
-
-def _succeeded(code: int | None) -> Deferred[int]:
-    done: Deferred[int] = Deferred()
-    done.callback(code if code is not None else -1)
-    return done
 
 
 def spawnSimulator(
