@@ -48,41 +48,15 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.routes.loading import LoadingTicks, startEventStream
+from tabbyproxy.routes.translated import TranslatedStream, relayChat, requestedModel
 from tabbyproxy.server import noteModel, noteUsage, requestIdOf
-from tabbyproxy.supervisor import Lease, SchedulingError
-from tabbyproxy.tabbywire import ChatStreamDecoder
+from tabbyproxy.supervisor import SchedulingError
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
-from tabbyproxy.upstream import UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
+from tabbyproxy.upstream import UpstreamAnswered, UpstreamUnreachable
 
 _PING_FRAME = sseFrame(PING)
 
-
-@define
-class _Relay:
-    """
-    TabbyAPI's event stream for one message, through the decoder and the encoder; the Messages
-    events are written to the client as they come when streaming.
-    """
-
-    request: IRequest
-    encoder: MessageEncoder
-    streaming: bool
-    decoder: ChatStreamDecoder = field(factory=ChatStreamDecoder)
-    pings: LoadingTicks | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        events = self.encoder.feed(self.decoder.feed(data))
-        if events and self.pings is not None:
-            # The model answers: no more pings needed.
-            self.pings.stop()
-            self.pings = None
-        if self.streaming and events:
-            # One write per read from TabbyAPI, however many tokens it carried.
-            self.request.write(b"".join(sseFrame(event) for event in events))
-
-    def send(self, events: list[dict[str, Any]]) -> None:
-        if self.streaming:
-            self.request.write(b"".join(sseFrame(event) for event in events))
+_Stream = TranslatedStream[MessageEncoder]
 
 
 @define
@@ -115,7 +89,7 @@ class MessagesRoutes:
         upstream = translated.upstream
         upstream["messages"] = applySystemPrompt(upstream["messages"], profile.template, self.now)
         applyRequestDefaults(upstream, profile.template)
-        relay = _Relay(request, MessageEncoder(name), translated.stream)
+        relay = _Stream(request, MessageEncoder(name), translated.stream)
         payload = json.dumps(upstream).encode("utf-8")
         if translated.stream:
             await self._stream(request, relay, profile, keepAlive, payload)
@@ -153,26 +127,18 @@ class MessagesRoutes:
         return writeJSON(request, 200, {"input_tokens": int(length)})
 
     def _profileFor(self, body: dict[str, Any]) -> tuple[str, Profile]:
-        """
-        The model name as the client sent it (the Message says it back), and its profile.
-        """
-        name = body.pop("model", None)
-        if name is None or name == "":
-            raise ClientError(400, "model: Field required (GET /v1/models lists the available ids)")
-        profile = self.state.catalog().resolve(name)
-        if profile is None or not isinstance(name, str):
-            shown = name if isinstance(name, str) else json.dumps(name)
-            raise ClientError(404, f"model: {shown} not found (GET /v1/models lists the available ids)")
-        return name, profile
+        return requestedModel(
+            self.state.catalog(), body, "model: Field required (GET /v1/models lists the available ids)",
+            "model: {name} not found (GET /v1/models lists the available ids)")
 
-    async def _generate(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None,
+    async def _generate(self, request: IRequest, relay: _Stream, profile: Profile, keepAlive: float | None,
                         payload: bytes) -> None:
         """
         A non-streamed message: errors are raised, for Anthropic's error document.
         """
         lease = await self.state.supervisor.acquire(profile, keepAlive)
         try:
-            problem = await self._relay(request, relay, lease, payload)
+            problem = await relayChat(self.state.upstream, relay, lease, CHAT_PATH, payload)
         finally:
             lease.release()
         if problem is not None:
@@ -180,7 +146,7 @@ class MessagesRoutes:
         relay.encoder.finish()
         noteUsage(request, relay.encoder.inputTokens, relay.encoder.outputTokens)
 
-    async def _stream(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None,
+    async def _stream(self, request: IRequest, relay: _Stream, profile: Profile, keepAlive: float | None,
                       payload: bytes) -> None:
         """
         A streamed message: once C{message_start} went out, whatever goes wrong ends the stream
@@ -191,7 +157,7 @@ class MessagesRoutes:
         relay.send(encoder.start())
         # A ping every few seconds until the first token: while the model loads, and while
         # TabbyAPI reads a long prompt (an agent's first one is tens of thousands of tokens).
-        pings = relay.pings = LoadingTicks(request, self.state.clock, lambda waited: _PING_FRAME, now=False)
+        pings = relay.ticks = LoadingTicks(request, self.state.clock, lambda waited: _PING_FRAME, now=False)
         try:
             problem = await self._generateStreamed(request, relay, profile, keepAlive, payload)
         finally:
@@ -202,7 +168,7 @@ class MessagesRoutes:
         relay.send(encoder.finish())
         noteUsage(request, encoder.inputTokens, encoder.outputTokens)
 
-    async def _generateStreamed(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None,
+    async def _generateStreamed(self, request: IRequest, relay: _Stream, profile: Profile, keepAlive: float | None,
                                 payload: bytes) -> tuple[str, str] | None:
         """
         @return: what went wrong and its Anthropic error type, C{None} when the answer is whole.
@@ -212,37 +178,14 @@ class MessagesRoutes:
         except SchedulingError as e:
             return str(e), "overloaded_error"
         try:
-            problem = await self._relay(request, relay, lease, payload)
+            problem = await relayChat(self.state.upstream, relay, lease, CHAT_PATH, payload)
         except (UpstreamAnswered, UpstreamUnreachable) as e:
             problem = str(e)
         finally:
             lease.release()
         return None if problem is None else (problem, "api_error")
 
-    async def _relay(self, request: IRequest, relay: _Relay, lease: Lease, payload: bytes) -> str | None:
-        """
-        Send the request to TabbyAPI and feed its answer through C{relay}.
-
-        @return: what went wrong in TabbyAPI's stream, C{None} when it ended well.
-        """
-        upstream = self.state.upstream
-        response = await upstream.call(lease, "POST", CHAT_PATH, payload)
-        problem = None
-        try:
-            await upstream.pipe(response, request, relay.dataReceived)
-        except UpstreamBroken as e:
-            problem = f"{e} (model {lease.profile.id}); see GET /status"
-        decoder = relay.decoder
-        if problem is None:
-            problem = decoder.error
-        if problem is None and not decoder.complete:
-            problem = f"TabbyAPI's stream for {lease.profile.id} ended before it was complete"
-        if problem is not None:
-            # TabbyAPI's own error event (or a broken stream): its /health may be 503 for good now.
-            lease.suspect()
-        return problem
-
-    def _failed(self, request: IRequest, relay: _Relay, model: str, problem: str, kind: str) -> None:
+    def _failed(self, request: IRequest, relay: _Stream, model: str, problem: str, kind: str) -> None:
         self.log.error("A message for {model} failed: {problem}", model=model, problem=problem,
                        request_id=requestIdOf(request))
         relay.send(relay.encoder.fail(problem, kind))

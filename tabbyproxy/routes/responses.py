@@ -32,7 +32,6 @@ from tabbyproxy.responseswire import (
     ResponsesRequest,
     ResponsesRequestError,
     previousResponseId,
-    sseFrame,
     translateRequest,
 )
 from tabbyproxy.routes.common import (
@@ -45,34 +44,20 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
+from tabbyproxy.routes.translated import TranslatedStream, relayChat, requestedModel
 from tabbyproxy.server import noteModel, requestIdOf
-from tabbyproxy.supervisor import Lease, SchedulingError
-from tabbyproxy.tabbywire import ChatStreamDecoder
+from tabbyproxy.supervisor import SchedulingError
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
-from tabbyproxy.upstream import UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
+from tabbyproxy.upstream import UpstreamAnswered, UpstreamUnreachable
+
+_Stream = TranslatedStream[ResponseEncoder]
 
 
-@define
-class _Relay:
+def _payload(stream: _Stream) -> bytes:
     """
-    TabbyAPI's event stream for one response, through the decoder and the encoder; the
-    Responses events are written to the client as they come when streaming.
+    The chat request TabbyAPI gets for this response.
     """
-
-    request: IRequest
-    encoder: ResponseEncoder
-    streaming: bool
-    decoder: ChatStreamDecoder = field(factory=ChatStreamDecoder)
-
-    def dataReceived(self, data: bytes) -> None:
-        events = self.encoder.feed(self.decoder.feed(data))
-        if self.streaming and events:
-            # One write per read from TabbyAPI, however many tokens it carried.
-            self.request.write(b"".join(sseFrame(event) for event in events))
-
-    def send(self, events: list[dict[str, Any]]) -> None:
-        if self.streaming:
-            self.request.write(b"".join(sseFrame(event) for event in events))
+    return json.dumps(stream.encoder.request.upstream).encode("utf-8")
 
 
 @define
@@ -103,7 +88,7 @@ class ResponsesRoutes:
             self.log.debug("Ignored what TabbyAPI has no meaning for in a response for {model}: {ignored}",
                            model=profile.id, ignored=", ".join(translated.ignored))
         encoder = ResponseEncoder(translated, name, int(self.state.clock.seconds()))
-        relay = _Relay(request, encoder, translated.stream)
+        relay = _Stream(request, encoder, translated.stream)
         if translated.stream:
             await self._stream(request, relay, profile, keepAlive)
             result = None
@@ -115,17 +100,9 @@ class ResponsesRoutes:
         return result
 
     def _profileFor(self, body: dict[str, Any]) -> tuple[str, Profile]:
-        """
-        The model name as the client sent it (the Response object says it back), and its profile.
-        """
-        name = body.pop("model", None)
-        if name is None or name == "":
-            raise ClientError(400, "model is required: GET /v1/models lists the available ids")
-        profile = self.state.catalog().resolve(name)
-        if profile is None or not isinstance(name, str):
-            shown = name if isinstance(name, str) else json.dumps(name)
-            raise ClientError(404, f"model '{shown}' not found: GET /v1/models lists the available ids")
-        return name, profile
+        return requestedModel(
+            self.state.catalog(), body, "model is required: GET /v1/models lists the available ids",
+            "model '{name}' not found: GET /v1/models lists the available ids")
 
     def _translate(self, body: dict[str, Any], profile: Profile) -> ResponsesRequest:
         """
@@ -153,20 +130,20 @@ class ResponsesRoutes:
         applyRequestDefaults(upstream, template)
         return translated
 
-    async def _generate(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None) -> None:
+    async def _generate(self, request: IRequest, relay: _Stream, profile: Profile, keepAlive: float | None) -> None:
         """
         A non-streamed response: errors are raised, for OpenAI's error document.
         """
         lease = await self.state.supervisor.acquire(profile, keepAlive)
         try:
-            problem = await self._relay(request, relay, lease)
+            problem = await relayChat(self.state.upstream, relay, lease, CHAT_PATH, _payload(relay))
         finally:
             lease.release()
         if problem is not None:
             raise UpstreamAnswered(502, problem)
         relay.encoder.finish()
 
-    async def _stream(self, request: IRequest, relay: _Relay, profile: Profile, keepAlive: float | None) -> None:
+    async def _stream(self, request: IRequest, relay: _Stream, profile: Profile, keepAlive: float | None) -> None:
         """
         A streamed response: once its first event went out, whatever goes wrong ends the
         stream with C{response.failed}.
@@ -187,7 +164,7 @@ class ResponsesRoutes:
             if comments is not None:
                 comments.stop()
         try:
-            problem = await self._relay(request, relay, lease)
+            problem = await relayChat(self.state.upstream, relay, lease, CHAT_PATH, _payload(relay))
         except (UpstreamAnswered, UpstreamUnreachable) as e:
             problem = str(e)
         finally:
@@ -197,31 +174,7 @@ class ResponsesRoutes:
             return
         relay.send(encoder.finish())
 
-    async def _relay(self, request: IRequest, relay: _Relay, lease: Lease) -> str | None:
-        """
-        Send the request to TabbyAPI and feed its answer through C{relay}.
-
-        @return: what went wrong in TabbyAPI's stream, C{None} when it ended well.
-        """
-        upstream = self.state.upstream
-        payload = json.dumps(relay.encoder.request.upstream).encode("utf-8")
-        response = await upstream.call(lease, "POST", CHAT_PATH, payload)
-        problem = None
-        try:
-            await upstream.pipe(response, request, relay.dataReceived)
-        except UpstreamBroken as e:
-            problem = f"{e} (model {lease.profile.id}); see GET /status"
-        decoder = relay.decoder
-        if problem is None:
-            problem = decoder.error
-        if problem is None and not decoder.complete:
-            problem = f"TabbyAPI's stream for {lease.profile.id} ended before it was complete"
-        if problem is not None:
-            # TabbyAPI's own error event (or a broken stream): its /health may be 503 for good now.
-            lease.suspect()
-        return problem
-
-    def _failed(self, request: IRequest, relay: _Relay, model: str, problem: str) -> None:
+    def _failed(self, request: IRequest, relay: _Stream, model: str, problem: str) -> None:
         self.log.error("A response for {model} failed: {problem}", model=model, problem=problem,
                        request_id=requestIdOf(request))
         relay.send(relay.encoder.fail(problem))
