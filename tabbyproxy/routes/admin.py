@@ -20,7 +20,7 @@ from tabbyproxy import __version__
 from tabbyproxy.auth import Permission
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.logbuffer import Record
-from tabbyproxy.routes.common import PLAIN, ClientError, ProxyState, registerErrorAnswers, writeJSON
+from tabbyproxy.routes.common import PLAIN, ClientError, ProxyState, queryFlag, registerErrorAnswers, writeJSON
 
 LogFilter = Callable[[Record], bool]
 
@@ -93,7 +93,7 @@ class AdminRoutes:
             if wanted(record):
                 request.write(b"data: " + json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n\n")
 
-        if b"no-history" not in request.args:
+        if not queryFlag(request, b"no-history"):
             for record in self.state.logs:
                 send(record)
         # Comments make the headers go out now, so a client sees the stream has started.

@@ -133,6 +133,19 @@ def takeKeepAlive(body: dict[str, Any]) -> float | None:
 _REASONS = {422: b"Unprocessable Entity", 429: b"Too Many Requests"}
 
 
+def queryFlag(request: IRequest, name: bytes) -> bool:
+    """
+    Whether the query has C{name} as a bare flag (C{?logs}) or with a value other than 0;
+    C{request.args} leaves out bare flags.
+    """
+    query = request.uri.partition(b"?")[2]
+    for part in query.split(b"&"):
+        key, _, value = part.partition(b"=")
+        if key == name:
+            return value not in (b"0", b"false")
+    return False
+
+
 def writeJSON(request: IRequest, status: int, document: object) -> bytes:
     """
     Set the status and content type for a JSON answer and return its bytes.

@@ -39,7 +39,15 @@ from tabbyproxy.auth import Permission, permissionOf, presentedKey
 from tabbyproxy.config import Profile
 from tabbyproxy.history import RequestRecord
 from tabbyproxy.logbuffer import Record
-from tabbyproxy.routes.common import PLAIN, ClientError, ProxyState, readJSONObject, registerErrorAnswers, writeJSON
+from tabbyproxy.routes.common import (
+    PLAIN,
+    ClientError,
+    ProxyState,
+    queryFlag,
+    readJSONObject,
+    registerErrorAnswers,
+    writeJSON,
+)
 
 # How many events (but model snapshots) wait for a viewer whose connection is full.
 MAX_QUEUED = 256
@@ -144,19 +152,6 @@ def _row(profile: Profile, status: dict[str, Any] | None, wanted: bool, now: flo
                 "fires_at": None if firesIn is None else _iso(round(now + firesIn)),
             }
     return row
-
-
-def _flag(request: IRequest, name: bytes) -> bool:
-    """
-    Whether the query has C{name} as a bare flag (C{?logs}) or with a value other than 0;
-    C{request.args} leaves out bare flags.
-    """
-    query = request.uri.partition(b"?")[2]
-    for part in query.split(b"&"):
-        key, _, value = part.partition(b"=")
-        if key == name:
-            return value not in (b"0", b"false")
-    return False
 
 
 def sseFrame(kind: str, document: object) -> bytes:
@@ -441,7 +436,7 @@ class UIRoutes:
         self.state.requireKey(request)
         permission = permissionOf(request, self.state.keys)
         admin = permission is Permission.ADMIN
-        viewer = EventViewer(request, self.state.clock, admin=admin, logs=admin and _flag(request, b"logs"))
+        viewer = EventViewer(request, self.state.clock, admin=admin, logs=admin and queryFlag(request, b"logs"))
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")

@@ -114,6 +114,21 @@ class MetricsAndLogsTests(TestCase):
         self.assertTrue(any(text.startswith("Starting alpha on port") for text in texts))
         self.assertEqual({record["source"] for record in recent["logs"]}, {"proxy"})
 
+    async def test_liveStreamWithoutHistory(self) -> None:
+        """
+        /logs/stream sends the recent lines before its C{: live} mark, and nothing before it
+        with the bare flag C{?no-history}.
+        """
+        proxy = RunningProxy(self, PROFILES)
+        for query, expectHistory in (("", True), ("?no-history", False)):
+            stream = await proxy.http.get(proxy.url + "/logs/stream" + query, unbuffered=True)
+            body = StreamedBody.of(stream)
+            await waitUntil(lambda: b": live\n\n" in body.data)
+            body.hangUp()
+            await self.assertFailure(body.ended, ResponseFailed)
+            history = body.data.partition(b": live\n\n")[0]
+            self.assertEqual(bool(sseDocuments(history)), expectHistory, (query, history))
+
 
 class ModelsAtStartTests(TestCase):
     timeout = 60
