@@ -3,18 +3,25 @@ The proxy's own routes: C{/status} (what runs and why), C{/unload} (stop the mod
 C{/health} (the proxy itself answers), C{/metrics} (Prometheus), C{/logs} and C{/logs/stream}
 (the recent and the live log, the proxy's and TabbyAPI's), and C{/}, which answers as Ollama's
 root does so Ollama clients find the server.
+
+A C{/logs/stream} client costs the proxy a bounded amount of memory, however slowly it reads:
+while its connection takes no more (the transport paused it), at most L{MAX_PENDING_LINES} lines
+wait, the oldest dropped first, and on resume one line says how many were dropped.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any, Callable
 
 from attrs import define
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.web.iweb import IRequest
+from zope.interface import implementer
 
 from tabbyproxy import __version__
 from tabbyproxy.auth import Permission
@@ -23,6 +30,67 @@ from tabbyproxy.logbuffer import Record
 from tabbyproxy.routes.common import PLAIN, ClientError, ProxyState, queryFlag, registerErrorAnswers, writeJSON
 
 LogFilter = Callable[[Record], bool]
+
+# How many lines wait for a /logs/stream client whose connection is full.
+MAX_PENDING_LINES = 1000
+
+
+def _logEvent(record: Record) -> bytes:
+    return b"data: " + json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+@implementer(IPushProducer)
+class LogFollower:
+    """
+    One C{/logs/stream} client, registered as its request's producer: each record it wants is
+    written at once while the connection takes it.  While the transport has paused it, at most
+    C{maxPending} records wait (the oldest dropped, and counted); on resume the client gets a
+    line saying how many were dropped, then the records that waited.
+    """
+
+    def __init__(self, request: IRequest, wanted: LogFilter, maxPending: int = MAX_PENDING_LINES) -> None:
+        self.request = request
+        self.wanted = wanted
+        self.paused = False
+        self.closed = False
+        self.pending: deque[Record] = deque(maxlen=maxPending)
+        self.dropped = 0
+        self._lastDropped: Record | None = None
+
+    def __call__(self, record: Record) -> None:
+        if self.closed or not self.wanted(record):
+            return
+        if not self.paused:
+            self.request.write(_logEvent(record))
+            return
+        if len(self.pending) == self.pending.maxlen:
+            self._lastDropped = self.pending[0]
+            self.dropped += 1
+        self.pending.append(record)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.closed:
+            return
+        events = []
+        if self._lastDropped is not None:
+            events.append(_logEvent({
+                "time": self._lastDropped["time"], "level": "warn", "source": "proxy",
+                "text": f"{self.dropped} log lines dropped: this stream was read more slowly than the log grew",
+                "dropped": self.dropped,
+            }))
+            self.dropped, self._lastDropped = 0, None
+        events.extend(map(_logEvent, self.pending))
+        self.pending.clear()
+        if events:
+            self.request.write(b"".join(events))
+
+    def stopProducing(self) -> None:
+        self.closed = True
+        self.pending.clear()
 
 
 @define
@@ -84,25 +152,27 @@ class AdminRoutes:
         C{?no-history}), then each new line as it happens, until the client leaves.
         """
         self.state.requireKey(request, Permission.ADMIN)
-        wanted = _logFilter(request)
+        follower = LogFollower(request, _logFilter(request))
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")
-
-        def send(record: Record) -> None:
-            if wanted(record):
-                request.write(b"data: " + json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n\n")
-
-        if not queryFlag(request, b"no-history"):
-            for record in self.state.logs:
-                send(record)
-        # Comments make the headers go out now, so a client sees the stream has started.
-        request.write(b": live\n\n")
-        unsubscribe = self.state.logs.subscribe(send)
+        request.registerProducer(follower, True)  # type: ignore[attr-defined]
         try:
-            await Deferred()  # Until the client leaves, which cancels this route.
+            if not queryFlag(request, b"no-history"):
+                for record in self.state.logs:
+                    follower(record)
+            # Comments make the headers go out now, so a client sees the stream has started.
+            request.write(b": live\n\n")
+            unsubscribe = self.state.logs.subscribe(follower)
+            try:
+                await Deferred()  # Until the client leaves, which cancels this route.
+            finally:
+                unsubscribe()
         finally:
-            unsubscribe()
+            follower.stopProducing()
+            # A request whose client already left has no channel to unregister from.
+            if request.channel is not None:  # type: ignore[attr-defined]
+                request.unregisterProducer()  # type: ignore[attr-defined]
         return None
 
     # POST only: a page cannot make a browser POST without an Origin (which the browser policy

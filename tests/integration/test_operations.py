@@ -5,8 +5,10 @@ default model, reloading profiles on SIGHUP, and running as a daemon.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
@@ -128,6 +130,73 @@ class MetricsAndLogsTests(TestCase):
             await self.assertFailure(body.ended, ResponseFailed)
             history = body.data.partition(b": live\n\n")[0]
             self.assertEqual(bool(sseDocuments(history)), expectHistory, (query, history))
+
+    async def test_streamReaderThatNeverReadsHasBoundedMemory(self) -> None:
+        """
+        A /logs/stream client that never reads its socket costs the proxy a bounded amount of
+        memory however much is logged: the connection's buffer stops growing (the stream is
+        paused) and at most MAX_PENDING_LINES lines wait; once the client reads again it gets a
+        line saying how many were dropped, then the latest lines.
+        """
+        from tabbyproxy.routes.admin import MAX_PENDING_LINES, LogFollower
+
+        proxy = RunningProxy(self, PROFILES)
+        followers: list[LogFollower] = []
+        original = LogFollower.__init__
+
+        def recording(follower: LogFollower, *args: Any, **kwargs: Any) -> None:
+            original(follower, *args, **kwargs)
+            followers.append(follower)
+
+        self.patch(LogFollower, "__init__", recording)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", proxy.port))
+        self.addCleanup(client.close)
+        client.sendall(b"GET /logs/stream?no-history&source=proxy HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await waitUntil(lambda: bool(followers))
+        [follower] = followers
+        transport = follower.request.transport  # type: ignore[attr-defined]
+        # A small kernel buffer on the proxy's side too, so the kernel cannot absorb megabytes.
+        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        log = Logger(namespace="tests.logstream")
+        line = "x" * 1000
+        # The transport pauses its producer as soon as its buffer is full, within this loop.
+        for number in range(1000):
+            log.info("filler {number} {line}", number=number, line=line)
+            if follower.paused:
+                break
+        for number in range(4 * MAX_PENDING_LINES):
+            log.info("late filler {number} {line}", number=number, line=line)
+        self.assertTrue(follower.paused)
+        buffered = len(transport.dataBuffer) + transport._tempDataLen
+        # Megabytes were logged; the connection holds about what it held when it paused.
+        self.assertLess(buffered, 64 * 1024 + 100 * 1200)
+        self.assertEqual(len(follower.pending), MAX_PENDING_LINES)
+        self.assertGreaterEqual(follower.dropped, 3 * MAX_PENDING_LINES)
+        response = await proxy.http.get(proxy.url + "/health")
+        self.assertEqual(response.code, 200)
+        await response.content()
+
+        client.setblocking(False)
+        received = bytearray()
+
+        lastLine = f"late filler {4 * MAX_PENDING_LINES - 1} ".encode()
+
+        def readSome() -> bool:
+            try:
+                while True:
+                    received.extend(client.recv(1 << 16))
+            except BlockingIOError:
+                pass
+            return lastLine in received
+
+        await waitUntil(readSome)
+        [marker] = [json.loads(event.removeprefix(b"data: ")) for event in received.split(b"\n")
+                    if b"log lines dropped" in event]
+        self.assertGreaterEqual(marker["dropped"], 3 * MAX_PENDING_LINES)
+        self.assertEqual((marker["level"], marker["source"]), ("warn", "proxy"))
+        self.assertGreater(received.count(b"late filler"), MAX_PENDING_LINES - 10)
 
 
 class ModelsAtStartTests(TestCase):
