@@ -6,7 +6,6 @@ them rather than against their own.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
@@ -38,19 +37,3 @@ def parseMessage(document: dict[str, Any]) -> Message:
 def parseError(document: dict[str, Any]) -> ErrorResponse:
     return ErrorResponse.model_validate(document)
 
-
-def messageEvents(raw: bytes) -> list[dict[str, Any]]:
-    """
-    The events of a Messages stream, each checked: its C{event:} line names its C{type}.
-    """
-    events = []
-    for block in raw.decode("utf-8").replace("\r\n", "\n").split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if not lines:
-            continue
-        fields = dict(line.split(": ", 1) for line in lines)
-        event = json.loads(fields["data"])
-        if fields.get("event") != event.get("type"):
-            raise AssertionError(f"event line {fields.get('event')!r} for an event of type {event.get('type')!r}")
-        events.append(event)
-    return events

@@ -6,7 +6,6 @@ of them rather than against their own.
 
 from __future__ import annotations
 
-import json
 import typing
 from typing import Any
 
@@ -39,20 +38,3 @@ def parseEvent(event: dict[str, Any]) -> BaseModel:
 def parseResponse(document: dict[str, Any]) -> Response:
     return Response.model_validate(document)
 
-
-def sseEvents(raw: bytes) -> list[dict[str, Any]]:
-    """
-    The events of a Responses stream, each checked: its C{event:} line names its C{type}.
-    Comments (the proxy's loading notes) are skipped.
-    """
-    events = []
-    for block in raw.decode("utf-8").split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if not lines:
-            continue
-        fields = dict(line.split(": ", 1) for line in lines)
-        event = json.loads(fields["data"])
-        if fields.get("event") != event.get("type"):
-            raise AssertionError(f"event line {fields.get('event')!r} for an event of type {event.get('type')!r}")
-        events.append(event)
-    return events

@@ -1,6 +1,6 @@
 """
-Reading what the proxy sent: the payloads of an SSE body, the objects of an NDJSON body, and a
-streamed body received piece by piece.
+Reading what the proxy sent: the payloads of an SSE body, the named events of a Messages or
+Responses stream, the objects of an NDJSON body, and a streamed body received piece by piece.
 """
 
 from __future__ import annotations
@@ -30,6 +30,25 @@ def sseDocuments(body: bytes) -> list[dict[str, Any]]:
     The JSON objects of an SSE body, in order (C{[DONE]} skipped).
     """
     return [json.loads(payload) for payload in ssePayloads(body) if payload != "[DONE]"]
+
+
+def namedEvents(raw: bytes) -> list[dict[str, Any]]:
+    """
+    The events of a stream whose events are named (Anthropic's Messages, OpenAI's Responses),
+    each checked: its C{event:} line names its C{type}.  Comments (pings, loading notes) are
+    skipped.
+    """
+    events = []
+    for block in raw.decode("utf-8").replace("\r\n", "\n").split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        fields = dict(line.split(": ", 1) for line in lines)
+        event = json.loads(fields["data"])
+        if fields.get("event") != event.get("type"):
+            raise AssertionError(f"event line {fields.get('event')!r} for an event of type {event.get('type')!r}")
+        events.append(event)
+    return events
 
 
 def ndjsonDocuments(raw: bytes) -> list[dict[str, Any]]:

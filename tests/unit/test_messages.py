@@ -17,8 +17,8 @@ from tabbyproxy.config import Keys
 from tabbyproxy.routes.loading import TICK_INTERVAL
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.support.fakes import InMemoryProxy
-from tests.support.messagestypes import messageEvents, parseError, parseEvent, parseMessage
-from tests.support.wire import StreamedBody
+from tests.support.messagestypes import parseError, parseEvent, parseMessage
+from tests.support.wire import StreamedBody, namedEvents
 from tests.unit.test_responses import HELLO, PROFILES, TOOL_CALL, chunk
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city.",
@@ -51,7 +51,7 @@ class MessagesTestCase(SynchronousTestCase):
         response, raw = self.post({**body, "stream": True})
         self.assertEqual(response.code, 200, raw)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
-        events = messageEvents(raw)
+        events = namedEvents(raw)
         for event in events:
             parseEvent(event)
         return events
@@ -234,7 +234,7 @@ class ErrorTests(MessagesTestCase):
         self.proxy.client.post("http://localhost/v1/messages", json=body)
         self.assertAnthropicError(*self.post(body), 529, "overloaded_error", "server busy")
         response, raw = self.post({**body, "stream": True})
-        self.assertEqual(messageEvents(raw)[-1]["error"]["type"], "overloaded_error")
+        self.assertEqual(namedEvents(raw)[-1]["error"]["type"], "overloaded_error")
 
 
 class LoadingTests(MessagesTestCase):
@@ -252,7 +252,7 @@ class LoadingTests(MessagesTestCase):
         self.proxy.tabby.healthy = True
         self.proxy.reactor.advance(0.25)
         self.proxy.flush()
-        events = messageEvents(self.successResultOf(body))
+        events = namedEvents(self.successResultOf(body))
         self.assertEqual([e["type"] for e in events][:4], ["message_start", "ping", "ping", "content_block_start"])
         self.assertEqual(events[-1]["type"], "message_stop")
 
@@ -269,7 +269,7 @@ class LoadingTests(MessagesTestCase):
         body = StreamedBody.of(self.successResultOf(d))
         self.proxy.reactor.advance(TICK_INTERVAL)
         self.proxy.flush()
-        self.assertEqual([e["type"] for e in messageEvents(body.data)], ["message_start", "ping", "ping"])
+        self.assertEqual([e["type"] for e in namedEvents(body.data)], ["message_start", "ping", "ping"])
         upstream.setHeader(b"Content-Type", b"text/event-stream")
         upstream.write(HELLO[0])
         self.proxy.flush()
@@ -278,7 +278,7 @@ class LoadingTests(MessagesTestCase):
             upstream.write(data)
         upstream.finish()
         self.proxy.flush()
-        types = [e["type"] for e in messageEvents(body.data)]
+        types = [e["type"] for e in namedEvents(body.data)]
         self.assertEqual(types.count("ping"), 2)
         self.assertEqual(types[-1], "message_stop")
 
@@ -295,7 +295,7 @@ class LoadingTests(MessagesTestCase):
         streamed = content(self.successResultOf(d))
         self.proxy.reactor.spawned[0].exit(1)
         self.proxy.flush()
-        events = messageEvents(self.successResultOf(streamed))
+        events = namedEvents(self.successResultOf(streamed))
         self.assertEqual([e["type"] for e in events], ["message_start", "ping", "error"])
         parseEvent(events[-1])
         self.assertEqual(events[-1]["error"]["type"], "overloaded_error")

@@ -18,7 +18,8 @@ from tabbyproxy.config import Keys
 from tabbyproxy.responsestore import ResponseStore
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.support.fakes import InMemoryProxy
-from tests.support.responsestypes import parseEvent, parseResponse, sseEvents
+from tests.support.responsestypes import parseEvent, parseResponse
+from tests.support.wire import namedEvents
 
 PROFILES: dict[str, dict[str, Any]] = {
     "qwen": {
@@ -71,7 +72,7 @@ class ResponsesTestCase(SynchronousTestCase):
         response, raw = self.post({**body, "stream": True})
         self.assertEqual(response.code, 200, raw)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
-        events = sseEvents(raw)
+        events = namedEvents(raw)
         for event in events:
             parseEvent(event)
         self.assertEqual([event["sequence_number"] for event in events], list(range(len(events))))
@@ -274,7 +275,7 @@ class ErrorTests(ResponsesTestCase):
             if not streaming:
                 self.assertOpenAIError(response, raw, 400, "exceeds the available context size")
             else:
-                events = sseEvents(raw)
+                events = namedEvents(raw)
                 self.assertEqual(events[-2]["code"], "context_length_exceeded")
                 self.assertEqual(events[-1]["type"], "response.failed")
 
@@ -299,7 +300,7 @@ class LoadingTests(ResponsesTestCase):
         raw = self.successResultOf(body)
         self.assertTrue(raw.startswith(b"event: response.created\n"))
         self.assertIn(b"\n\n: loading qwen ... 5s\n\n", raw)
-        self.assertEqual(sseEvents(raw)[-1]["type"], "response.completed")
+        self.assertEqual(namedEvents(raw)[-1]["type"], "response.completed")
 
     def test_failedStartFailsTheStream(self) -> None:
         """
@@ -311,7 +312,7 @@ class LoadingTests(ResponsesTestCase):
         body = content(self.successResultOf(d))
         self.proxy.reactor.spawned[0].exit(1)
         self.proxy.flush()
-        events = sseEvents(self.successResultOf(body))
+        events = namedEvents(self.successResultOf(body))
         self.assertEqual([e["type"] for e in events], ["response.created", "response.in_progress", "error",
                                                        "response.failed"])
         self.assertIn("exited with status 1", events[-1]["response"]["error"]["message"])

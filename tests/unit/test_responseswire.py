@@ -23,7 +23,8 @@ from tabbyproxy.responseswire import (
     translateRequest,
 )
 from tabbyproxy.tabbywire import ChatStreamDecoder
-from tests.support.responsestypes import parseEvent, parseResponse, sseEvents
+from tests.support.responsestypes import parseEvent, parseResponse
+from tests.support.wire import namedEvents
 
 # Codex CLI 0.171.0's first request, as captured (keys and ids replaced).
 CODEX_CAPTURE = Path(__file__).parent.parent / "support" / "captures" / "codex-0.171.0-responses.json"
@@ -422,7 +423,7 @@ class EncoderTests(SynchronousTestCase):
         events, _ = encode({"input": "Hi"}, TEXT_STREAM)
         raw = b"".join(sseFrame(event) for event in events)
         self.assertTrue(raw.startswith(b"event: response.created\ndata: {"))
-        self.assertEqual(sseEvents(raw), events)
+        self.assertEqual(namedEvents(raw), events)
 
     @given(st.lists(st.integers(min_value=0, max_value=len(FULL_STREAM)), max_size=12))
     def test_anySplitSameEvents(self, splits: list[int]) -> None:
