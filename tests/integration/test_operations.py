@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from twisted.web.http_headers import Headers
 
 from tabbyproxy.keepalive import FOREVER
 from tests.support.processes import ChildProcess, findFreePorts, killIfAlive, pidAlive, waitForExit, waitUntil
-from tests.support.proxy import RunningProxy, TwistdProxy
+from tests.support.proxy import RunningProxy, StalledClient, TwistdProxy
 from tests.support.wire import StreamedBody, sseDocuments
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -141,24 +140,8 @@ class MetricsAndLogsTests(TestCase):
         from tabbyproxy.routes.admin import MAX_PENDING_LINES, LogFollower
 
         proxy = RunningProxy(self, PROFILES)
-        followers: list[LogFollower] = []
-        original = LogFollower.__init__
-
-        def recording(follower: LogFollower, *args: Any, **kwargs: Any) -> None:
-            original(follower, *args, **kwargs)
-            followers.append(follower)
-
-        self.patch(LogFollower, "__init__", recording)
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(("127.0.0.1", proxy.port))
-        self.addCleanup(client.close)
-        client.sendall(b"GET /logs/stream?no-history&source=proxy HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        await waitUntil(lambda: bool(followers))
-        [follower] = followers
-        transport = follower.request.transport  # type: ignore[attr-defined]
-        # A small kernel buffer on the proxy's side too, so the kernel cannot absorb megabytes.
-        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stalled = await StalledClient.open(self, proxy, LogFollower, "/logs/stream?no-history&source=proxy")
+        follower, client = stalled.producer, stalled.socket
         log = Logger(namespace="tests.logstream")
         line = "x" * 1000
         # The transport pauses its producer as soon as its buffer is full, within this loop.
@@ -169,9 +152,8 @@ class MetricsAndLogsTests(TestCase):
         for number in range(4 * MAX_PENDING_LINES):
             log.info("late filler {number} {line}", number=number, line=line)
         self.assertTrue(follower.paused)
-        buffered = len(transport.dataBuffer) + transport._tempDataLen
         # Megabytes were logged; the connection holds about what it held when it paused.
-        self.assertLess(buffered, 64 * 1024 + 100 * 1200)
+        self.assertLess(stalled.buffered, 64 * 1024 + 100 * 1200)
         self.assertEqual(len(follower.pending), MAX_PENDING_LINES)
         self.assertGreaterEqual(follower.dropped, 3 * MAX_PENDING_LINES)
         response = await proxy.http.get(proxy.url + "/health")

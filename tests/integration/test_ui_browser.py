@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -21,7 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support.processes import waitUntil
-from tests.support.proxy import RunningProxy
+from tests.support.proxy import RunningProxy, StalledClient
 
 T = TypeVar("T")
 
@@ -192,25 +191,8 @@ class EventStreamTests(TestCase):
         from tabbyproxy.routes.ui import BATCH_SECONDS, MAX_QUEUED, EventViewer
 
         proxy = RunningProxy(self, PROFILES)
-        viewers: list[EventViewer] = []
-        original = EventViewer.__init__
-
-        def recording(viewer: EventViewer, *args: Any, **kwargs: Any) -> None:
-            original(viewer, *args, **kwargs)
-            viewers.append(viewer)
-
-        self.patch(EventViewer, "__init__", recording)
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(("127.0.0.1", proxy.port))
-        self.addCleanup(client.close)
-        client.sendall(b"GET /events?logs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        await waitUntil(lambda: bool(viewers))
-        [viewer] = viewers
-        transport = viewer.request.transport  # type: ignore[attr-defined]
-        # A small kernel buffer on the proxy's side too, so that the kernel cannot absorb
-        # megabytes (send buffers grow on their own) and let the viewer resume.
-        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stalled = await StalledClient.open(self, proxy, EventViewer, "/events?logs")
+        viewer = stalled.producer
         log = Logger(namespace="tests.ui")
         line = "x" * 1000
         # One batch of these is more than the connection's buffer takes.
@@ -222,7 +204,7 @@ class EventStreamTests(TestCase):
             log.info("filler {line}", line=line)
         await deferLater(reactor, 2 * BATCH_SECONDS)
         self.assertTrue(viewer.paused)
-        buffered = len(transport.dataBuffer) + transport._tempDataLen
+        buffered = stalled.buffered
         # Megabytes were logged; the proxy holds at most one batch over its buffer's limit.
         self.assertLess(buffered, 64 * 1024 + MAX_QUEUED * 1200)
         self.assertLessEqual(len(viewer.queued), MAX_QUEUED)

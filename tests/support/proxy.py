@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import treq
 from twisted.internet.defer import Deferred
@@ -22,9 +23,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from tabbyproxy.supervisor import Supervisor
 from tabbyproxy.tap import Options, makeService
 from tests.support.fakes import writeProfiles
-from tests.support.processes import DEADLINE, ChildProcess, findFreePorts, killIfAlive, reactor
+from tests.support.processes import DEADLINE, ChildProcess, findFreePorts, killIfAlive, reactor, waitUntil
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 class RunningProxy:
@@ -56,6 +58,51 @@ class RunningProxy:
     def supervisor(self) -> Supervisor:
         [supervisor] = [s for s in self.service if isinstance(s, Supervisor)]  # type: ignore[attr-defined]
         return supervisor
+
+
+class StalledClient(Generic[P]):
+    """
+    A raw loopback client of a streaming route that never reads its socket, with small kernel
+    buffers on both ends (send buffers grow on their own and would absorb megabytes): what it
+    is sent piles up in the proxy, where the test can see it.
+
+    @ivar producer: the route's producer object for this client's request.
+    """
+
+    def __init__(self, socket_: socket.socket, producer: P) -> None:
+        self.socket = socket_
+        self.producer = producer
+        self.transport: Any = producer.request.transport  # type: ignore[attr-defined]
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    @classmethod
+    async def open(cls, testCase: TestCase, proxy: RunningProxy, producerType: type[P], path: str) -> StalledClient[P]:
+        """
+        Send C{GET path} and wait for the route to make its C{producerType} for it.
+        """
+        made: list[P] = []
+        original = producerType.__init__
+
+        def recording(producer: P, *args: Any, **kwargs: Any) -> None:
+            original(producer, *args, **kwargs)
+            made.append(producer)
+
+        testCase.patch(producerType, "__init__", recording)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", proxy.port))
+        testCase.addCleanup(client.close)
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode("ascii"))
+        await waitUntil(lambda: bool(made))
+        [producer] = made
+        return cls(client, producer)
+
+    @property
+    def buffered(self) -> int:
+        """
+        How many bytes the proxy's transport holds for this client.
+        """
+        return len(self.transport.dataBuffer) + int(self.transport._tempDataLen)
 
 
 def inThread(function: Callable[[], T]) -> Deferred[T]:
