@@ -173,6 +173,9 @@ class Upstream:
         except CancelledError:
             raise
         except _NO_ANSWER as e:
+            if _cancelled(e):
+                # The client left: Twisted reports the cancel as a request that got no answer.
+                raise CancelledError() from e
             raise UpstreamUnreachable(lease.profile.id, str(e)) from e
         if response.code >= 400:
             if response.code == 503:
@@ -212,10 +215,39 @@ class Upstream:
         response.deliverBody(pump)
         return done
 
+    @classmethod
+    async def collect(cls, response: IResponse, request: IRequest) -> bytes:
+        """
+        The whole body of a non-streamed answer, held back until it is complete, so that one
+        cut off is an error rather than half a document; stopped when C{request}'s client leaves.
+
+        @raise UpstreamBroken: when the connection to TabbyAPI broke before the body was complete.
+        """
+        pieces: list[bytes] = []
+        await cls.pipe(response, request, pieces.append)
+        return b"".join(pieces)
+
     @staticmethod
     async def read(response: IResponse) -> bytes:
         """
         The whole body of a small answer (an error, a model card).
+
+        @raise UpstreamBroken: when the connection to TabbyAPI broke before the body was complete.
         """
-        body: bytes = await treq.content(response)
+        try:
+            body: bytes = await treq.content(response)
+        except ResponseFailed as e:
+            raise UpstreamBroken(f"the connection to TabbyAPI broke: {e}") from e
         return body
+
+
+def _cancelled(error: Exception) -> bool:
+    """
+    Whether a request failed only because it was cancelled: Twisted wraps the cancel of a request
+    in flight in C{ResponseNeverReceived} (or C{ResponseFailed}), and one still connecting in
+    C{ConnectingCancelledError}.
+    """
+    if isinstance(error, ConnectingCancelledError):
+        return True
+    reasons = getattr(error, "reasons", ())
+    return bool(reasons) and all(reason.check(CancelledError) for reason in reasons)

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 from attrs import define, field
 from klein import Klein
-from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from tabbyproxy.config import Profile
@@ -32,10 +31,9 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
-from tabbyproxy.server import modelOf, noteModel, requestIdOf
+from tabbyproxy.server import noteModel
 from tabbyproxy.supervisor import Lease
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
-from tabbyproxy.upstream import UpstreamBroken
 
 _ERROR_EVENT = b'data: {"error"'
 
@@ -47,7 +45,6 @@ class OpenAIRoutes:
 
     app = Klein()
     registerErrorAnswers(app, OPENAI)
-    log = Logger()
 
     state: ProxyState
     now: Callable[[], datetime] = field(default=datetime.now)
@@ -151,26 +148,26 @@ class OpenAIRoutes:
                 lease.suspect()
             request.write(data)
 
-        sink = relayed if streaming else request.write
+        if not streaming:
+            # Held until complete: an answer cut off is a 502, never a 200 with half a document.
+            data = await upstream.collect(response, request)
+            if rewriter is not None:
+                rewriter.feed(data)
+                data = rewriter.end()
+            request.write(data)
+            return
 
         def rewritten(data: bytes) -> None:
             assert rewriter is not None
             data = rewriter.feed(data)
             if data:
-                sink(data)
+                relayed(data)
 
-        try:
-            await upstream.pipe(response, request, sink if rewriter is None else rewritten)
-            if rewriter is not None:
-                rest = rewriter.end()
-                if rest:
-                    sink(rest)
-        except UpstreamBroken as e:
-            if streaming or not request.startedWriting:  # type: ignore[attr-defined]
-                raise
-            # Part of a JSON answer went out: nothing can be added to it.
-            self.log.error("TabbyAPI's answer for {model} broke off: {problem}", model=modelOf(request),
-                           problem=str(e), request_id=requestIdOf(request))
+        await upstream.pipe(response, request, relayed if rewriter is None else rewritten)
+        if rewriter is not None:
+            rest = rewriter.end()
+            if rest:
+                relayed(rest)
 
     # -- listing and passthrough
 

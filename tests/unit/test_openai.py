@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from treq import content, json_content
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseFailed
 
 from tabbyproxy.config import Keys
 from tabbyproxy.supervisor import SupervisorSettings
 from tests.support.fakes import InMemoryProxy
-from tests.support.wire import sseDocuments
+from tests.support.logs import CapturedEvents
+from tests.support.wire import StreamedBody, sseDocuments
 
 PROFILES: dict[str, dict[str, Any]] = {
     "qwen": {
@@ -384,3 +388,107 @@ class SuspectAnswerTests(SynchronousTestCase):
         self.successResultOf(content(response))
         self.assertEqual(proxy.reactor.spawned[0].signals, ["TERM"])
         self.assertIn("is unhealthy", proxy.supervisor.status()["last_error"])
+
+
+class CutOffAnswerTests(TestCase):
+    """
+    Issue 10, items 13 and 14: a non-streamed answer that TabbyAPI does not finish, and a client
+    that leaves before TabbyAPI answered.
+    """
+
+    def setUp(self) -> None:
+        self.events = CapturedEvents(self)
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+        self.proxy.tabby.hold = True
+        self.request = self.proxy.client.post("http://localhost/v1/chat/completions", json={
+            "model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
+        self.proxy.flush()
+        [self.upstream] = self.proxy.tabby.pending
+
+    def errors(self) -> list[str]:
+        return [formatEvent(e) for e in self.events.events if e["log_level"] >= LogLevel.error]
+
+    def cutOff(self, upstream: Any, request: Any, start: bytes) -> None:
+        """
+        TabbyAPI's connection drops in the middle of a non-streamed answer that begins with
+        C{start}: the client gets a 502 in OpenAI's error shape that points at GET /status, not
+        a 200 with half a JSON document, and the failure is logged as an error.
+        """
+        upstream.setHeader(b"Content-Type", b"application/json")
+        upstream.setHeader(b"Content-Length", b"100")
+        upstream.write(start)
+        self.proxy.flush()
+        transport = upstream.channel.transport
+        assert transport is not None
+        transport.loseConnection()
+        self.proxy.flush()
+        response = self.successResultOf(request)
+        self.assertEqual(response.code, 502)
+        error = self.successResultOf(json_content(response))["error"]
+        self.assertIn("the connection to TabbyAPI broke", error["message"])
+        self.assertIn("see GET /status", error["message"])
+        self.assertEqual(error["type"], "server_error")
+        [logged] = self.errors()
+        self.assertIn("TabbyAPI failed a request for qwen", logged)
+        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+
+    def test_cutOffAnswerIs502(self) -> None:
+        """
+        A chat completion cut off mid-body is a 502.
+        """
+        self.cutOff(self.upstream, self.request, b'{"object":"chat.comp')
+
+    def test_cutOffPassThroughIs502(self) -> None:
+        """
+        A pass-through answer (here C{/v1/embeddings}, which is relayed without rewriting) cut
+        off mid-body is a 502 too.
+        """
+        self.upstream.write(b"{}")
+        self.upstream.finish()
+        self.proxy.flush()
+        self.successResultOf(self.request)
+        request = self.proxy.client.post("http://localhost/v1/embeddings", json={"model": "qwen", "input": "hi"})
+        self.proxy.flush()
+        self.cutOff(self.proxy.tabby.pending[-1], request, b'{"object":"list","data":[{"emb')
+
+    def test_clientLeavingIsNoError(self) -> None:
+        """
+        A client that gives up on a non-streamed request before TabbyAPI answered is a 499
+        access line at info level; nothing is logged as an error (Twisted reports the cancel
+        as C{ResponseNeverReceived}, which is not TabbyAPI failing), and TabbyAPI's request is
+        closed.
+        """
+        upstreamGone: list[Failure] = []
+        self.upstream.notifyFinish().addErrback(upstreamGone.append)
+        self.request.cancel()
+        self.proxy.flush()
+        self.failureResultOf(self.request)
+        self.assertEqual(self.errors(), [])
+        [access] = [e for e in self.events.events if e.get("log_format", "").startswith("{method} {path} {status}")]
+        self.assertEqual((access["status"], access["log_level"]), (499, LogLevel.info))
+        self.assertEqual(len(upstreamGone), 1)
+        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+
+    def test_clientLeavingMidStreamIsNoError(self) -> None:
+        """
+        A client that leaves in the middle of a stream is a 499 access line too, with no error
+        logged, and TabbyAPI's request is closed.
+        """
+        self.request = self.proxy.client.post("http://localhost/v1/chat/completions", unbuffered=True, json={
+            "model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        self.proxy.flush()
+        upstream = self.proxy.tabby.pending[-1]
+        upstreamGone: list[Failure] = []
+        upstream.notifyFinish().addErrback(upstreamGone.append)
+        upstream.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        upstream.write(self.proxy.tabby.chunks[0])
+        self.proxy.flush()
+        body = StreamedBody.of(self.successResultOf(self.request))
+        self.proxy.flush()
+        body.hangUp()
+        self.proxy.flush()
+        self.failureResultOf(body.ended, ResponseFailed)
+        self.assertEqual(self.errors(), [])
+        [access] = [e for e in self.events.events if e.get("log_format", "").startswith("{method} {path} {status}")]
+        self.assertEqual((access["status"], access["log_level"]), (499, LogLevel.info))
+        self.assertEqual(len(upstreamGone), 1)
