@@ -34,6 +34,8 @@ class SimulatorKnobs:
     @ivar failLoad: fail the start-up load with a traceback and exit status 1.
     @ivar crashAfterTokens: after this many tokens of one request, the process dies with
         C{os._exit(1)}.
+    @ivar crashMidBody: a non-streamed answer is sent half-way (its C{Content-Length} says the
+        whole), then the process dies with C{os._exit(1)}.
     @ivar hangAtStart: never open the port (SIGTERM still works).
     @ivar ignoreSigterm: log and ignore SIGTERM and SIGINT; only SIGKILL ends the process.
     @ivar failGenerationAfter: the generation request after this many fails like a backend
@@ -47,6 +49,7 @@ class SimulatorKnobs:
     stopAfterTokens: int | None = None
     failLoad: bool = False
     crashAfterTokens: int | None = None
+    crashMidBody: bool = False
     hangAtStart: bool = False
     ignoreSigterm: bool = False
     failGenerationAfter: int | None = None
@@ -61,6 +64,7 @@ class SimulatorKnobs:
             stopAfterTokens=asOptionalInt(section.get("stop_after_tokens")),
             failLoad=asBool(section.get("fail_load", False)),
             crashAfterTokens=asOptionalInt(section.get("crash_after_tokens")),
+            crashMidBody=asBool(section.get("crash_mid_body", False)),
             hangAtStart=asBool(section.get("hang_at_start", False)),
             ignoreSigterm=asBool(section.get("ignore_sigterm", False)),
             failGenerationAfter=asOptionalInt(section.get("fail_generation_after")),

@@ -32,6 +32,7 @@ from tabbyproxy.simulator.console import Console
 from tabbyproxy.simulator.generation import Piece, Plan, decodeTokens, embeddingVector, encodeText, messageText, planGeneration, usageObject, wordCount
 from tabbyproxy.simulator.httpwire import HTTPError, SimulatorSite, detail, dumpJson, parseBody, requireObject, sseEvent, startEventStream, startResponse, validateSampler
 from tabbyproxy.simulator.keys import AuthKeys
+from tabbyproxy.simulator.knobs import crashNow
 from tabbyproxy.simulator.streaming import EventStream, Generation, TokenProducer
 from tabbyproxy.simulator.values import JSON, asBool
 
@@ -551,7 +552,13 @@ class Simulator:
                 response = {"id": f"cmpl-{requestId}", "choices": [choice],
                             "created": int(time.time()), "model": modelName,
                             "object": "text_completion", "usage": usage}
-            request.write(self.respond(request, 200, response))
+            data = self.respond(request, 200, response)
+            if self.config.knobs.crashMidBody:
+                request.setHeader("content-length", str(len(data)))
+                request.write(data[:len(data) // 2])
+                crashNow(self.reactor)
+                return
+            request.write(data)
             request.finish()
 
         producer = TokenProducer(self.reactor, self.config.knobs.tokenDelay, plan.pieces,

@@ -138,6 +138,23 @@ class OpenAIClientTests(TestCase):
         self.assertTrue(json.loads(await response.content())["choices"][0]["text"].startswith("Fragile "))
         self.assertEqual(proxy.supervisor.starts, 2)
 
+    async def test_crashMidBodyIs502(self) -> None:
+        """
+        When TabbyAPI dies half-way through a non-streamed answer the client gets a 502 in
+        OpenAI's shape, not a 200 with half a JSON document, and /status says what happened.
+        """
+        proxy = RunningProxy(self, {"fragile": {"model": {"model_name": "Fragile"},
+                                                "simulator": {"crash_mid_body": True}}})
+        response = await proxy.http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "fragile", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
+        )
+        self.assertEqual(response.code, 502)
+        error = (await response.json())["error"]
+        self.assertIn("connection to TabbyAPI broke", error["message"])
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertIn("unexpectedly", proxy.supervisor.status()["last_error"])
+
     async def test_failedLoadAnswersWithChildOutput(self) -> None:
         """
         A model whose load fails answers 503 with TabbyAPI's exit status and last lines, and the
