@@ -27,7 +27,16 @@ from tabbyproxy import __version__
 from tabbyproxy.auth import Permission
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.logbuffer import Record
-from tabbyproxy.routes.common import PLAIN, ClientError, ProxyState, queryFlag, registerErrorAnswers, writeJSON
+from tabbyproxy.routes.common import (
+    PLAIN,
+    ClientError,
+    ProxyState,
+    producing,
+    queryFlag,
+    registerErrorAnswers,
+    writeJSON,
+)
+from tabbyproxy.routes.loading import startEventStream
 
 LogFilter = Callable[[Record], bool]
 
@@ -153,26 +162,21 @@ class AdminRoutes:
         """
         self.state.requireKey(request, Permission.ADMIN)
         follower = LogFollower(request, _logFilter(request))
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        request.registerProducer(follower, True)  # type: ignore[attr-defined]
-        try:
-            if not queryFlag(request, b"no-history"):
-                for record in self.state.logs:
-                    follower(record)
-            # Comments make the headers go out now, so a client sees the stream has started.
-            request.write(b": live\n\n")
-            unsubscribe = self.state.logs.subscribe(follower)
+        startEventStream(request)
+        with producing(request, follower):
             try:
-                await Deferred()  # Until the client leaves, which cancels this route.
+                if not queryFlag(request, b"no-history"):
+                    for record in self.state.logs:
+                        follower(record)
+                # Comments make the headers go out now, so a client sees the stream has started.
+                request.write(b": live\n\n")
+                unsubscribe = self.state.logs.subscribe(follower)
+                try:
+                    await Deferred()  # Until the client leaves, which cancels this route.
+                finally:
+                    unsubscribe()
             finally:
-                unsubscribe()
-        finally:
-            follower.stopProducing()
-            # A request whose client already left has no channel to unregister from.
-            if request.channel is not None:  # type: ignore[attr-defined]
-                request.unregisterProducer()  # type: ignore[attr-defined]
+                follower.stopProducing()
         return None
 
     # POST only: a page cannot make a browser POST without an Origin (which the browser policy

@@ -13,11 +13,12 @@ a 500 in the same shape, never with twisted.web's HTML page.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from attrs import field, frozen
 from klein import Klein
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -144,6 +145,22 @@ def queryFlag(request: IRequest, name: bytes) -> bool:
         if key == name:
             return value not in (b"0", b"false")
     return False
+
+
+@contextmanager
+def producing(request: IRequest, producer: IPushProducer) -> Iterator[None]:
+    """
+    Register C{producer} with C{request} for the block's time, so the transport pauses it while
+    the client's connection is full; unregistered at the end, unless the client has gone.
+    """
+    consumer = IConsumer(request)
+    consumer.registerProducer(producer, True)
+    try:
+        yield
+    finally:
+        # A request whose client already left has no channel to unregister from.
+        if getattr(request, "channel", None) is not None:
+            consumer.unregisterProducer()
 
 
 def writeJSON(request: IRequest, status: int, document: object) -> bytes:

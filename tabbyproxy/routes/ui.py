@@ -43,11 +43,13 @@ from tabbyproxy.routes.common import (
     PLAIN,
     ClientError,
     ProxyState,
+    producing,
     queryFlag,
     readJSONObject,
     registerErrorAnswers,
     writeJSON,
 )
+from tabbyproxy.routes.loading import startEventStream
 
 # How many events (but model snapshots) wait for a viewer whose connection is full.
 MAX_QUEUED = 256
@@ -437,25 +439,21 @@ class UIRoutes:
         permission = permissionOf(request, self.state.keys)
         admin = permission is Permission.ADMIN
         viewer = EventViewer(request, self.state.clock, admin=admin, logs=admin and queryFlag(request, b"logs"))
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        request.registerProducer(viewer, True)  # type: ignore[attr-defined]
-        try:
-            viewer.send("hello", {"permission": _PERMISSION_NAMES[permission], "version": __version__})
-            viewer.send("models", {**modelsSnapshot(self.state), "now": _iso(self.state.clock.seconds())}, coalesce=True)
-            if admin:
-                viewer.send("requests", [record.toJSON() for record in self.state.history])
-            if viewer.logs:
-                viewer.send("logs", list(self.state.logs))
-            viewer.flush()
-            self.watch.add(viewer)
+        startEventStream(request)
+        with producing(request, viewer):
             try:
-                await Deferred()  # Until the client leaves, which cancels this route.
+                viewer.send("hello", {"permission": _PERMISSION_NAMES[permission], "version": __version__})
+                viewer.send("models", {**modelsSnapshot(self.state), "now": _iso(self.state.clock.seconds())},
+                            coalesce=True)
+                if admin:
+                    viewer.send("requests", [record.toJSON() for record in self.state.history])
+                if viewer.logs:
+                    viewer.send("logs", list(self.state.logs))
+                viewer.flush()
+                self.watch.add(viewer)
+                try:
+                    await Deferred()  # Until the client leaves, which cancels this route.
+                finally:
+                    self.watch.remove(viewer)
             finally:
-                self.watch.remove(viewer)
-        finally:
-            viewer.stopProducing()
-            # A request whose client already left has no channel to unregister from.
-            if request.channel is not None:  # type: ignore[attr-defined]
-                request.unregisterProducer()  # type: ignore[attr-defined]
+                viewer.stopProducing()
