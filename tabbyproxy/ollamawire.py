@@ -16,19 +16,21 @@ Choices made where Ollama and TabbyAPI do not line up one to one:
     prepended with a blank line unless C{raw} (Ollama ignores C{system} in raw mode too), and no
     profile system prompt is added.  Images always take the chat route, the only one that takes
     them.  C{template} (a Go template) cannot be applied and is ignored.
-  - Tool call ids are made up from the call itself: C{call_} and 8 hex digits of a SHA-256 of the
-    call's position, name and arguments.  The same call gets the same id in the reply and when the
-    client sends it back in the history, with or without the id, so no state is kept.
+  - Tool call ids in replies are random per call (C{call_} and 8 hex digits), as Ollama's are, so
+    the same call in the next round of a tool loop gets a new id.  A call the client sends back
+    without its id gets one from its place in the history (C{call_<message>_<call>}), the same in
+    every request of the conversation and never shared by two calls; each tool result gets the id
+    of the call it answers.  No state is kept.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 import functools
+import json
 import math
+import secrets
 from datetime import datetime, timedelta, timezone
 from json.encoder import encode_basestring_ascii as _jsonString
 from typing import Any, Callable, Iterable, Literal, Mapping
@@ -362,17 +364,23 @@ def _content(text: str, images: list[Any], where: str) -> str | list[dict[str, A
     return parts
 
 
-def toolCallId(index: int, name: str, arguments: object) -> str:
+def newToolCallId() -> str:
     """
-    The id this proxy gives a tool call: C{call_} and 8 hex digits derived from the call's
-    position in its message, its name and its arguments (key order does not matter), so the id in
-    a reply and the id recomputed from the history the client sends back agree.
+    The id of a tool call in a reply: C{call_} and 8 random hex digits, new for every call.
     """
-    canonical = json.dumps([index, name, arguments], sort_keys=True, ensure_ascii=False)
-    return "call_" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:8]
+    return "call_" + secrets.token_hex(4)
 
 
-def _requestToolCalls(calls: list[Any], where: str) -> list[dict[str, Any]]:
+def historyCallId(message: int, call: int) -> str:
+    """
+    The id of a tool call the client sent back without one: from the positions of its message in
+    the history and of the call in that message, so it is the same in every later request.
+    """
+    return f"call_{message}_{call}"
+
+
+def _requestToolCalls(calls: list[Any], message: int) -> list[dict[str, Any]]:
+    where = f"messages[{message}]."
     result = []
     for position, call in enumerate(calls):
         here = f"{where}tool_calls[{position}]"
@@ -385,21 +393,10 @@ def _requestToolCalls(calls: list[Any], where: str) -> list[dict[str, Any]]:
         arguments = function.get("arguments")
         if arguments is None:
             arguments = {}
-        index = function.get("index")
-        if isinstance(index, bool) or not isinstance(index, int):
-            index = position
-        if isinstance(arguments, str):
-            argumentsText = arguments
-            try:
-                identity: object = json.loads(arguments)
-            except ValueError:
-                identity = arguments
-        else:
-            argumentsText = json.dumps(arguments, ensure_ascii=False)
-            identity = arguments
+        argumentsText = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
         callId = call.get("id")
         if not isinstance(callId, str) or not callId:
-            callId = toolCallId(index, name, identity)
+            callId = historyCallId(message, position)
         result.append(
             {
                 "id": callId,
@@ -430,7 +427,7 @@ def _chatMessages(messages: list[Any]) -> list[dict[str, Any]]:
             converted["reasoning_content"] = thinking
         calls = _list(message.get("tool_calls"), f"{where}tool_calls")
         if calls:
-            converted["tool_calls"] = _requestToolCalls(calls, where)
+            converted["tool_calls"] = _requestToolCalls(calls, position)
             pending = [(c["id"], c["function"]["name"]) for c in converted["tool_calls"]]
         if role == "tool":
             converted["tool_call_id"] = _answeredCall(
@@ -454,7 +451,7 @@ def _answeredCall(pending: list[tuple[str, str]], callId: str, name: str, positi
         ):
             del pending[index]
             return candidateId
-    return callId or toolCallId(position, name, None)
+    return callId or historyCallId(position, 0)
 
 
 def _format(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -601,6 +598,7 @@ def _number(value: object) -> float | None:
 
 @define
 class _ToolCall:
+    callId: str
     name: str = ""
     arguments: str = ""
     emitted: bool = False
@@ -642,6 +640,7 @@ class StreamTranslator:
     @ivar clock: returns the time in seconds, like C{time.time} or C{reactor.seconds}.
     @ivar startedAt: when the request arrived, by C{clock}.
     @ivar loadDuration: seconds the request waited for the model to load.
+    @ivar callIds: makes the id of each tool call in the reply.
     """
 
     what: What
@@ -649,6 +648,7 @@ class StreamTranslator:
     clock: Clock
     startedAt: float
     loadDuration: float = 0.0
+    callIds: Callable[[], str] = newToolCallId
     _content: list[str] = field(factory=list, init=False)
     _thinking: list[str] = field(factory=list, init=False)
     _toolCalls: dict[int, _ToolCall] = field(factory=dict, init=False)
@@ -709,10 +709,12 @@ class StreamTranslator:
                 self._thinking.append(event.text)
                 lines.append((createdAt, "", event.text))
             elif isinstance(event, ToolCallStart):
-                self._toolCalls[event.index] = _ToolCall(name=event.name)
+                self._toolCalls[event.index] = _ToolCall(self.callIds(), name=event.name)
                 toolCallsChanged = True
             elif isinstance(event, ToolCallArguments):
-                self._toolCalls.setdefault(event.index, _ToolCall()).arguments += event.text
+                if event.index not in self._toolCalls:
+                    self._toolCalls[event.index] = _ToolCall(self.callIds())
+                self._toolCalls[event.index].arguments += event.text
                 toolCallsChanged = True
             elif isinstance(event, Finish):
                 self._finishReason = event.reason
@@ -749,7 +751,7 @@ class StreamTranslator:
     def _ollamaToolCall(self, index: int, call: _ToolCall) -> dict[str, Any]:
         arguments = call.finalArguments()
         return {
-            "id": toolCallId(index, call.name, arguments),
+            "id": call.callId,
             "function": {"index": index, "name": call.name, "arguments": arguments},
         }
 

@@ -182,7 +182,8 @@ class OllamaClientTests(TestCase):
     async def test_toolsRoundTrip(self) -> None:
         """
         A tool call comes back with its arguments as an object, streaming or not, and the
-        conversation goes on with the tool's result.
+        conversation goes on with the tool's result; the same call asked for again gets a new
+        id each time (issue 11, item 12).
         """
         proxy = RunningProxy(self, PROFILES)
         client = ollamaClient(self, proxy)
@@ -203,6 +204,20 @@ class OllamaClientTests(TestCase):
         messages += [reply.message, {"role": "tool", "tool_name": "get_weather", "content": "Sunny, 21 C"}]
         answer = await inThread(lambda: client.chat(model="alpha", messages=messages))
         self.assertEqual(answer.message.content, 'The tool said: "Sunny, 21 C"')
+
+        # The package drops ids; Open WebUI keeps them, and the same call round after round
+        # must not repeat one.
+        headers: dict[bytes | str, bytes | str] = {"Connection": "close"}
+
+        async def rawCall() -> dict[str, Any]:
+            response = await proxy.http.post(proxy.url + "/api/chat", headers=headers, json={
+                "model": "alpha", "stream": False, "tools": [WEATHER_TOOL], "messages": messages[:1]})
+            [call] = json.loads(await response.content())["message"]["tool_calls"]
+            return dict(call)
+
+        ids = [(await rawCall())["id"] for _ in range(3)]
+        self.assertEqual(len(set(ids)), 3)
+        self.assertTrue(all(re.fullmatch(r"call_[0-9a-f]{8}", callId) for callId in ids))
 
     async def test_errors(self) -> None:
         """

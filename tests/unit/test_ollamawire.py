@@ -39,7 +39,7 @@ from tabbyproxy.ollamawire import (
     mapOptions,
     normalized,
     ollamaTimestamp,
-    toolCallId,
+    historyCallId,
     unloadReply,
     upstreamEmbeddings,
 )
@@ -562,9 +562,7 @@ class ChatRequestTests(SynchronousTestCase):
             }
         ).body
         calls = body["messages"][1]["tool_calls"]
-        tokyo = toolCallId(0, "get_weather", {"city": "Tokyo"})
-        paris = toolCallId(1, "get_weather", {"city": "Paris"})
-        self.assertRegex(tokyo, r"^call_[0-9a-f]{8}$")
+        tokyo, paris = historyCallId(1, 0), historyCallId(1, 1)
         self.assertNotEqual(tokyo, paris)
         self.assertEqual(
             calls,
@@ -582,37 +580,61 @@ class ChatRequestTests(SynchronousTestCase):
 
     def test_toolIdsMatchReply(self) -> None:
         """
-        The ids in a streamed tool call reply are the ids the next request gives those calls,
-        whether the client sends them back or not.
+        The ids in a streamed tool call reply are kept when the client sends the calls back, and
+        its tool results get them.
         """
         translate, clock = translator()
-        lines = feedAll(translate, clock, HEAD_TOOLS)
-        replied = lines[0]["message"]["tool_calls"]
-        assistant = {"role": "assistant", "content": "", "tool_calls": replied}
-        stripped = {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [{"function": {"name": c["function"]["name"],
-                                         "arguments": c["function"]["arguments"]}}
-                           for c in replied],
-        }
-        for echoed in (assistant, stripped):
-            body = chatRequest(
-                {
-                    "messages": [
-                        {"role": "user", "content": "?"},
-                        echoed,
-                        {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
-                        {"role": "tool", "content": "9:00", "tool_name": "get_time"},
-                    ]
-                }
-            ).body
-            self.assertEqual(
-                [c["id"] for c in body["messages"][1]["tool_calls"]],
-                [c["id"] for c in replied],
-            )
-            self.assertEqual(body["messages"][2]["tool_call_id"], replied[0]["id"])
-            self.assertEqual(body["messages"][3]["tool_call_id"], replied[1]["id"])
+        replied = feedAll(translate, clock, HEAD_TOOLS)[0]["message"]["tool_calls"]
+        body = chatRequest(
+            {
+                "messages": [
+                    {"role": "user", "content": "?"},
+                    {"role": "assistant", "content": "", "tool_calls": replied},
+                    {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+                    {"role": "tool", "content": "9:00", "tool_name": "get_time"},
+                ]
+            }
+        ).body
+        self.assertEqual([c["id"] for c in body["messages"][1]["tool_calls"]], [c["id"] for c in replied])
+        self.assertEqual(body["messages"][2]["tool_call_id"], replied[0]["id"])
+        self.assertEqual(body["messages"][3]["tool_call_id"], replied[1]["id"])
+
+    def test_sameCallInEveryRoundGetsNewIds(self) -> None:
+        """
+        The same tool call, made round after round of a tool loop, has a new random id each time
+        (Ollama's C{call_} and 8 characters), and so does every call of one reply.
+        """
+        ids: list[str] = []
+        for _ in range(4):
+            translate, clock = translator()
+            ids.extend(c["id"] for c in feedAll(translate, clock, HEAD_TOOLS)[0]["message"]["tool_calls"])
+        for callId in ids:
+            self.assertRegex(callId, r"^call_[0-9a-f]{8}$")
+        self.assertEqual(len(set(ids)), 8)
+
+    def test_historyWithoutIdsHasNoDuplicates(self) -> None:
+        """
+        A tool loop sent back without ids, the same call in two rounds: each call gets an id of
+        its own, and each result the id of the call it answers.
+        """
+        call = {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}
+        body = chatRequest(
+            {
+                "messages": [
+                    {"role": "user", "content": "?"},
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "content": "rain"},
+                ]
+            }
+        ).body
+        first, second = (body["messages"][i]["tool_calls"][0]["id"] for i in (1, 3))
+        self.assertNotEqual(first, second)
+        self.assertEqual([body["messages"][i]["tool_call_id"] for i in (2, 4)], [first, second])
+        earlier = chatRequest({"messages": [
+            {"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]}).body
+        self.assertEqual(earlier["messages"][1]["tool_calls"][0]["id"], first)
 
     def test_toolCallIdGiven(self) -> None:
         """
@@ -909,6 +931,8 @@ class StreamTranslatorTests(SynchronousTestCase):
         """
         translate, clock = translator()
         lines = feedAll(translate, clock, HEAD_TOOLS)
+        ids = [call.pop("id") for call in lines[0]["message"]["tool_calls"]]
+        self.assertEqual(len(set(ids)), 2)
         self.assertEqual(
             lines,
             [
@@ -919,11 +943,9 @@ class StreamTranslatorTests(SynchronousTestCase):
                         "role": "assistant",
                         "content": "",
                         "tool_calls": [
-                            {"id": toolCallId(0, "get_weather", {"city": "Tokyo"}),
-                             "function": {"index": 0, "name": "get_weather",
+                            {"function": {"index": 0, "name": "get_weather",
                                           "arguments": {"city": "Tokyo"}}},
-                            {"id": toolCallId(1, "get_time", {"zone": "JST"}),
-                             "function": {"index": 1, "name": "get_time",
+                            {"function": {"index": 1, "name": "get_time",
                                           "arguments": {"zone": "JST"}}},
                         ],
                     },
@@ -934,9 +956,9 @@ class StreamTranslatorTests(SynchronousTestCase):
         final = translate.finish()
         self.assertEqual(final["done_reason"], "stop")
         self.assertEqual(final["message"], {"role": "assistant", "content": ""})
-        self.assertEqual(
-            translate.aggregate()["message"]["tool_calls"], lines[0]["message"]["tool_calls"]
-        )
+        aggregated = translate.aggregate()["message"]["tool_calls"]
+        self.assertEqual([call.pop("id") for call in aggregated], ids)
+        self.assertEqual(aggregated, lines[0]["message"]["tool_calls"])
 
     def test_fragmentedToolCall(self) -> None:
         """
@@ -1063,7 +1085,8 @@ class NDJSONTemplateTests(SynchronousTestCase):
         events: list[Event] = [TextDelta(text) if kind == "text" else ReasoningDelta(text) for kind, text in deltas]
         if toolCall:
             events += [ToolCallStart(0, "c0", "look\u00e9\""), ToolCallArguments(0, '{"q": "\\n\u2028"}')]
-        made = [StreamTranslator(what=cast(Any, what), modelName=model, clock=lambda: STARTED + 1.5, startedAt=STARTED)
+        made = [StreamTranslator(what=cast(Any, what), modelName=model, clock=lambda: STARTED + 1.5, startedAt=STARTED,
+                                 callIds=lambda: "call_0")
                 for _ in range(2)]
         expected = b"".join(json.dumps(line, separators=(",", ":")).encode("utf-8") + b"\n"
                             for line in made[0].feed(events))
