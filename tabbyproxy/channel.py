@@ -1,6 +1,7 @@
 """
 twisted.web's HTTP/1.1 channel with clear answers where it would close silently or answer an empty
-400, and the raw answers written to a connection before any route runs.
+400, a bound on the whole time a request may take to arrive, and the raw answers written to a
+connection before any route runs.
 
 The channel has no public hooks for these cases, so this module, and only this module, overrides
 and reads private C{HTTPChannel} names: C{_respondToBadRequestAndDisconnect}, and the request line
@@ -14,8 +15,13 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Callable, Protocol, cast
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, Request
+
+from tabbyproxy.limits import ConnectionLimit
 
 ErrorBody = Callable[[bytes, int, str], bytes]
 """The JSON error document for a path, a status and a message, in the shape of the path's API."""
@@ -73,16 +79,67 @@ class ProxyChannel(HTTPChannel):
     """
     A request line over C{MAX_LENGTH} (16 KiB) gets a 414, a header line over it, too many headers
     or too many header bytes a 431, a malformed request a 400, and a client that stalls while
-    sending a request a 408 (an idle keep-alive connection is just closed).
+    sending a request, or takes longer than C{requestTimeout} in all to send it, a 408 (an idle
+    keep-alive connection is just closed).
 
     @ivar errorBody: makes the JSON body of those answers.
+    @ivar requestTimeout: the most seconds a request may take from its first byte to the end of
+        its body, however steadily its bytes come; C{None} for no bound.
+    @ivar connections: the count of open connections this one joins.
+    @ivar overLimit: whether this connection came when C{connections} was full, so its request
+        gets a 503.
     """
 
     log = Logger()
+    overLimit = False
+    _deadline: IDelayedCall | None = None
+    _answering = False
 
-    def __init__(self, errorBody: ErrorBody) -> None:
+    def __init__(
+        self, errorBody: ErrorBody, requestTimeout: float | None = None, connections: ConnectionLimit | None = None
+    ) -> None:
         super().__init__()
         self.errorBody = errorBody
+        self.requestTimeout = requestTimeout
+        self.connections = connections
+
+    def connectionMade(self) -> None:
+        if self.connections is not None:
+            self.overLimit = not self.connections.opened()
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.connections is not None:
+            self.connections.closed()
+            self.connections = None
+        self._stopDeadline()
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        # The first byte of a request starts its clock; the clock stops when its body is in.
+        if self._deadline is None and self.requestTimeout is not None and not self._answering:
+            self._deadline = self.callLater(self.requestTimeout, self._tooSlow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stopDeadline()
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        self._answering = False
+        super().requestDone(request)
+
+    def _stopDeadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _tooSlow(self) -> None:
+        self._deadline = None
+        assert self.requestTimeout is not None
+        self._stalled(f"{self.requestTimeout:g}s (--request-timeout)")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.requests:
@@ -101,13 +158,19 @@ class ProxyChannel(HTTPChannel):
             self._answer(400, path, "malformed HTTP request")
 
     def timeoutConnection(self) -> None:
+        if self.requests:
+            self._stalled(f"{self.timeOut:g}s (--client-timeout)")
+        super().timeoutConnection()
+
+    def _stalled(self, within: str) -> None:
+        """
+        Answer the request being read with a 408, saying it was not complete C{within} a time.
+        """
         pending = self.requests[-1] if self.requests else None
         if pending is not None and getattr(pending, "incomplete", False):
-            cast(EarlyAnswering, pending).refuse(408, f"the request was not complete within {self.timeOut:g}s (--client-timeout)")
-        elif self.requests:
-            message = f"the request headers were not complete within {self.timeOut:g}s (--client-timeout)"
-            self._answer(408, self._requestPath(), message)
-        super().timeoutConnection()
+            cast(EarlyAnswering, pending).refuse(408, f"the request was not complete within {within}")
+        else:
+            self._answer(408, self._requestPath(), f"the request headers were not complete within {within}")
 
     def requestTarget(self) -> tuple[bytes, bytes]:
         """

@@ -22,10 +22,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from tabbyproxy.channel import ErrorBody, ProxyChannel, pathOf, rawResponse
+from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimit
 from tabbyproxy.metrics import Metrics
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_CLIENT_TIMEOUT = 60.0
+DEFAULT_REQUEST_TIMEOUT = 300.0
 
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
@@ -234,6 +236,10 @@ class ProxyRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         site = self._site()
+        if getattr(self.channel, "overLimit", False) and site is not None:
+            self.refuse(503, f"the proxy has {site.connections.limit} connections open, its limit "
+                             "(--max-connections); try again shortly")
+            return
         if site is not None and length is not None and length > site.maxBodySize:
             self.refuse(413, f"request body of {length} bytes is over the limit of {site.maxBodySize} bytes")
             return
@@ -319,6 +325,10 @@ class ProxySite(Site):
     @param maxBodySize: the largest request body accepted, in bytes.
     @param timeout: how long a connection may stay silent while the client sends a request (its
         headers or its body) or between requests; while the proxy answers, it never times out.
+    @param requestTimeout: the most seconds a request may take from its first byte to the end
+        of its body.
+    @param maxConnections: how many client connections may be open at once; a request on one
+        more gets a 503.
     @param metrics: where each request's count, duration and time to first byte go.
     @param errorBody: the JSON error document for a path, a status and a message, for the
         answers given before any route runs.
@@ -331,11 +341,14 @@ class ProxySite(Site):
 
     def __init__(
         self, resource: IResource, errorBody: ErrorBody, maxBodySize: int = DEFAULT_MAX_BODY,
-        timeout: float = DEFAULT_CLIENT_TIMEOUT, metrics: Metrics | None = None, **kwargs: Any
+        timeout: float = DEFAULT_CLIENT_TIMEOUT, requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
+        maxConnections: int = DEFAULT_MAX_CONNECTIONS, metrics: Metrics | None = None, **kwargs: Any
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
         self.errorBody = errorBody
         self.maxBodySize = maxBodySize
+        self.requestTimeout = requestTimeout
+        self.connections = ConnectionLimit(maxConnections)
         self.metrics = metrics if metrics is not None else Metrics()
         self._idPrefix = os.urandom(4).hex()
         self._idCounter = itertools.count()
@@ -354,6 +367,6 @@ class ProxySite(Site):
     def protocol(self) -> ProxyChannel:  # type: ignore[override]
         # A plain HTTP/1.1 channel: TabbyAPI's clients speak HTTP/1.1, and twisted.web's HTTP/2
         # switch (only used with TLS and the h2 package) would bypass these guards.
-        return ProxyChannel(self.errorBody)
+        return ProxyChannel(self.errorBody, self.requestTimeout, self.connections)
 
 

@@ -25,12 +25,13 @@ from tabbyproxy import channel
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.history import RequestHistory
 from tabbyproxy.keepalive import FOREVER, MAX_SECONDS, KeepAliveError, parseKeepAlive
+from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS, connectionRoom, raiseFileLimit, systemBacklog, withBacklog
 from tabbyproxy.logbuffer import LogBuffer, LogBufferService
 from tabbyproxy.metrics import Metrics
 from tabbyproxy.relaypool import makeAgent, makeConnectionPool
 from tabbyproxy.routes.common import ProxyState
 from tabbyproxy.routes.root import makeSite
-from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY
+from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT
 from tabbyproxy.reloader import ProfileReloader
 from tabbyproxy.simulator.install import simulatedInstall
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
@@ -136,6 +137,16 @@ class Options(usage.Options):
         ["client-timeout", None, DEFAULT_CLIENT_TIMEOUT,
          "How long a client connection may stay silent while sending a request (a stalled body gets a 408) "
          "or between requests.", _positiveSeconds("client-timeout")],
+        ["request-timeout", None, DEFAULT_REQUEST_TIMEOUT,
+         "The most time a request may take to arrive, from its first byte to the end of its body, "
+         "however steadily its bytes come (slower gets a 408).", _positiveSeconds("request-timeout")],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
+         "How many client connections may be open at once; a request on one more gets a 503 and "
+         "its connection is closed (lowered to what the open-file limit leaves room for).",
+         _positiveInt("max-connections")],
+        ["backlog", None, None,
+         "Connections the kernel may queue before the proxy accepts them "
+         "[default: the system's net.core.somaxconn, else 1024].", _positiveInt("backlog")],
         ["keep-request-bodies", None, 0,
          "Keep the prompt text of the last N requests for the dashboard's request list (prompts are "
          "private: none are kept by default).", _keptBodies],
@@ -287,6 +298,23 @@ class _Announced:
         return port
 
 
+def _connectionCap(asked: int) -> int:
+    """
+    Raise the open-file limit as far as it goes, and say how many client connections it leaves
+    room for: C{asked}, or fewer where the limit is lower.
+    """
+    files = raiseFileLimit()
+    log.info("Open files: the limit is {soft} (it was {before}; hard limit {hard})",
+             soft=files.soft, before=files.before, hard=files.hard)
+    room = connectionRoom(files)
+    if room is not None and room < asked:
+        log.warn("--max-connections {asked} is over what the open-file limit {soft} leaves room for: "
+                 "{room} connections at most (raise LimitNOFILE= or ulimit -n)",
+                 asked=asked, soft=files.soft, room=room)
+        return room
+    return asked
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -351,8 +379,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         logs=logs,
         history=RequestHistory(keepBodies=options["keep-request-bodies"]),
     )
-    site = makeSite(state, options["cors-origin"], options["client-timeout"])
-    listening = strports.service(options["listen"], site, reactor=reactor)
+    site = makeSite(state, options["cors-origin"], options["client-timeout"], options["request-timeout"],
+                    _connectionCap(options["max-connections"]))
+    backlog = options["backlog"] if options["backlog"] is not None else systemBacklog()
+    listening = strports.service(withBacklog(options["listen"], backlog), site, reactor=reactor)
     firstProfile = min(options.catalog.profiles)
     keysFile = install.directory / "api_tokens.yml" if options["simulate-auth"] else None
     listening.endpoint = _Announced(listening.endpoint, firstProfile, install.keys.enabled, keysFile)

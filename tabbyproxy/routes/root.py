@@ -22,7 +22,8 @@ from tabbyproxy.routes.ollama import OllamaRoutes
 from tabbyproxy.routes.openai import OpenAIRoutes
 from tabbyproxy.routes.responses import ResponsesRoutes
 from tabbyproxy.routes.ui import UIRoutes
-from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, ProxySite
+from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS
+from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ProxySite
 
 
 class Router(Resource):
@@ -108,7 +109,10 @@ def rootResource(state: ProxyState, corsOrigins: Sequence[str] = ()) -> IResourc
     return BrowserPolicy(root, errorBodyFor, corsOrigins)
 
 
-def makeSite(state: ProxyState, corsOrigins: Sequence[str] = (), clientTimeout: float = DEFAULT_CLIENT_TIMEOUT) -> ProxySite:
+def makeSite(
+    state: ProxyState, corsOrigins: Sequence[str] = (), clientTimeout: float = DEFAULT_CLIENT_TIMEOUT,
+    requestTimeout: float = DEFAULT_REQUEST_TIMEOUT, maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+) -> ProxySite:
     """
     The proxy's HTTP server over every route.
     """
@@ -116,6 +120,8 @@ def makeSite(state: ProxyState, corsOrigins: Sequence[str] = (), clientTimeout: 
         rootResource(state, corsOrigins),
         maxBodySize=state.maxBodySize,
         timeout=clientTimeout,
+        requestTimeout=requestTimeout,
+        maxConnections=maxConnections,
         metrics=state.metrics,
         errorBody=errorBodyFor,
     )

@@ -18,6 +18,7 @@ from treq import content
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -26,6 +27,7 @@ from twisted.web.server import Request
 
 from tabbyproxy.tap import Options
 from tests.support.fakes import FakeTabby, InMemoryProxy, writeProfiles
+from tests.support.processes import waitUntil
 from tests.support.proxy import RunningProxy
 from tests.support.processes import reactor as _reactor
 
@@ -311,6 +313,81 @@ class HTTPGuardTests(TestCase):
         self.assertIn("version", json.loads(answers[2][2]))
 
 
+class _SlowSender(Protocol):
+    """
+    Writes C{data} one byte every 50 ms, as a client that never stays silent long enough for
+    --client-timeout does, and collects the answer until the server closes the connection.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.received = bytearray()
+        self.closed: Deferred[bytes] = Deferred()
+        self.sending = LoopingCall(self._sendOne)
+        self.sending.clock = reactor
+
+    def connectionMade(self) -> None:
+        self.sending.start(0.05)
+
+    def _sendOne(self) -> None:
+        byte, self.data = self.data[:1], self.data[1:]
+        if byte and self.transport is not None:
+            self.transport.write(byte)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self.sending.stop()
+        self.closed.callback(bytes(self.received))
+
+
+class ConnectionLimitTests(TestCase):
+    """
+    Issue 10, item 8: a request must arrive within --request-timeout however steadily its bytes
+    come, and a connection over --max-connections gets a clear 503.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.proxy = RunningProxy(self, PROFILES, "--client-timeout", "30", "--request-timeout", "1",
+                                  "--max-connections", "2")
+
+    async def test_slowSenderGets408(self) -> None:
+        """
+        A client sending its request a byte every 50 ms (it would take 20 s) is answered with a
+        408 after --request-timeout, and its connection closed, though it never went silent.
+        """
+        sender = _SlowSender(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: 400\r\n\r\n" + b"x" * 400)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port).connect(Factory.forProtocol(lambda: sender))
+        started = reactor.seconds()
+        raw = await sender.closed.addTimeout(10, reactor)
+        self.assertGreaterEqual(reactor.seconds() - started, 1)
+        [(status, _, body)] = responses(raw)
+        self.assertIn("not complete within 1s (--request-timeout)", assertRouteError(self, "/api/", 408, status, body))
+
+    async def test_connectionOverTheCapGets503(self) -> None:
+        """
+        With two connections open and --max-connections 2, a third one's request gets a 503 in
+        its route's shape and the connection is closed; once one closes, requests are served.
+        """
+        idle = [_Exchange(b"") for _ in range(2)]
+        for protocol in idle:
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port).connect(Factory.forProtocol(lambda: protocol))
+        await waitUntil(lambda: self.proxy.site.connections.current == 2)
+        [(status, headers, body)] = responses(await exchange(self.proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+        self.assertEqual(headers["connection"], "close")
+        self.assertIn("(--max-connections)", assertRouteError(self, "/v1/", 503, status, body))
+        for protocol in idle:
+            assert protocol.transport is not None
+            protocol.transport.loseConnection()
+            await protocol.closed
+        await waitUntil(lambda: self.proxy.site.connections.current == 0)
+        [(status, _, _)] = responses(await exchange(self.proxy.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+        self.assertEqual(status, 200)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fuzz
 
@@ -411,4 +488,17 @@ class GuardOptionsTests(SynchronousTestCase):
         options.parseOptions(["--simulate", "--config-dir", str(configDir)])
         self.assertEqual((options["client-timeout"], options["max-body-size"]), (60.0, 16 * 1024 * 1024))
         for bad in (["--client-timeout", "0"], ["--client-timeout", "soon"], ["--max-body-size", "-1"]):
+            self.assertRaises(UsageError, Options().parseOptions, ["--simulate", "--config-dir", str(configDir), *bad])
+
+    def test_connectionLimitDefaultsAndChecks(self) -> None:
+        """
+        --request-timeout defaults to 300 s, --max-connections to 4096 and --backlog to the
+        system's (None until the service starts); each must be positive.
+        """
+        configDir = Path(self.mktemp())
+        writeProfiles(configDir, PROFILES)
+        options = Options()
+        options.parseOptions(["--simulate", "--config-dir", str(configDir)])
+        self.assertEqual((options["request-timeout"], options["max-connections"], options["backlog"]), (300.0, 4096, None))
+        for bad in (["--request-timeout", "0"], ["--max-connections", "0"], ["--backlog", "-1"], ["--backlog", "x"]):
             self.assertRaises(UsageError, Options().parseOptions, ["--simulate", "--config-dir", str(configDir), *bad])

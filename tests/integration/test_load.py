@@ -6,17 +6,20 @@ models, and a slow client reading a fast generation, with the simulator as a rea
 from __future__ import annotations
 
 import json
+import select
 import socket
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.support.processes import reactor as _reactor
-from tests.support.processes import waitUntil
+from tests.support.processes import DEADLINE, waitUntil
 from tests.support.proxy import RunningProxy, TwistdProxy
 from tests.integration.test_faults import streamedText
 from tests.support.logs import CapturedEvents
@@ -156,3 +159,75 @@ class SlowClientTests(TestCase):
         await reader.stop()
         self.assertLess(grown, 8 * 1024 * 1024, f"the proxy grew by {grown / 1e6:.1f} MB")
         await proxy.printed("cancelled by user")
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 10, item 8: a burst of connections is queued by the kernel, not reset
+
+
+BURST = 300
+
+
+def _connectAll(port: int, count: int, within: float) -> tuple[list[socket.socket], int]:
+    """
+    Open C{count} non-blocking connections to C{port} at once, and wait at most C{within}
+    seconds for their handshakes (the proxy's reactor, which runs this, accepts none meanwhile:
+    only the kernel's listen backlog holds them).
+
+    @return: the sockets, and how many of them connected.
+    """
+    sockets = []
+    for _ in range(count):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        sockets.append(client)
+    pending = {client.fileno(): client for client in sockets}
+    poller = select.poll()
+    for fd in pending:
+        poller.register(fd, select.POLLOUT)
+    deadline = time.monotonic() + within
+    connected = 0
+    while pending and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(deadline - time.monotonic(), 0) * 1000):
+            poller.unregister(fd)
+            if pending.pop(fd).getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected += 1
+    return sockets, connected
+
+
+def _askAll(sockets: list[socket.socket]) -> list[bytes]:
+    """
+    Send C{GET /health} on each connection and read each answer to its end (in a thread, while
+    the reactor serves them).
+    """
+    answers = []
+    for client in sockets:
+        client.setblocking(True)
+        client.settimeout(DEADLINE)
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    for client in sockets:
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+        answers.append(received)
+    return answers
+
+
+class ConnectionBurstTests(TestCase):
+    timeout = 60
+
+    async def test_burstIsQueuedNotDropped(self) -> None:
+        """
+        300 clients connecting at the same moment, while the proxy accepts none, all complete
+        their TCP handshake at once (the listen backlog is the system's somaxconn, not Twisted's
+        50, which left all but 51 retrying their SYN a second later or reset), and each gets
+        its answer.
+        """
+        proxy = RunningProxy(self, {"m0": {"model": {"model_name": "M0"}}})
+        sockets, connected = _connectAll(proxy.port, BURST, within=0.9)
+        for client in sockets:
+            self.addCleanup(client.close)
+        self.assertEqual(connected, BURST)
+        answers = await deferToThread(_askAll, sockets)
+        self.assertEqual([answer.split(b"\r\n", 1)[0] for answer in answers], [b"HTTP/1.1 200 OK"] * BURST)

@@ -12,14 +12,16 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar, cast
 
 import treq
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from tabbyproxy.server import ProxySite
 from tabbyproxy.supervisor import Supervisor
 from tabbyproxy.tap import Options, makeService
 from tests.support.fakes import writeProfiles
@@ -58,6 +60,12 @@ class RunningProxy:
     def supervisor(self) -> Supervisor:
         [supervisor] = [s for s in self.service if isinstance(s, Supervisor)]  # type: ignore[attr-defined]
         return supervisor
+
+    @property
+    def site(self) -> ProxySite:
+        services = cast(MultiService, self.service)
+        [site] = [s.factory for s in services if isinstance(getattr(s, "factory", None), ProxySite)]
+        return site
 
 
 class StalledClient(Generic[P]):
