@@ -232,19 +232,35 @@ class Catalog:
         """
         The profile a client means by C{name}, on every API: its id or one of its aliases, or
         either with an Ollama tag (C{"id:latest"}, or C{"id:tag"} when a profile is named
-        C{id:tag}).  This is the one place names are resolved.
+        C{id:tag}).  As in Ollama, case does not matter, surrounding spaces are ignored, and
+        C{library/} and C{registry.ollama.ai/library/} (Ollama's default namespace and host) may
+        come before the name.  This is the one place names are resolved; it only looks names up,
+        so no name reaches a file.
         """
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str):
             return None
-        found = self._byName(name)
-        if found is None and name.endswith(":latest"):
-            found = self._byName(name[: -len(":latest")])
-        return found
+        name = name.strip()
+        for prefix in ("registry.ollama.ai/", "library/"):
+            if name[: len(prefix)].casefold() == prefix:
+                name = name[len(prefix):]
+            found = self._byName(name)
+            if found is None and name[-len(":latest"):].casefold() == ":latest":
+                found = self._byName(name[: -len(":latest")])
+            if found is not None:
+                return found
+        return None
 
     def _byName(self, name: str) -> Profile | None:
+        if not name:
+            return None
         found = self.profiles.get(name)
         if found is None and name in self.aliases:
             found = self.profiles[self.aliases[name]]
+        if found is None:
+            folded = name.casefold()
+            for known in (*self.profiles, *self.aliases):
+                if known.casefold() == folded:
+                    return self._byName(known)
         return found
 
     def __iter__(self) -> Iterator[Profile]:

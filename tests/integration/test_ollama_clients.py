@@ -221,7 +221,8 @@ class OllamaClientTests(TestCase):
 
     async def test_errors(self) -> None:
         """
-        Unknown models and model-file routes are ResponseErrors with Ollama's status; a
+        Unknown models and model-file routes are ResponseErrors with Ollama's status (names in
+        another case or with Ollama's namespace are not unknown); a
         child that dies mid-stream ends the stream with an error line, which the client
         raises.
         """
@@ -229,6 +230,11 @@ class OllamaClientTests(TestCase):
         client = ollamaClient(self, proxy)
         error = await responseError(lambda: client.chat(model="gamma", messages=[{"role": "user", "content": "x"}]))
         self.assertEqual((error.status_code, error.error), (404, "model 'gamma' not found"))
+        # Names as Ollama matches them (issue 11, item 10).
+        shown = await inThread(lambda: client.show(" library/Alpha:Latest "))
+        self.assertIn("completion", shown.capabilities or [])
+        reply = await inThread(lambda: client.generate(model="registry.ollama.ai/library/ALPHA", prompt="x"))
+        self.assertEqual(reply.model, "registry.ollama.ai/library/ALPHA")
         error = await responseError(lambda: client.pull("alpha"))
         self.assertEqual(error.status_code, 501)
         self.assertIn("does not manage model files", error.error)

@@ -268,6 +268,35 @@ class CatalogResolveTests(SynchronousTestCase):
         self.assertIs(self.catalog.resolve("qwen:latest"), self.catalog.profiles["qwen"])
         self.assertIs(self.catalog.resolve("coding/x:latest"), self.catalog.profiles["coding/x"])
 
+    def test_ollamaNames(self) -> None:
+        """
+        Names as Ollama matches them: any case (the tag too), surrounding spaces, and Ollama's
+        default namespace C{library/} and host C{registry.ollama.ai/library/}, with or without
+        a tag (issue 11, item 10).
+        """
+        qwen = self.catalog.profiles["qwen"]
+        for name in ("QWEN", "Qwen:Latest", " qwen ", "\tqwen:latest\n", "library/qwen",
+                     "Library/Qwen:latest", "registry.ollama.ai/library/qwen:latest",
+                     "REGISTRY.OLLAMA.AI/library/qwen"):
+            self.assertIs(self.catalog.resolve(name), qwen, name)
+        self.assertIs(self.catalog.resolve("Coding/X:LATEST"), self.catalog.profiles["coding/x"])
+        for name in ("library/", "registry.ollama.ai/qwen/x", "library/../qwen", "other/qwen", " "):
+            self.assertIsNone(self.catalog.resolve(name), name)
+
+    def test_exactNameFirst(self) -> None:
+        """
+        A profile whose id differs from another only in case, or is itself under C{library/},
+        is found by its exact name.
+        """
+        configDir = Path(self.mktemp())
+        for profileId in ("qwen", "Qwen", "library/qwen"):
+            write(configDir / f"{profileId}.yml", "model: {model_name: Q}\n")
+        catalog = Catalog.load(configDir)
+        for profileId in ("qwen", "Qwen", "library/qwen"):
+            resolved = catalog.resolve(profileId)
+            assert resolved is not None
+            self.assertEqual(resolved.id, profileId)
+
     def test_otherTagUnknown(self) -> None:
         """
         Tags other than C{:latest} are not stripped.
