@@ -155,6 +155,10 @@ class Options(usage.Options):
         ["simulate", None,
          "Run the bundled TabbyAPI simulator instead of TabbyAPI (no GPU needed); auth is off."],
         ["simulate-auth", None, "With --simulate: turn auth on, with keys in the private directory's api_tokens.yml."],
+        ["open-model-list", None,
+         "Let /api/tags, /api/show and /v1/models answer without a key (VS Code Copilot's Ollama provider "
+         "sends none): anyone who can reach the proxy then sees the profiles' names and details, but "
+         "still cannot generate or load a model."],
     ]
 
     catalog: Catalog
@@ -378,6 +382,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics=metrics,
         logs=logs,
         history=RequestHistory(keepBodies=options["keep-request-bodies"]),
+        openModelList=bool(options["open-model-list"]),
     )
     site = makeSite(state, options["cors-origin"], options["client-timeout"], options["request-timeout"],
                     _connectionCap(options["max-connections"]))

@@ -62,6 +62,8 @@ class ProxyState:
     What the routes share: the profiles, the keys, the child's supervisor, the upstream client.
 
     @ivar catalog: a callable so a reload can swap the profiles under running routes.
+    @ivar openModelList: whether the model lists (C{/api/tags}, C{/api/show}, C{/v1/models})
+        answer without a key.
     """
 
     catalog: Callable[[], Catalog]
@@ -73,6 +75,7 @@ class ProxyState:
     metrics: Metrics = field(factory=Metrics)
     logs: LogBuffer = field(factory=LogBuffer)
     history: RequestHistory = field(factory=RequestHistory)
+    openModelList: bool = False
 
     @property
     def keys(self) -> Keys:
@@ -85,6 +88,13 @@ class ProxyState:
         problem = authProblem(request, self.keys, needed)
         if problem is not None:
             raise ClientError(401, problem, "authentication_error")
+
+    def requireListingKey(self, request: IRequest) -> None:
+        """
+        L{requireKey} for a route that lists or describes models, unless those are open.
+        """
+        if not self.openModelList:
+            self.requireKey(request)
 
 
 def readJSONObject(request: IRequest, maxBodySize: int) -> dict[str, Any]:

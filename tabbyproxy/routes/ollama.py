@@ -64,10 +64,11 @@ from tabbyproxy.supervisor import ChildState, Lease
 from tabbyproxy.tabbywire import ChatStreamDecoder
 from tabbyproxy.upstream import UpstreamBroken
 
-OLLAMA_VERSION = "0.12.0"
+OLLAMA_VERSION = "0.12.10"
 """
-What C{/api/version} answers: a plain numeric Ollama version, recent enough for the clients
-that check it (VS Code Copilot wants at least 0.6.4, and clients parse each part as a number).
+What C{/api/version} answers: the newest Ollama version whose API the emulation matches (0.12.10
+added ids to tool calls in replies), plain and numeric: VS Code Copilot wants at least 0.6.4, and
+clients parse each part as a number.
 """
 
 NOT_MANAGED = (
@@ -128,12 +129,12 @@ class OllamaRoutes:
 
     @app.route("/api/version", methods=["GET", "HEAD"])
     def version(self, request: IRequest) -> bytes:
-        self.state.requireKey(request)
+        # Without a key, as Ollama: clients check it before they know they need one.
         return writeJSON(request, 200, {"version": OLLAMA_VERSION})
 
     @app.route("/api/tags", methods=["GET", "HEAD"])
     def tags(self, request: IRequest) -> bytes:
-        self.state.requireKey(request)
+        self.state.requireListingKey(request)
         install = self.state.install
         profiles = sorted(self.state.catalog(), key=lambda profile: profile.id)
         return writeJSON(
@@ -143,7 +144,7 @@ class OllamaRoutes:
 
     @app.route("/api/show", methods=["POST"])
     def show(self, request: IRequest) -> bytes:
-        self.state.requireKey(request)
+        self.state.requireListingKey(request)
         body = readJSONObject(request, self.state.maxBodySize)
         # Continue still sends the deprecated "name".
         if body.get("model") is None and body.get("name") is not None:

@@ -173,7 +173,7 @@ class OpenAIRoutes:
 
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: IRequest) -> bytes:
-        self.state.requireKey(request)
+        self.state.requireListingKey(request)
         running = self.state.supervisor.current
         return writeJSON(
             request,
@@ -187,7 +187,7 @@ class OpenAIRoutes:
 
     @app.route("/v1/models/<path:name>", methods=["GET"])
     def model(self, request: IRequest, name: str) -> bytes:
-        self.state.requireKey(request)
+        self.state.requireListingKey(request)
         profile = self.state.catalog().resolve(name)
         if profile is None:
             raise ClientError(404, f"model '{name}' not found")

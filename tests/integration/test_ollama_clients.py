@@ -337,3 +337,43 @@ class OpenWebUIReplayTests(TestCase):
         self.assertEqual((unloaded["model"], unloaded["done"], unloaded["done_reason"]), (model, True, "unload"))
         await waitUntil(lambda: proxy.supervisor.current is None)
         self.assertEqual(await get("/api/ps"), {"models": []})
+
+
+class CopilotReplayTests(TestCase):
+    """
+    What VS Code Copilot's Ollama provider sends before it shows models: /api/version,
+    /api/tags and /api/show, without a key (issue 11, item 11).
+    """
+
+    timeout = 60
+
+    async def test_discoveryWithoutKey(self) -> None:
+        """
+        With auth on, /api/version answers without a key; with C{--open-model-list} so do the
+        lists, and /api/show has the C{model_info} and C{capabilities} the picker reads; a chat
+        without a key is still a 401.
+        """
+        proxy = RunningProxy(self, PROFILES, "--simulate-auth", "--open-model-list")
+        headers: dict[bytes | str, bytes | str] = {"Connection": "close"}
+        response = await proxy.http.get(proxy.url + "/api/version", headers=headers)
+        self.assertEqual(response.code, 200)
+        major, minor, patch = (int(part) for part in json.loads(await response.content())["version"].split("."))
+        self.assertGreaterEqual((major, minor, patch), (0, 6, 4))
+        response = await proxy.http.get(proxy.url + "/api/tags", headers=headers)
+        self.assertEqual(response.code, 200)
+        names = [entry["name"] for entry in json.loads(await response.content())["models"]]
+        self.assertIn("alpha:latest", names)
+        response = await proxy.http.post(proxy.url + "/api/show", headers=headers, json={"model": "alpha:latest"})
+        shown = json.loads(await response.content())
+        architecture = shown["model_info"]["general.architecture"]
+        self.assertEqual(shown["model_info"][f"{architecture}.context_length"], 4096)
+        self.assertIn("completion", shown["capabilities"])
+        response = await proxy.http.get(proxy.url + "/v1/models", headers=headers)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        response = await proxy.http.post(proxy.url + "/api/chat", headers=headers, json={
+            "model": "alpha", "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(response.code, 401)
+        await response.content()
+        self.assertIsNone(proxy.supervisor.current)
+

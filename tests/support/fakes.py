@@ -224,7 +224,7 @@ class InMemoryProxy:
 
     def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
                  settings: SupervisorSettings = SupervisorSettings(), maxBodySize: int = DEFAULT_MAX_BODY,
-                 tabby: FakeTabby | None = None) -> None:
+                 tabby: FakeTabby | None = None, openModelList: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.catalog = writeProfiles(directory / "config", profiles)
         self.reactor = FakeProcessReactor()
@@ -244,6 +244,7 @@ class InMemoryProxy:
             upstream=Upstream(self.tabbyAgent, keys.upstreamHeaders),
             clock=self.reactor,
             maxBodySize=maxBodySize,
+            openModelList=openModelList,
         )
         self.site = makeSite(self.state)
         self.site.reactor = self.reactor

@@ -117,6 +117,32 @@ class ListingTests(OllamaTestCase):
     C{/api/version}, C{/api/tags}, C{/api/show} and C{/api/ps}.
     """
 
+    def test_versionMatchesTheFeaturesReliedOn(self) -> None:
+        """
+        /api/version names the newest Ollama version among those that added what the emulation
+        carries on the wire, so clients that gate a feature on the version use it.  Add a row
+        when the wire gains an Ollama feature (issue 11, item 13).
+        """
+        relied = {
+            "tool calls with function.index": "0.4.7",
+            "/api/show capabilities": "0.6.4",
+            "think and thinking": "0.9.0",
+            "think levels (low, medium, high)": "0.11.1",
+            "/api/embed dimensions": "0.11.11",
+            "ids on tool calls in replies": "0.12.10",
+        }
+
+        def parsed(version: str) -> tuple[int, ...]:
+            return tuple(int(part) for part in version.split("."))
+
+        self.assertEqual(parsed(OLLAMA_VERSION), max(parsed(version) for version in relied.values()))
+        self.proxy.tabby.chunks = events(HEAD_TOOLS)
+        lines = ndjsonDocuments(self.post("/api/chat", {
+            "model": "qwen", "messages": [{"role": "user", "content": "Weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]})[1])
+        self.assertEqual([set(call) for call in lines[0]["message"]["tool_calls"]], [{"id", "function"}] * 2)
+        self.assertEqual([call["function"]["index"] for call in lines[0]["message"]["tool_calls"]], [0, 1])
+
     def test_version(self) -> None:
         """
         /api/version is a plain numeric x.y.z (clients parse each part as an integer), also
@@ -740,10 +766,11 @@ class AuthTests(OllamaTestCase):
 
     def test_keyRequired(self) -> None:
         """
-        Without a valid key every /api route is a 401 Ollama error; a Bearer or x-api-key API
-        key (or the admin key) opens them; / answers without one.
+        Without a valid key every /api route but /api/version is a 401 Ollama error; a Bearer
+        or x-api-key API key (or the admin key) opens them; / and /api/version answer without
+        one, as Ollama's do (issue 11, item 11).
         """
-        for method, path in (("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
+        for method, path in (("GET", "/api/tags"), ("GET", "/api/ps"),
                              ("POST", "/api/show"), ("POST", "/api/chat"), ("POST", "/api/generate"),
                              ("POST", "/api/embed"), ("POST", "/api/pull")):
             for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -753,6 +780,24 @@ class AuthTests(OllamaTestCase):
                         {"Authorization": "Bearer admin-key"}):
             self.assertEqual(self.call("GET", "/api/tags", headers=headers)[0].code, 200)
         self.assertEqual(self.call("GET", "/")[0].code, 200)
+        self.assertEqual(self.assertJSON(*self.call("GET", "/api/version")), {"version": OLLAMA_VERSION})
+        self.assertEqual(self.proxy.reactor.spawned, [])
+
+    def test_openModelList(self) -> None:
+        """
+        With C{--open-model-list}, the model lists and descriptions (/api/tags, /api/show,
+        /v1/models, /v1/models/ID) answer without a key; everything that runs a model, and
+        /api/ps, still needs one.
+        """
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=self.keys, openModelList=True)
+        self.assertEqual(len(self.assertJSON(*self.call("GET", "/api/tags"))["models"]), 3)
+        self.assertIn("completion", self.assertJSON(*self.post("/api/show", {"model": "qwen"}))["capabilities"])
+        for path in ("/v1/models", "/v1/models/qwen"):
+            self.assertEqual(self.call("GET", path)[0].code, 200)
+        for method, path in (("GET", "/api/ps"), ("POST", "/api/chat"), ("POST", "/api/generate"),
+                             ("POST", "/api/embed"), ("POST", "/v1/chat/completions")):
+            response, raw = self.call(method, path, {"model": "qwen", "messages": [{"role": "user", "content": "x"}]})
+            self.assertEqual(response.code, 401, raw)
         self.assertEqual(self.proxy.reactor.spawned, [])
 
 

@@ -67,6 +67,16 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--simulate", "--simulate-auth")
         self.assertTrue(options["simulate-auth"])
 
+    def test_openModelList(self) -> None:
+        """
+        C{--open-model-list} is off by default, and C{--help} shows it with its trade-off.
+        """
+        self.assertFalse(self.parse("--simulate")["open-model-list"])
+        self.assertTrue(self.parse("--simulate", "--open-model-list")["open-model-list"])
+        shown = " ".join(str(Options()).split())
+        self.assertIn("--open-model-list", shown)
+        self.assertIn("anyone who can reach the proxy then sees the profiles' names", shown)
+
     def test_tabbyDir(self) -> None:
         """
         C{--tabby-dir} names a TabbyAPI checkout, inspected at once (absolute path, auth as its
