@@ -54,6 +54,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from tabbyproxy.config import Profile, TabbyInstall, writePrivate
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
+from tabbyproxy.listener import listenerOwnedBy
 from tabbyproxy.metrics import Metrics
 
 LAST_LINES = 30
@@ -77,6 +78,7 @@ class StopReason(Enum):
     UNHEALTHY = "unhealthy"
     LOAD_TIMEOUT = "load_timeout"
     ABANDONED = "abandoned"
+    PORT_TAKEN = "port_taken"
     SHUTDOWN = "shutdown"
 
 
@@ -293,6 +295,9 @@ class Supervisor(Service):
     @param wrapCommand: turns the child's command line into the one spawned; L{diesWithParent}
         makes the child die with the proxy even when the proxy is killed.
     @param metrics: counts starts, stops, failures and crashes, and times loads.
+    @param ownsListener: whether the sockets listening on a port (the first argument) all belong
+        to a process (the second) or its descendants; a child whose port another process holds
+        is never trusted.
 
     @ivar defaultModel: the profile to start again whenever an idle model has been unloaded
         and nothing else is wanted (C{--default-model}), or C{None}.
@@ -311,8 +316,10 @@ class Supervisor(Service):
         wallClock: Callable[[], float] = time.time,
         wrapCommand: Callable[[Sequence[str]], Sequence[str]] = tuple,
         metrics: Metrics | None = None,
+        ownsListener: Callable[[int, int], bool] = listenerOwnedBy,
     ) -> None:
         self.install = install
+        self.ownsListener = ownsListener
         self.reactor = reactor
         self.http = http
         self.runtimeDirectory = runtimeDirectory
@@ -641,9 +648,23 @@ class Supervisor(Service):
             if child.state is not ChildState.STARTING or child is not self.current:
                 return
             if healthy:
-                self._ready(child)
+                if child.pid is not None and not self.ownsListener(child.port, child.pid):
+                    child.readinessPoll = None
+                    self._portTaken(child)
+                else:
+                    self._ready(child)
                 return
             await deferLater(self.reactor, self.settings.healthInterval)
+
+    def _portTaken(self, child: Child) -> None:
+        self._failStart(
+            child,
+            f"port {child.port} is held by a process that is not TabbyAPI for {child.profile.id} "
+            f"(pid {child.pid}) or its child, which bound it first: the proxy sends it no request and "
+            "no key; try again (the next start picks another port)",
+        )
+        self.metrics.failedStarts.labels(child.profile.id).inc()
+        self._stop(child, StopReason.PORT_TAKEN, "its port is held by another process")
 
     async def _healthy(self, url: str) -> bool:
         answered, problem = await self._healthProblem(url)

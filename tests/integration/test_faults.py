@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tabbyproxy.config import Catalog
 from tabbyproxy.supervisor import Lease, Supervisor, SupervisorSettings
-from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeInstall, writeProfiles
+from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeChildsListener, fakeInstall, writeProfiles
 from tests.support.processes import pidAlive, waitForExit, waitUntil
 from tests.support.processes import reactor as _reactor
 from tests.support.proxy import RunningProxy
@@ -77,6 +77,7 @@ class UnhealthyChildTests(SynchronousTestCase):
         self.supervisor = Supervisor(
             fakeInstall(root / "tabby"), self.reactor, StubTreq(self.tabby), runtime,
             SupervisorSettings(unloadTimer=300, loadTimeout=100, stopGrace=GRACE), pickPort=lambda: next(ports),
+            ownsListener=fakeChildsListener,
         )
         self.supervisor.startService()
 

@@ -7,7 +7,9 @@ config and the other runtime files are private (0600 in a 0700 directory) and re
 from __future__ import annotations
 
 import json
+import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tabbyproxy.config import Keys
 from tabbyproxy.tap import Options
 from tests.support.fakes import InMemoryProxy, writeProfiles
-from tests.support.processes import waitUntil
+from tests.support.processes import ChildProcess, pidAlive, reactor, waitUntil
 from tests.support.proxy import RunningProxy
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -107,6 +109,75 @@ class KeysNeverLoggedTests(TestCase):
         """
         text = repr(Keys(enabled=True, apiKeys=("api-secret-1",), adminKey="admin-secret-2"))
         self.assertNotIn("secret", text)
+
+
+# A local user's squatter: binds the port given, says so, answers every request with 200 and
+# prints what each one carried (its request line, its Authorization header, its body).
+_SQUATTER = """
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Answer(BaseHTTPRequestHandler):
+    def answer(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        print("GOT", self.command, self.path, self.headers.get("Authorization"), body, flush=True)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *args):
+        pass
+
+server = HTTPServer(("127.0.0.1", int(sys.argv[1])), Answer)
+print("LISTENING", flush=True)
+server.serve_forever()
+"""
+
+
+class PortSquattingTests(TestCase):
+    """
+    Issue 10, item 1: a local user who binds the child's port before TabbyAPI does (the port is
+    in /status while the model loads) gets neither a request nor a key.
+    """
+
+    timeout = 60
+
+    async def test_squatterGetsNoRequestAndNoKey(self) -> None:
+        """
+        A squatter process that binds the starting child's port and answers /health with 200
+        is not taken for TabbyAPI: the waiting client gets a 503 saying the port is held by
+        another process, the squatter saw no request but /health and no key at all, and the
+        child is stopped.
+        """
+        proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"load_time": 60}}},
+                             "--simulate-auth", "--stop-grace", "1")
+        keys = proxy.supervisor.install.keys
+        headers: dict[str | bytes, str | bytes] = {"Authorization": f"Bearer {keys.apiKeys[0]}"}
+        waiting = proxy.http.post(proxy.url + "/v1/completions", headers=headers,
+                                  json={"model": "slow", "prompt": "a secret prompt"})
+        await waitUntil(lambda: proxy.supervisor.status()["pid"] is not None)
+        status = proxy.supervisor.status()
+        squatter = ChildProcess("squatter")
+        reactor.spawnProcess(squatter, sys.executable, [sys.executable, "-c", _SQUATTER, str(status["port"])],
+                             env=dict(os.environ))
+        self.addCleanup(squatter.kill)
+        await squatter.printed("LISTENING")
+
+        response = await waiting
+        self.assertEqual(response.code, 503)
+        message = (await response.json())["error"]["message"]
+        self.assertIn(f"port {status['port']} is held by a process that is not TabbyAPI for slow", message)
+        await waitUntil(lambda: proxy.supervisor.current is None)
+        self.assertFalse(pidAlive(status["pid"]))
+        seen = [line for line in squatter.text.splitlines() if line.startswith("GOT")]
+        self.assertTrue(seen)
+        self.assertEqual({line.split()[1:4] == ["GET", "/health", "None"] for line in seen}, {True})
+        for secret in (*keys.apiKeys, keys.adminKey, "a secret prompt"):
+            self.assertNotIn(secret, squatter.text)
 
 
 class AdminKeyTests(SynchronousTestCase):

@@ -154,6 +154,13 @@ def writeProfiles(directory: Path, profiles: dict[str, dict[str, Any]]) -> Catal
     return Catalog.load(directory)
 
 
+def fakeChildsListener(port: int, pid: int) -> bool:
+    """
+    The listener check for fake children, whose ports nobody listens on: every one is theirs.
+    """
+    return True
+
+
 def fakeInstall(directory: Path, keys: Keys = Keys(enabled=False)) -> TabbyInstall:
     """
     A TabbyAPI install that is never really run.
@@ -235,7 +242,7 @@ class InMemoryProxy:
         ports = iter(range(7001, 8000))
         install = fakeInstall(directory / "tabby", keys)
         self.supervisor = Supervisor(install, self.reactor, treqClient(self.tabbyAgent), runtime,
-                                     settings, pickPort=lambda: next(ports))
+                                     settings, pickPort=lambda: next(ports), ownsListener=fakeChildsListener)
         self.supervisor.startService()
         self.state = ProxyState(
             catalog=lambda: self.catalog,

@@ -45,6 +45,7 @@ class SupervisorTests(SynchronousTestCase):
         self.runtime = root / "runtime"
         self.runtime.mkdir()
         self.ports = iter(range(7001, 8000))
+        self.squatted: set[int] = set()
         self.supervisor = Supervisor(
             fakeInstall(root / "tabby"),
             self.reactor,
@@ -52,8 +53,15 @@ class SupervisorTests(SynchronousTestCase):
             self.runtime,
             SupervisorSettings(unloadTimer=300, loadTimeout=100, stopGrace=GRACE, maxWaiting=3),
             pickPort=lambda: next(self.ports),
+            ownsListener=self.ownsListener,
         )
         self.supervisor.startService()
+
+    def ownsListener(self, port: int, pid: int) -> bool:
+        """
+        The fake listener check: ports in C{squatted} are held by another process.
+        """
+        return port not in self.squatted
 
     def profile(self, name: str):  # type: ignore[no-untyped-def]
         return self.catalog.profiles[name]
@@ -208,6 +216,25 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(process.signals, ["TERM", "KILL"])
         self.assertTrue(process.exited)
         self.assertIsNone(self.supervisor.current)
+
+    def test_portHeldByAnotherProcessFailsTheStart(self) -> None:
+        """
+        When C{/health} answers 200 on the child's port but the listening socket is another
+        process's (a local user bound the port first), the start fails with a message saying
+        so, no request is granted (so none is sent there), the child is stopped, and the next
+        start picks another port.
+        """
+        self.squatted.add(7001)
+        waiting = self.acquire("a")
+        process = self.reactor.spawned[0]
+        message = str(self.failureResultOf(waiting, StartFailed).value)
+        self.assertIn("port 7001 is held by a process that is not TabbyAPI for a", message)
+        self.assertIn("sends it no request and no key", message)
+        self.assertEqual(process.signals, ["TERM"])
+        self.assertIn("port 7001 is held", self.supervisor.status()["last_error"])
+
+        lease = self.ready("a")
+        self.assertEqual(lease.baseURL, "http://127.0.0.1:7002")
 
     def test_idleTimerUsesProfileThenKeepAlive(self) -> None:
         """
