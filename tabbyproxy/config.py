@@ -5,8 +5,10 @@ checkout (its ``config.yml`` and ``api_tokens.yml``) that runs them.
 A profile ``config/<id>.yml`` holds TabbyAPI sections (``model``, ``draft_model``, ``sampling``,
 ...) that are handed to TabbyAPI as they are, plus three things of the proxy's own that never reach
 TabbyAPI: ``model.unload_timer`` (the idle time), the ``template`` section (request defaults and
-the system prompt) and ``aliases`` (other names clients may ask for the model by, such as the
-``claude-...`` or ``gpt-...`` names coding agents send).
+the system prompt), ``aliases`` (other names clients may ask for the model by, such as the
+``claude-...`` or ``gpt-...`` names coding agents send), and the model's resources: ``gpus`` (the
+GPUs its TabbyAPI may use), ``memory`` (what it needs on each of them, or a list, one per GPU) and
+``persistent`` (never evicted to make room for another model).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import yaml
 from attrs import field, frozen
 
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
+from tabbyproxy.sizes import SizeError, parseSize
 
 DEFAULT_CONTEXT_LENGTH = 8192
 """TabbyAPI's context length for a model whose profile and config.json set none."""
 
-_PROXY_ONLY_SECTIONS = frozenset({"template", "aliases"})
+_PROXY_ONLY_SECTIONS = frozenset({"template", "aliases", "gpus", "memory", "persistent"})
 _PROXY_ONLY_MODEL_KEYS = frozenset({"unload_timer"})
 
 
@@ -45,6 +48,10 @@ class Profile:
     @ivar template: request defaults (sampler values, C{system}, C{system_time}).
     @ivar unloadTimer: the profile's idle time in seconds, or C{None} to use the global one.
     @ivar aliases: other names that resolve to this profile.
+    @ivar gpus: the GPUs (C{nvidia-smi} indices) its TabbyAPI may use, or C{None} for any.
+    @ivar memory: the bytes it needs: on each of C{gpus} (one figure), one per GPU of C{gpus}
+        (a tuple), or in all when it names no GPUs; C{None} to estimate it from the model folder.
+    @ivar persistent: never evicted to make room for another model.
     """
 
     id: str
@@ -53,6 +60,9 @@ class Profile:
     template: Mapping[str, Any]
     unloadTimer: float | None
     aliases: tuple[str, ...] = ()
+    gpus: tuple[int, ...] | None = None
+    memory: int | tuple[int, ...] | None = None
+    persistent: bool = False
 
     @property
     def modelName(self) -> str:
@@ -129,7 +139,35 @@ def loadProfile(configDir: Path, path: Path) -> Profile:
         template=template,
         unloadTimer=unloadTimer,
         aliases=tuple(aliases),
+        **_resources(path, document),
     )
+
+
+def _resources(path: Path, document: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    A profile's C{gpus}, C{memory} and C{persistent}, checked.
+    """
+    gpus = document.get("gpus")
+    if gpus is not None:
+        if not (isinstance(gpus, list) and gpus and len(set(gpus)) == len(gpus)
+                and all(isinstance(gpu, int) and not isinstance(gpu, bool) and gpu >= 0 for gpu in gpus)):
+            raise ConfigError(f"{path}: gpus must be a list of distinct GPU indices such as [0, 1], found {gpus!r}")
+        gpus = tuple(gpus)
+    memory = document.get("memory")
+    try:
+        if isinstance(memory, list):
+            if gpus is None or len(memory) != len(gpus):
+                raise ConfigError(f"{path}: memory as a list gives one size per GPU of gpus, "
+                                  f"found {len(memory)} size(s) for gpus {list(gpus) if gpus else 'not given'}")
+            memory = tuple(parseSize(size) for size in memory)
+        elif memory is not None:
+            memory = parseSize(memory)
+    except SizeError as e:
+        raise ConfigError(f"{path}: memory: {e}") from e
+    persistent = document.get("persistent", False)
+    if not isinstance(persistent, bool):
+        raise ConfigError(f"{path}: persistent must be true or false, found {persistent!r}")
+    return {"gpus": gpus, "memory": memory, "persistent": persistent}
 
 
 def _kind(value: object) -> str:

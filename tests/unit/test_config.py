@@ -729,3 +729,59 @@ class ModelDirectoryTests(SynchronousTestCase):
         self.assertEqual(install({}).modelDirectory(
             profileFrom(configDir, "abs", "model: {model_name: A, model_dir: /srv/m}\n")
         ), Path("/srv/m/A"))
+
+
+class ResourceTests(SynchronousTestCase):
+    """
+    A profile's C{gpus}, C{memory} and C{persistent}: read, checked, and kept from TabbyAPI.
+    """
+
+    def load(self, text: str) -> Profile:
+        configDir = Path(self.mktemp())
+        write(configDir / "m.yml", "model: {model_name: M}\n" + text)
+        return Catalog.load(configDir).profiles["m"]
+
+    def refused(self, text: str) -> str:
+        configDir = Path(self.mktemp())
+        write(configDir / "m.yml", "model: {model_name: M}\n" + text)
+        return str(self.assertRaises(ConfigError, Catalog.load, configDir))
+
+    def test_defaults(self) -> None:
+        """
+        Without them, a profile may use any GPU, has its memory estimated, and may be evicted.
+        """
+        profile = self.load("")
+        self.assertEqual((profile.gpus, profile.memory, profile.persistent), (None, None, False))
+
+    def test_read(self) -> None:
+        """
+        C{gpus} is a list of indices, C{memory} a size (on each GPU) or one size per GPU, and
+        none of them reaches TabbyAPI's config.
+        """
+        profile = self.load("gpus: [1, 0]\nmemory: 18GiB\npersistent: true\n")
+        self.assertEqual((profile.gpus, profile.memory, profile.persistent), ((1, 0), 18 * 1024**3, True))
+        self.assertEqual(set(profile.tabby), {"model"})
+        profile = self.load("gpus: [0, 1]\nmemory: [20GiB, 4000MiB]\n")
+        self.assertEqual(profile.memory, (20 * 1024**3, 4000 * 1024**2))
+        self.assertEqual(self.load("memory: 6G\n").memory, 6 * 1024**3)
+
+    def test_refused(self) -> None:
+        """
+        Each wrong value is an error naming the file, the key and what it should be.
+        """
+        for text, message in [
+            ("gpus: 0\n", "gpus must be a list of distinct GPU indices"),
+            ("gpus: []\n", "gpus must be a list"),
+            ("gpus: [0, 0]\n", "distinct"),
+            ("gpus: [-1]\n", "gpus must be a list"),
+            ("gpus: [true]\n", "gpus must be a list"),
+            ("memory: 18\n", "memory: 18 is not a size"),
+            ("memory: [18GiB]\n", "memory as a list gives one size per GPU of gpus"),
+            ("gpus: [0, 1]\nmemory: [18GiB]\n", "found 1 size(s) for gpus [0, 1]"),
+            ("gpus: [0]\nmemory: [lots]\n", "memory: 'lots' is not a size"),
+            ("persistent: yes please\n", "persistent must be true or false"),
+        ]:
+            with self.subTest(text=text):
+                found = self.refused(text)
+                self.assertIn("m.yml: ", found)
+                self.assertIn(message, found)
