@@ -2,7 +2,8 @@
 C{tabbyproxy-check}: validate the profiles and the TabbyAPI folder without starting anything.
 
 It takes the same options as C{twistd tabbyproxy}, so a service's command line can be checked
-as it is, and prints one line per finding.  It exits 0 when the proxy would start and every
+as it is, and prints one line per finding, each profile's GPU memory (declared, or estimated and
+how) among them.  It exits 0 when the proxy would start and every
 profile's model folder is in place, and 1 when something would stop the start (a broken profile,
 a bad option, no TabbyAPI) or a model could not load.
 """
@@ -15,7 +16,8 @@ from typing import Sequence, TextIO
 
 from twisted.python import usage
 
-from tabbyproxy.config import TabbyInstall
+from tabbyproxy.config import Profile, TabbyInstall
+from tabbyproxy.memory import MemoryEstimate, declaredMemory, estimateMemory
 from tabbyproxy.tap import Options
 
 
@@ -33,13 +35,22 @@ def findings(options: Options) -> list[tuple[str, str]]:
     for profile in options.catalog:
         if install is None:
             results.append(("ok", f"profile {profile.id}: model {profile.modelName}"))
+            if profile.memory is not None:
+                results.append(("ok", _resources(profile, declaredMemory(profile))))
             continue
         folder = install.modelDirectory(profile)
         if not (folder / "config.json").is_file():
             results.append(("error", f"profile {profile.id}: no config.json in {folder}; TabbyAPI would fail to load it"))
         else:
             results.append(("ok", f"profile {profile.id}: model folder {folder}"))
+            results.append(("ok", _resources(profile, estimateMemory(profile, install))))
     return results
+
+
+def _resources(profile: Profile, estimate: MemoryEstimate) -> str:
+    gpus = "any GPU" if profile.gpus is None else "GPU " + ", ".join(str(gpu) for gpu in profile.gpus)
+    persistent = ", persistent" if profile.persistent else ""
+    return f"profile {profile.id}: {gpus}{persistent}, GPU memory {estimate.explain()}"
 
 
 def _installFindings(install: TabbyInstall) -> list[tuple[str, str]]:

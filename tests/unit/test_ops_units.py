@@ -67,7 +67,19 @@ class CheckTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("error: profile absent: no config.json in", report)
         self.assertIn("ok: profile good: model folder", report)
+        self.assertIn("ok: profile good: any GPU, GPU memory 1.0 GiB, estimated: weights 0.0 GiB (no *.safetensors in", report)
         self.assertIn("auth off", report)
+
+    def test_gpuMemoryShown(self) -> None:
+        """
+        Each profile's GPUs and memory are shown: declared ones even with --simulate.
+        """
+        writeProfile(self.config, "big", "model: {model_name: Big}\ngpus: [0, 1]\nmemory: 18GiB\npersistent: true\n")
+        code, report = self.check("--simulate", "--config-dir", str(self.config))
+        self.assertEqual(code, 0)
+        self.assertIn("ok: profile big: GPU 0, 1, persistent, GPU memory 36.0 GiB, declared: 18.0 GiB on each of GPU 0, 1",
+                      report)
+        self.assertNotIn("profile good: any GPU", report)
 
 
 class LogBufferTests(SynchronousTestCase):
