@@ -284,3 +284,21 @@ def childEnvironment(gpus: Sequence[int]) -> dict[str, str]:
     if not gpus:
         return {}
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in gpus)}
+
+
+def chooseProbe(
+    gpuMemory: Mapping[int, int] | None, simulatedGpus: Mapping[int, int] | None, simulate: bool,
+    reactor: IReactorProcess, environ: Mapping[str, str],
+) -> GpuProbe | None:
+    """
+    The probe the options ask for: the sizes of C{--gpu-memory} or C{--simulate-gpus}, else
+    C{nvidia-smi} when it is on the C{PATH} (never with C{--simulate}: the simulator's children use
+    no GPU), else C{None}: no GPU memory is known, and only the count cap places models.
+    """
+    if gpuMemory is not None:
+        return FixedGpus(gpuMemory)
+    if simulatedGpus is not None:
+        return FixedGpus(simulatedGpus)
+    if simulate:
+        return None
+    return NvidiaSmi.find(reactor, environ)

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from tabbyproxy import channel
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
+from tabbyproxy.gpus import parseGpuMemory, parseSimulatedGpus
 from tabbyproxy.history import RequestHistory
 from tabbyproxy.keepalive import FOREVER, MAX_SECONDS, KeepAliveError, parseKeepAlive
 from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS, connectionRoom, raiseFileLimit, systemBacklog, withBacklog
@@ -150,6 +151,12 @@ class Options(usage.Options):
         ["keep-request-bodies", None, 0,
          "Keep the prompt text of the last N requests for the dashboard's request list (prompts are "
          "private: none are kept by default).", _keptBodies],
+        ["gpu-memory", None, None,
+         "The GPUs' memory as INDEX=SIZE pairs (0=24GiB,1=24GiB), for a machine whose nvidia-smi the "
+         "proxy cannot run [default: nvidia-smi's figures when it is on PATH].", parseGpuMemory],
+        ["simulate-gpus", None, None,
+         "With --simulate: pretend to have COUNT GPUs of SIZE each (2x24GiB), so that several "
+         "models run at once.", parseSimulatedGpus],
     ]
     optFlags = [
         ["simulate", None,
@@ -197,6 +204,10 @@ class Options(usage.Options):
             raise usage.UsageError("--default-model already loads its model at start; give it or --preload, not both")
         if self["simulate-auth"] and not self["simulate"]:
             raise usage.UsageError("--simulate-auth only makes sense with --simulate")
+        if self["simulate-gpus"] is not None and not self["simulate"]:
+            raise usage.UsageError("--simulate-gpus only makes sense with --simulate; give real GPUs' sizes with --gpu-memory")
+        if self["simulate-gpus"] is not None and self["gpu-memory"] is not None:
+            raise usage.UsageError("give either --simulate-gpus or --gpu-memory, not both")
         if self["simulate"]:
             if self["tabby-dir"]:
                 raise usage.UsageError("give either --tabby-dir or --simulate, not both")

@@ -21,6 +21,7 @@ from tabbyproxy.gpus import (
     GpuReading,
     NvidiaSmi,
     childEnvironment,
+    chooseProbe,
     parseGpuLines,
     parseGpuMemory,
     parseProcessLines,
@@ -28,6 +29,7 @@ from tabbyproxy.gpus import (
 )
 from tabbyproxy.sizes import GiB, MiB
 from tests.support.fakes import FakeProcessReactor
+from tests.support.gpus import FAKE_NVIDIA_SMI_DIRECTORY
 
 GPUS = "0, GPU-aaaa, 24564, 1200\n1, GPU-bbbb, 24564, 9000\n"
 """Two GPUs as C{nvidia-smi} prints them with L{GPU_QUERY} (MiB, a space after each comma)."""
@@ -195,3 +197,18 @@ class OptionTests(SynchronousTestCase):
         """
         self.assertEqual(childEnvironment([1, 0]), {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "1,0"})
         self.assertEqual(childEnvironment([]), {})
+
+    def test_chooseProbe(self) -> None:
+        """
+        Given sizes win; with --simulate and none given there are no GPUs; else nvidia-smi when
+        it is on the PATH, and no GPUs when it is not.
+        """
+        reactor = cast(IReactorProcess, FakeProcessReactor())
+        sizes = {0: GiB}
+        self.assertEqual(chooseProbe(sizes, None, False, reactor, {}), FixedGpus(sizes))
+        self.assertEqual(chooseProbe(None, sizes, True, reactor, {}), FixedGpus(sizes))
+        self.assertIsNone(chooseProbe(None, None, True, reactor, {"PATH": str(FAKE_NVIDIA_SMI_DIRECTORY)}))
+        probe = chooseProbe(None, None, False, reactor, {"PATH": str(FAKE_NVIDIA_SMI_DIRECTORY)})
+        assert isinstance(probe, NvidiaSmi)
+        self.assertEqual(probe.executable, str(FAKE_NVIDIA_SMI_DIRECTORY / "nvidia-smi"))
+        self.assertIsNone(chooseProbe(None, None, False, reactor, {"PATH": self.mktemp()}))

@@ -292,3 +292,40 @@ class FirstContactTests(SynchronousTestCase):
         self.assertIn('"model": "alpha"', lines[2])
         self.assertIn("Authorization: Bearer $KEY", lines[2])
         self.assertEqual(lines[3], "The simulator's keys (KEY above) are in /run/x/api_tokens.yml")
+
+
+class GpuOptionTests(SynchronousTestCase):
+    """
+    C{--gpu-memory} and C{--simulate-gpus}.
+    """
+
+    def parse(self, *arguments: str) -> Options:
+        configDir = Path(self.mktemp())
+        write(configDir / "m.yml", "model: {model_name: M}\n")
+        options = Options()
+        options.parseOptions(["--config-dir", str(configDir), *arguments])
+        return options
+
+    def test_values(self) -> None:
+        """
+        Both give each GPU's size in bytes by index; neither is set by default.
+        """
+        self.assertEqual(self.parse("--simulate", "--simulate-gpus", "2x24GiB")["simulate-gpus"],
+                         {0: 24 * 1024**3, 1: 24 * 1024**3})
+        self.assertEqual(self.parse("--simulate", "--gpu-memory", "1=8GiB")["gpu-memory"], {1: 8 * 1024**3})
+        options = self.parse("--simulate")
+        self.assertEqual((options["gpu-memory"], options["simulate-gpus"]), (None, None))
+
+    def test_refused(self) -> None:
+        """
+        A malformed value, --simulate-gpus without --simulate, and both at once are usage errors
+        that say what to do.
+        """
+        for arguments, message in [
+            (("--simulate", "--gpu-memory", "24GiB"), "--gpu-memory '24GiB': give INDEX=SIZE pairs"),
+            (("--simulate", "--simulate-gpus", "two"), "--simulate-gpus 'two': give a count and a size"),
+            (("--tabby-dir", "x", "--simulate-gpus", "1x8G"), "--simulate-gpus only makes sense with --simulate"),
+            (("--simulate", "--simulate-gpus", "1x8G", "--gpu-memory", "0=8G"), "not both"),
+        ]:
+            with self.subTest(arguments=arguments):
+                self.assertIn(message, str(self.assertRaises(UsageError, self.parse, *arguments)))
