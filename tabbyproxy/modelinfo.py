@@ -234,16 +234,18 @@ def tagsEntry(profile: Profile, folder: Path) -> dict[str, Any]:
     """
     One entry of C{/api/tags}: C{name} and C{model} (L{ollamaName}), C{modified_at} (the profile
     file's), C{size} (the model folder's bytes), C{digest} (SHA-256 of the id and the profile
-    file), C{details}.
+    file), C{details} with C{context_length}, and C{capabilities}, as current Ollama lists them.
     """
     name = ollamaName(profile)
+    model = _ModelFolder.read(folder)
     return {
         "name": name,
         "model": name,
         "modified_at": _modifiedAt(profile),
         "size": folderSize(folder),
         "digest": _digest(profile),
-        "details": modelDetails(profile, folder),
+        "details": {**_details(profile, model), "context_length": _contextLength(profile, model)},
+        "capabilities": _capabilities(profile, model),
     }
 
 
@@ -277,7 +279,7 @@ def _showParameters(profile: Profile, context: int) -> str:
     return "\n".join(f"{name:<30} {text}" for name, text in lines)
 
 
-def _capabilities(model: _ModelFolder) -> list[str]:
+def _capabilities(profile: Profile, model: _ModelFolder) -> list[str]:
     template = model.chatTemplate or ""
     capabilities = ["completion"]
     if "tools" in template:
@@ -286,7 +288,27 @@ def _capabilities(model: _ModelFolder) -> list[str]:
         capabilities.append("thinking")
     if isinstance(model.config.get("vision_config"), dict):
         capabilities.append("vision")
+    if hasEmbeddings(profile):
+        capabilities.append("embedding")
     return capabilities
+
+
+def hasEmbeddings(profile: Profile) -> bool:
+    """
+    Whether the profile loads an embedding model beside its model (an C{embeddings:} section
+    naming an C{embedding_model_name}), without which TabbyAPI answers no embeddings.
+    """
+    section = profile.tabby.get("embeddings")
+    return isinstance(section, Mapping) and bool(section.get("embedding_model_name"))
+
+
+def capabilities(profile: Profile, folder: Path) -> list[str]:
+    """
+    What the model can do, in Ollama's words: C{completion}; C{tools}, C{thinking} and
+    C{vision} when its chat template or config shows them; C{embedding} when the profile loads
+    an embedding model.  Never C{insert}: TabbyAPI does not use a C{suffix}.
+    """
+    return _capabilities(profile, _ModelFolder.read(folder))
 
 
 def showReply(profile: Profile, folder: Path) -> dict[str, Any]:
@@ -330,7 +352,7 @@ def showReply(profile: Profile, folder: Path) -> dict[str, Any]:
         "system": system,
         "details": details,
         "model_info": modelInfo,
-        "capabilities": _capabilities(model),
+        "capabilities": _capabilities(profile, model),
         "modified_at": _modifiedAt(profile),
     }
 

@@ -12,10 +12,10 @@ Choices made where Ollama and TabbyAPI do not line up one to one:
   - C{/api/generate} goes to C{/v1/chat/completions} as one user message (after a system message
     when C{system} is given), so an instruct model gets its chat template, as Ollama applies the
     model's template; the route adds the profile's system prompt as for chat.  With C{raw: true}
-    or a C{suffix} it goes to C{/v1/completions} instead, the prompt as it is: C{system} is
-    prepended with a blank line unless C{raw} (Ollama ignores C{system} in raw mode too), and no
-    profile system prompt is added.  Images always take the chat route, the only one that takes
-    them.  C{template} (a Go template) cannot be applied and is ignored.
+    it goes to C{/v1/completions} instead, the prompt as it is, without C{system} (Ollama ignores
+    it in raw mode too) or the profile's system prompt.  Images always take the chat route, the
+    only one that takes them.  C{template} (a Go template) cannot be applied and is ignored, and
+    so is C{suffix}, which the route refuses (TabbyAPI does not use it).
   - Tool call ids in replies are random per call (C{call_} and 8 hex digits), as Ollama's are, so
     the same call in the next round of a tool loop gets a new id.  A call the client sends back
     without its id gets one from its place in the history (C{call_<message>_<call>}), the same in
@@ -525,22 +525,21 @@ def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
 
     Templated (the default): a C{/v1/chat/completions} request with C{system} as a system
     message and the prompt (and images) as one user message, for the model's chat template;
-    the profile's system prompt belongs in front unless C{raw}.  With C{raw: true} or a
-    C{suffix} (and no images): a C{/v1/completions} request with the prompt as it is, C{system}
-    and a blank line before it unless C{raw}, and C{suffix}.  Both carry C{options},
-    C{format} and C{think}; C{template} is checked but ignored.
+    the profile's system prompt belongs in front.  With C{raw: true} (and no images): a
+    C{/v1/completions} request with the prompt as it is.  Both carry C{options}, C{format} and
+    C{think}; C{template} and C{suffix} are checked but ignored.
 
     @raise OllamaRequestError: for fields of the wrong type or bad values.
     """
     upstream, options = _common(body)
     prompt = _string(body, "prompt")
     system = _string(body, "system")
-    suffix = _string(body, "suffix")
+    _string(body, "suffix")
     _string(body, "template")
     raw = _flag(body, "raw")
     images = _list(body.get("images"), "images")
     upstream.update(_think(body))
-    if images or not (raw or suffix):
+    if images or not raw:
         messages: list[dict[str, Any]] = []
         if system and not raw:
             messages.append({"role": "system", "content": system})
@@ -549,9 +548,7 @@ def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
         return UpstreamRequest(
             path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored, profileSystem=not raw
         )
-    upstream["prompt"] = f"{system}\n\n{prompt}" if system and not raw else prompt
-    if suffix:
-        upstream["suffix"] = suffix
+    upstream["prompt"] = prompt
     return UpstreamRequest(path=COMPLETIONS_PATH, body=upstream, ignoredOptions=options.ignored)
 
 

@@ -27,7 +27,7 @@ from twisted.web.iweb import IRequest
 
 from tabbyproxy.config import Profile
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
-from tabbyproxy.modelinfo import psEntry, showReply, tagsEntry
+from tabbyproxy.modelinfo import capabilities, hasEmbeddings, psEntry, showReply, tagsEntry
 from tabbyproxy.ollamawire import (
     EMBEDDINGS_PATH,
     OllamaRequestError,
@@ -180,6 +180,7 @@ class OllamaRoutes:
         body, name, profile, keepAlive = self._modelRequest(request)
         streaming = self._streaming(body)
         upstreamRequest = self._translate(what, body, profile)
+        self._requireCapabilities(body, name, profile)
         if upstreamRequest.ignoredOptions:
             self.log.debug(
                 "Ignored options with no TabbyAPI equivalent for {model}: {options}",
@@ -223,6 +224,25 @@ class OllamaRoutes:
         if profile is None:
             raise ClientError(404, f"model '{name}' not found")
         return name, profile
+
+    def _requireCapabilities(self, body: dict[str, Any], name: str, profile: Profile) -> None:
+        """
+        Refuse what the model cannot do, as Ollama does, so clients can fall back (to a prompt
+        without tools, say): C{tools}, C{think} (unless false) and a C{suffix}.
+
+        @raise ClientError: 400 C{"NAME" does not support tools} (or C{thinking}, C{insert}).
+        """
+        wanted = [capability for capability, asked in (
+            ("tools", bool(body.get("tools"))),
+            ("thinking", body.get("think") not in (None, False)),
+            ("insert", bool(body.get("suffix"))),
+        ) if asked]
+        if not wanted:
+            return
+        available = capabilities(profile, self.state.install.modelDirectory(profile))
+        for capability in wanted:
+            if capability not in available:
+                raise ClientError(400, f"{json.dumps(name)} does not support {capability}")
 
     @staticmethod
     def _streaming(body: dict[str, Any]) -> bool:
@@ -324,6 +344,9 @@ class OllamaRoutes:
             dimensions = embedDimensions(body) if shape == "embed" else None
         except OllamaRequestError as e:
             raise ClientError(400, str(e)) from e
+        if not hasEmbeddings(profile):
+            # TabbyAPI would load the model only to answer that it has no embedding model.
+            raise ClientError(400, f"{json.dumps(name)} does not support embedding")
         lease = await self.state.supervisor.acquire(profile, keepAlive)
         try:
             vectors: list[list[float]] = []

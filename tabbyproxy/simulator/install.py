@@ -21,6 +21,12 @@ from tabbyproxy.config import (
 )
 
 
+_CHAT_TEMPLATE = (
+    "{% if tools %}{{ tools | tojson }}{% endif %}{% for message in messages %}{{ message.content }}\n{% endfor %}"
+    "{% if enable_thinking %}<think>\n{% endif %}"
+)
+
+
 def simulatedInstall(directory: Path, catalog: Catalog, auth: bool) -> TabbyInstall:
     """
     Make C{directory} the simulator's working directory and describe it as a TabbyAPI install.
@@ -44,7 +50,8 @@ def simulatedInstall(directory: Path, catalog: Catalog, auth: bool) -> TabbyInst
 def addModelFolders(install: TabbyInstall, catalog: Catalog) -> None:
     """
     Give every profile of C{catalog} a model folder the simulator can load (profiles added by a
-    reload need theirs too): a C{config.json} with the profile's context length.
+    reload need theirs too): a C{config.json} with the profile's context length, and a chat
+    template that takes tools and thinking, as the simulator answers both.
     """
     for profile in catalog:
         modelFolder = install.directory / "models" / profile.modelName
@@ -57,3 +64,4 @@ def addModelFolders(install: TabbyInstall, catalog: Catalog) -> None:
             json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                         "max_position_embeddings": maxSeqLen}),
         )
+        writePrivate(modelFolder / "chat_template.jinja", _CHAT_TEMPLATE)

@@ -129,7 +129,8 @@ class OllamaClientTests(TestCase):
 
     async def test_embed(self) -> None:
         """
-        embed answers one normalized vector per input; the legacy embeddings call answers one.
+        embed answers one normalized vector per input; the legacy embeddings call answers one; a
+        profile without an embedding model is a 400 at once, and show says which can embed.
         """
         proxy = RunningProxy(self, PROFILES)
         client = ollamaClient(self, proxy)
@@ -142,8 +143,11 @@ class OllamaClientTests(TestCase):
         legacy = await inThread(lambda: client.embeddings(model="beta:latest", prompt="first"))
         self.assertEqual(len(legacy.embedding), 8)
         error = await responseError(lambda: client.embed(model="alpha", input="x"))
-        self.assertEqual(error.status_code, 503)
-        self.assertIn("No embedding models", error.error)
+        self.assertEqual((error.status_code, error.error), (400, '"alpha" does not support embedding'))
+        running = proxy.supervisor.current
+        self.assertEqual(running.profile.id if running else None, "beta")
+        self.assertEqual((await inThread(lambda: client.show("beta"))).capabilities,
+                         ["completion", "tools", "thinking", "embedding"])
 
     async def test_loadUnloadAndKeepAlive(self) -> None:
         """

@@ -40,6 +40,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "qwen": {
         "model": {"model_name": "Qwen3-8B-exl3", "max_seq_len": 32768},
         "template": {"temperature": 0.6, "top_k": 20, "system": "Be brief."},
+        "embeddings": {"embedding_model_name": "bge-small"},
     },
     "llama": {"model": {"model_name": "Llama-3-8B-exl2"}},
     "coder:7b": {"model": {"model_name": "Coder-7B"}},
@@ -106,6 +107,13 @@ class OllamaTestCase(SynchronousTestCase):
     def upstreamBodies(self) -> list[tuple[str, Any]]:
         return [(path, body) for path, body, _ in self.proxy.tabby.requests]
 
+    def toolsAndThinking(self, profileId: str) -> None:
+        """
+        Give the profile's model a chat template that takes tools and thinking.
+        """
+        (self.modelFolder(profileId) / "chat_template.jinja").write_text(
+            "{% if tools %}{{ tools }}{% endif %}{% if enable_thinking %}<think>{% endif %}")
+
     def modelFolder(self, profileId: str) -> Path:
         folder = self.proxy.state.install.modelDirectory(self.proxy.catalog.profiles[profileId])
         folder.mkdir(parents=True, exist_ok=True)
@@ -136,6 +144,7 @@ class ListingTests(OllamaTestCase):
             return tuple(int(part) for part in version.split("."))
 
         self.assertEqual(parsed(OLLAMA_VERSION), max(parsed(version) for version in relied.values()))
+        self.toolsAndThinking("qwen")
         self.proxy.tabby.chunks = events(HEAD_TOOLS)
         lines = ndjsonDocuments(self.post("/api/chat", {
             "model": "qwen", "messages": [{"role": "user", "content": "Weather?"}],
@@ -192,6 +201,8 @@ class ListingTests(OllamaTestCase):
         )
         self.assertEqual(models["qwen:latest"]["size"], 0)
         self.assertEqual(models["qwen:latest"]["details"]["format"], "exl3")
+        self.assertEqual([(entry["capabilities"], entry["details"]["context_length"]) for entry in document["models"]],
+                         [(["completion"], 8192), (["completion"], 8192), (["completion", "embedding"], 32768)])
         response, raw = self.call("HEAD", "/api/tags")
         self.assertEqual((response.code, raw), (200, b""))
 
@@ -213,7 +224,7 @@ class ListingTests(OllamaTestCase):
             self.assertIn("temperature                    0.6", document["parameters"])
             self.assertEqual(document["system"], "Be brief.")
             self.assertEqual(document["template"], "{% if tools %}{{ tools }}{% endif %}")
-            self.assertEqual(document["capabilities"], ["completion", "tools"])
+            self.assertEqual(document["capabilities"], ["completion", "tools", "embedding"])
             self.assertEqual(document["details"]["family"], "qwen3")
             self.assertRegex(document["modified_at"], TIMESTAMP)
 
@@ -341,28 +352,50 @@ class GenerationTests(OllamaTestCase):
         self.assertEqual(second["messages"], [{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "Hi"}])
 
-    def test_generateRawAndSuffix(self) -> None:
+    def test_generateRaw(self) -> None:
         """
-        C{raw} and C{suffix} requests go to /v1/completions with the prompt as it is (and no
-        profile system prompt); both generations' completion streams become C{response} lines.
+        C{raw} requests go to /v1/completions with the prompt as it is (and no profile system
+        prompt); both generations' completion streams become C{response} lines.
         """
         for recorded, reason in ((HEAD_COMPLETIONS, "length"), (OLD_COMPLETIONS, "stop")):
             self.proxy.tabby.chunks = events(recorded)
             document = self.assertJSON(*self.post("/api/generate", {
                 "model": "qwen", "prompt": "[INST]Once", "raw": True, "stream": False}))
             self.assertEqual((document["response"], document["done_reason"]), ("Once upon", reason))
-        self.post("/api/generate", {"model": "qwen", "prompt": "def f(", "suffix": "return 1"})
         bodies = self.upstreamBodies()
-        self.assertEqual([path for path, _ in bodies], ["/v1/completions"] * 3)
+        self.assertEqual([path for path, _ in bodies], ["/v1/completions"] * 2)
         self.assertEqual(bodies[0][1]["prompt"], "[INST]Once")
-        self.assertEqual((bodies[2][1]["prompt"], bodies[2][1]["suffix"]), ("def f(", "return 1"))
-        self.assertEqual(bodies[2][1]["temperature"], 0.6)
-        self.assertNotIn("messages", bodies[2][1])
+        self.assertEqual(bodies[0][1]["temperature"], 0.6)
+        self.assertNotIn("messages", bodies[0][1])
+
+    def test_capabilitiesRefused(self) -> None:
+        """
+        C{tools}, C{think} and a C{suffix} on a model that cannot take them are 400s in Ollama's
+        words, before the model loads, so clients fall back; C{think: false} and empty tools
+        are fine (issue 11, item 9).
+        """
+        user = [{"role": "user", "content": "Hi"}]
+        tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+        for path, body, missing in (
+            ("/api/chat", {"model": "Qwen", "messages": user, "tools": [tool]}, "tools"),
+            ("/api/chat", {"model": "qwen", "messages": user, "think": True}, "thinking"),
+            ("/api/generate", {"model": "qwen", "prompt": "Hi", "think": "high"}, "thinking"),
+            ("/api/generate", {"model": "qwen:latest", "prompt": "def f(", "suffix": "return 1"}, "insert"),
+        ):
+            self.assertOllamaError(*self.post(path, body), 400, f'{json.dumps(body["model"])} does not support {missing}')
+        self.assertEqual(self.proxy.reactor.spawned, [])
+        self.toolsAndThinking("qwen")
+        self.proxy.tabby.chunks = events(HEAD_CHAT)
+        for body in ({"tools": [tool], "think": True}, {"think": False, "tools": []}):
+            self.assertJSON(*self.post("/api/chat", {"model": "qwen", "messages": user, "stream": False, **body}))
+        self.assertOllamaError(*self.post("/api/generate", {"model": "qwen", "prompt": "x", "suffix": "y"}),
+                               400, '"qwen" does not support insert')
 
     def test_thinking(self) -> None:
         """
         C{think} turns on the template switch, and reasoning comes back as C{thinking}.
         """
+        self.toolsAndThinking("qwen")
         self.proxy.tabby.chunks = events(HEAD_REASONING)
         document = self.assertJSON(*self.post("/api/chat", {
             "model": "qwen", "think": True, "stream": False, "messages": [{"role": "user", "content": "Hi"}]}))
@@ -375,6 +408,7 @@ class GenerationTests(OllamaTestCase):
         client sends them back with the tool's results, TabbyAPI gets string arguments and
         matching C{tool_call_id}s.
         """
+        self.toolsAndThinking("qwen")
         self.proxy.tabby.chunks = events(HEAD_TOOLS)
         tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
         lines = ndjsonDocuments(self.post("/api/chat", {
@@ -755,6 +789,15 @@ class EmbeddingTests(OllamaTestCase):
         self.assertOllamaError(*self.embed("/api/embed", {"model": "qwen", "input": "a"}, {"data": []}),
                                502, "does not hold 1 vectors")
         self.assertOllamaError(*self.post("/api/embed", {"model": "qwen", "input": [1]}), 400, "input must be")
+
+    def test_profileWithoutEmbeddings(self) -> None:
+        """
+        Embedding with a profile that loads no embedding model is a 400 at once, in Ollama's
+        words, without loading the model (TabbyAPI would only answer 503 after the load).
+        """
+        for path, body in (("/api/embed", {"model": "Llama", "input": "a"}), ("/api/embeddings", {"model": "llama", "prompt": "a"})):
+            self.assertOllamaError(*self.post(path, body), 400, f'{json.dumps(body["model"])} does not support embedding')
+        self.assertEqual(self.proxy.reactor.spawned, [])
 
 
 class AuthTests(OllamaTestCase):

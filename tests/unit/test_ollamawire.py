@@ -735,27 +735,20 @@ class GenerateRequestTests(SynchronousTestCase):
 
     def test_suffixAndTemplate(self) -> None:
         """
-        A C{suffix} sends the prompt to C{/v1/completions} with the suffix, C{system}
-        prepended with a blank line; C{template} is accepted and not applied.
+        C{suffix} and C{template} are checked and not sent (the route refuses a C{suffix}).
         """
-        request = generateRequest(
-            {"prompt": "def f(", "suffix": "\n    return x", "template": "{{ .Prompt }}",
-             "system": "Python."}
-        )
-        self.assertEqual(request.path, COMPLETIONS_PATH)
-        self.assertFalse(request.profileSystem)
-        self.assertEqual(request.body["suffix"], "\n    return x")
-        self.assertEqual(request.body["prompt"], "Python.\n\ndef f(")
+        request = generateRequest({"prompt": "def f(", "suffix": "", "template": "{{ .Prompt }}"})
+        self.assertEqual(request.path, CHAT_PATH)
+        self.assertNotIn("suffix", request.body)
         self.assertNotIn("template", request.body)
+        for field in ("suffix", "template"):
+            self.assertRaises(OllamaRequestError, generateRequest, {"prompt": "x", field: 1})
 
     def test_images(self) -> None:
         """
-        With images the request goes to the chat endpoint, as a system and a user message, even
-        with a suffix (only the chat endpoint takes images).
+        With images the request goes to the chat endpoint, as a system and a user message.
         """
-        request = generateRequest(
-            {"prompt": "What?", "system": "Terse.", "images": [PNG], "suffix": "!"}
-        )
+        request = generateRequest({"prompt": "What?", "system": "Terse.", "images": [PNG]})
         self.assertEqual(request.path, CHAT_PATH)
         self.assertEqual(
             request.body["messages"],
