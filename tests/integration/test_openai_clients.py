@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import openai
+from openai.types import Completion, CreateEmbeddingResponse, ErrorObject, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import BaseModel
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
@@ -142,3 +145,77 @@ class OpenAINodeTests(TestCase):
         self.assertEqual(set(result["completionModels"]), {"alpha"})
         self.assertEqual(result["error"], {"status": 404, "type": "invalid_request_error",
                                            "code": "model_not_found", "param": None})
+
+
+class SDKTypesTests(TestCase):
+    """
+    Every reply and stream chunk of the C{/v1} surface validates against the C{openai} SDK's own
+    pydantic types, strictly for the fields they declare (item 6).
+    """
+
+    timeout = 60
+
+    async def test_everyAnswerValidates(self) -> None:
+        """
+        Chat and completions, streamed or not, with a tool call and with usage; the model list
+        and one model; embeddings; and errors (C{ErrorObject}).
+        """
+        profiles = {**PROFILES, "beta": {"model": {"model_name": "Beta-exl3"},
+                                         "embeddings": {"embedding_model_name": "bge-small"}}}
+        proxy = RunningProxy(self, profiles)
+        headers: dict[bytes | str, bytes | str] = {"Connection": "close"}
+
+        async def answer(method: str, path: str, body: object = None) -> tuple[int, bytes]:
+            response = await proxy.http.request(method, proxy.url + path, headers=headers,
+                                                json=body if body is not None else None)
+            return response.code, await response.content()
+
+        def validate(model: type[BaseModel], document: object) -> None:
+            model.model_validate(document, strict=True)
+
+        def events(raw: bytes) -> list[Any]:
+            data = [line[len(b"data: "):] for line in raw.splitlines() if line.startswith(b"data: ")]
+            self.assertEqual(data[-1], b"[DONE]")
+            return [json.loads(item) for item in data[:-1]]
+
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        chats: list[dict[str, Any]] = [
+            {"messages": MESSAGES, "max_tokens": 4},
+            {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": tools},
+        ]
+        for chat in chats:
+            code, raw = await answer("POST", "/v1/chat/completions", {"model": "alpha", **chat})
+            self.assertEqual(code, 200, raw)
+            validate(ChatCompletion, json.loads(raw))
+            code, raw = await answer("POST", "/v1/chat/completions", {
+                "model": "alpha", "stream": True, "stream_options": {"include_usage": True}, **chat})
+            for chunk in events(raw):
+                validate(ChatCompletionChunk, chunk)
+        self.assertIn(b'"tool_calls"', raw)
+        code, raw = await answer("POST", "/v1/completions", {"model": "alpha", "prompt": "Once", "max_tokens": 3})
+        validate(Completion, json.loads(raw))
+        code, raw = await answer("POST", "/v1/completions", {"model": "alpha", "prompt": "Once", "max_tokens": 3,
+                                                              "stream": True, "stream_options": {"include_usage": True}})
+        for chunk in events(raw):
+            # OpenAI's own completions stream has a null finish_reason until the end, which the
+            # SDK's Completion (used for chunks too) does not declare: only that one is let pass.
+            for choice in chunk["choices"]:
+                if choice["finish_reason"] is None:
+                    choice["finish_reason"] = "stop"
+            validate(Completion, chunk)
+        code, raw = await answer("GET", "/v1/models")
+        listed = json.loads(raw)
+        self.assertEqual(listed["object"], "list")
+        for card in listed["data"]:
+            validate(Model, card)
+        validate(Model, json.loads((await answer("GET", "/v1/models/alpha"))[1]))
+        code, raw = await answer("POST", "/v1/embeddings", {"model": "beta", "input": ["a", "b"]})
+        self.assertEqual(code, 200, raw)
+        validate(CreateEmbeddingResponse, json.loads(raw))
+        for method, path, body in (("POST", "/v1/chat/completions", {"model": "nope", "messages": MESSAGES}),
+                                   ("POST", "/v1/nope", {}),
+                                   ("POST", "/v1/chat/completions", {"model": "alpha", "messages": 1})):
+            code, raw = await answer(method, path, body)
+            self.assertGreaterEqual(code, 400)
+            validate(ErrorObject, json.loads(raw)["error"])
