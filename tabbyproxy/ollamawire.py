@@ -43,6 +43,7 @@ from tabbyproxy.tabbywire import (
     Finish,
     ReasoningDelta,
     TextDelta,
+    TokenLogprobs,
     ToolCallArguments,
     ToolCallStart,
     Usage,
@@ -489,6 +490,30 @@ def _tools(value: object) -> list[dict[str, Any]]:
     return tools
 
 
+def topLogprobs(body: Mapping[str, Any]) -> int:
+    """
+    C{top_logprobs}: how many of the likeliest tokens to give at each place (0 when absent).
+
+    @raise OllamaRequestError: outside 0-20, in Ollama's words.
+    """
+    value = body.get("top_logprobs")
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise OllamaRequestError("top_logprobs must be between 0 and 20")
+    return value
+
+
+def _logprobs(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    top = topLogprobs(body)
+    if not _flag(body, "logprobs"):
+        return {}
+    if chat:
+        return {"logprobs": True, "top_logprobs": top}
+    # Completions take one number: how many likeliest tokens, 1 at least to get any.
+    return {"logprobs": max(top, 1)}
+
+
 def _common(body: Mapping[str, Any]) -> tuple[dict[str, Any], MappedOptions]:
     if not isinstance(body, Mapping):
         raise OllamaRequestError("the request body must be a JSON object")
@@ -504,12 +529,13 @@ def chatRequest(body: Mapping[str, Any]) -> UpstreamRequest:
     An Ollama C{/api/chat} body as a TabbyAPI C{/v1/chat/completions} request: messages (images
     as data URI parts, tool calls with string arguments and ids, tool results with the
     C{tool_call_id} of the call they answer, C{thinking} as C{reasoning_content}), C{tools},
-    C{options}, C{format} and C{think}.
+    C{options}, C{format}, C{think}, C{logprobs} and C{top_logprobs}.
 
     @raise OllamaRequestError: for fields of the wrong type or bad values.
     """
     upstream, options = _common(body)
     upstream["messages"] = _chatMessages(_list(body.get("messages"), "messages"))
+    upstream.update(_logprobs(body, chat=True))
     tools = _tools(body.get("tools"))
     if tools:
         upstream["tools"] = tools
@@ -526,8 +552,8 @@ def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
     Templated (the default): a C{/v1/chat/completions} request with C{system} as a system
     message and the prompt (and images) as one user message, for the model's chat template;
     the profile's system prompt belongs in front.  With C{raw: true} (and no images): a
-    C{/v1/completions} request with the prompt as it is.  Both carry C{options}, C{format} and
-    C{think}; C{template} and C{suffix} are checked but ignored.
+    C{/v1/completions} request with the prompt as it is.  Both carry C{options}, C{format},
+    C{think}, C{logprobs} and C{top_logprobs}; C{template} and C{suffix} are checked but ignored.
 
     @raise OllamaRequestError: for fields of the wrong type or bad values.
     """
@@ -539,6 +565,7 @@ def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
     raw = _flag(body, "raw")
     images = _list(body.get("images"), "images")
     upstream.update(_think(body))
+    upstream.update(_logprobs(body, chat=bool(images or not raw)))
     if images or not raw:
         messages: list[dict[str, Any]] = []
         if system and not raw:
@@ -638,6 +665,7 @@ class StreamTranslator:
     @ivar startedAt: when the request arrived, by C{clock}.
     @ivar loadDuration: seconds the request waited for the model to load.
     @ivar callIds: makes the id of each tool call in the reply.
+    @ivar topLogprobs: how many of the likeliest tokens the client asked for at each place.
     """
 
     what: What
@@ -646,6 +674,8 @@ class StreamTranslator:
     startedAt: float
     loadDuration: float = 0.0
     callIds: Callable[[], str] = newToolCallId
+    topLogprobs: int = 0
+    _logprobs: list[dict[str, Any]] = field(factory=list, init=False)
     _content: list[str] = field(factory=list, init=False)
     _thinking: list[str] = field(factory=list, init=False)
     _toolCalls: dict[int, _ToolCall] = field(factory=dict, init=False)
@@ -705,6 +735,12 @@ class StreamTranslator:
                 createdAt = createdAt or self._output()
                 self._thinking.append(event.text)
                 lines.append((createdAt, "", event.text))
+            elif isinstance(event, TokenLogprobs):
+                entries = [self._ollamaLogprob(token, value, top) for token, value, top in event.tokens]
+                self._logprobs.extend(entries)
+                last = lines[-1] if lines else None
+                if isinstance(last, tuple):
+                    lines[-1] = {**self._textLine(*last), "logprobs": entries}
             elif isinstance(event, ToolCallStart):
                 self._toolCalls[event.index] = _ToolCall(self.callIds(), name=event.name)
                 toolCallsChanged = True
@@ -744,6 +780,19 @@ class StreamTranslator:
             line["thinking"] = thinking
         line["done"] = False
         return line
+
+    def _ollamaLogprob(self, token: str, value: float, top: tuple[tuple[str, float], ...]) -> dict[str, Any]:
+        """
+        One of Ollama's C{logprobs} entries: the token, its log probability and UTF-8 bytes, and
+        the likeliest tokens at its place (left out when none were asked for).
+        """
+        entry: dict[str, Any] = {"token": token, "logprob": value, "bytes": list(token.encode("utf-8"))}
+        if self.topLogprobs and top:
+            entry["top_logprobs"] = [
+                {"token": name, "logprob": logprob, "bytes": list(name.encode("utf-8"))}
+                for name, logprob in top[: self.topLogprobs]
+            ]
+        return entry
 
     def _ollamaToolCall(self, index: int, call: _ToolCall) -> dict[str, Any]:
         arguments = call.finalArguments()
@@ -829,7 +878,7 @@ class StreamTranslator:
     def aggregate(self) -> dict[str, Any]:
         """
         The single answer for C{stream: false}: L{finish}'s object with the whole content,
-        thinking and tool calls.
+        thinking, tool calls and log probabilities.
         """
         content = "".join(self._content)
         thinking = "".join(self._thinking)
@@ -841,7 +890,10 @@ class StreamTranslator:
         ]
         if calls:
             message["tool_calls"] = calls
-        return self._final(message, content, thinking)
+        final = self._final(message, content, thinking)
+        if self._logprobs:
+            final["logprobs"] = self._logprobs
+        return final
 
 
 # ---------------------------------------------------------------------------------------------

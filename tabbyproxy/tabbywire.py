@@ -164,7 +164,19 @@ class StreamError:
     message: str
 
 
-Event = Union[TextDelta, ReasoningDelta, ToolCallStart, ToolCallArguments, Usage, Finish, StreamError]
+@frozen
+class TokenLogprobs:
+    """
+    The log probabilities of a chunk's tokens, when the request asked for them.
+
+    @ivar tokens: each token, its log probability, and the most likely tokens at its place
+        with theirs (as many as the request asked for).
+    """
+
+    tokens: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...]
+
+
+Event = Union[TextDelta, ReasoningDelta, TokenLogprobs, ToolCallStart, ToolCallArguments, Usage, Finish, StreamError]
 
 _decodeJSON = json.JSONDecoder().decode
 
@@ -181,6 +193,48 @@ def _seconds(value: object) -> float | None:
     return float(value)
 
 
+def _logprob(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _logprobTokens(logprobs: Mapping[str, Any]) -> tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...]:
+    """
+    A choice's C{logprobs} as L{TokenLogprobs.tokens}: chat's C{content} list of
+    C{{token, logprob, top_logprobs: [{token, logprob}]}}, or completions' parallel C{tokens},
+    C{token_logprobs} and C{top_logprobs} (one C{{token: logprob}} map per token).
+    """
+    result = []
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        for item in content:
+            if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+                continue
+            value = _logprob(item.get("logprob"))
+            if value is None:
+                continue
+            top = item.get("top_logprobs")
+            alternatives = tuple(
+                (alternative["token"], float(alternative["logprob"]))
+                for alternative in (top if isinstance(top, list) else [])
+                if isinstance(alternative, dict) and isinstance(alternative.get("token"), str)
+                and _logprob(alternative.get("logprob")) is not None
+            )
+            result.append((item["token"], value, alternatives))
+        return tuple(result)
+    tokens, values, tops = logprobs.get("tokens"), logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
+    if not isinstance(tokens, list) or not isinstance(values, list):
+        return ()
+    tops = tops if isinstance(tops, list) else []
+    for position, (token, value) in enumerate(zip(tokens, values)):
+        number = _logprob(value)
+        if not isinstance(token, str) or number is None:
+            continue
+        top = tops[position] if position < len(tops) and isinstance(tops[position], dict) else {}
+        alternatives = tuple((name, float(lp)) for name, lp in top.items() if _logprob(lp) is not None)
+        result.append((token, number, alternatives))
+    return tuple(result)
+
+
 class ChatStreamDecoder:
     """
     Decodes what TabbyAPI answers a generation request with into L{Event}s: its event stream
@@ -188,7 +242,8 @@ class ChatStreamDecoder:
     parsed (L{decode}).  Both generations' shapes are read, HEAD's and 2025-02's (roles in
     deltas, usage in every chunk or in a chunk without choices), chat and completions alike.
 
-    Within one chunk the events come in the order reasoning, text, tool calls, finish, usage.
+    Within one chunk the events come in the order reasoning, text, log probabilities, tool
+    calls, finish, usage.
     A tool call's L{ToolCallStart} comes once, the first time its index is seen.
 
     @ivar complete: whether the stream's C{[DONE]} arrived.
@@ -256,6 +311,11 @@ class ChatStreamDecoder:
                 text = choice.get("text")
             if text and isinstance(text, str):
                 events.append(TextDelta(text))
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):
+                tokens = _logprobTokens(logprobs)
+                if tokens:
+                    events.append(TokenLogprobs(tokens))
             toolCalls = delta.get("tool_calls")
             if toolCalls and isinstance(toolCalls, list):
                 self._decodeToolCalls(toolCalls, events)

@@ -45,6 +45,7 @@ from tabbyproxy.ollamawire import (
     generateRequest,
     isEmptyRequest,
     loadReply,
+    topLogprobs,
     unloadReply,
     upstreamEmbeddings,
 )
@@ -64,11 +65,11 @@ from tabbyproxy.supervisor import ChildState, Lease
 from tabbyproxy.tabbywire import ChatStreamDecoder
 from tabbyproxy.upstream import UpstreamBroken
 
-OLLAMA_VERSION = "0.12.10"
+OLLAMA_VERSION = "0.12.11"
 """
-What C{/api/version} answers: the newest Ollama version whose API the emulation matches (0.12.10
-added ids to tool calls in replies), plain and numeric: VS Code Copilot wants at least 0.6.4, and
-clients parse each part as a number.
+What C{/api/version} answers: the newest Ollama version whose API the emulation matches (0.12.11
+added C{logprobs}), plain and numeric: VS Code Copilot wants at least 0.6.4, and clients parse
+each part as a number.
 """
 
 NOT_MANAGED = (
@@ -192,7 +193,7 @@ class OllamaRoutes:
         try:
             translator = StreamTranslator(
                 what=what, modelName=name, clock=self._seconds, startedAt=startedAt,
-                loadDuration=lease.waited,
+                loadDuration=lease.waited, topLogprobs=topLogprobs(body),
             )
             return await self._relay(request, lease, upstreamRequest, translator, streaming)
         finally:

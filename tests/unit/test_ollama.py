@@ -138,6 +138,7 @@ class ListingTests(OllamaTestCase):
             "think levels (low, medium, high)": "0.11.1",
             "/api/embed dimensions": "0.11.11",
             "ids on tool calls in replies": "0.12.10",
+            "logprobs and top_logprobs": "0.12.11",
         }
 
         def parsed(version: str) -> tuple[int, ...]:
@@ -390,6 +391,25 @@ class GenerationTests(OllamaTestCase):
             self.assertJSON(*self.post("/api/chat", {"model": "qwen", "messages": user, "stream": False, **body}))
         self.assertOllamaError(*self.post("/api/generate", {"model": "qwen", "prompt": "x", "suffix": "y"}),
                                400, '"qwen" does not support insert')
+
+    def test_logprobs(self) -> None:
+        """
+        C{logprobs} and C{top_logprobs} reach TabbyAPI, and TabbyAPI's come back on the lines;
+        C{top_logprobs} outside 0-20 is Ollama's 400 (issue 11, item 8).
+        """
+        self.proxy.tabby.chunks = [
+            b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi",'
+            b'"logprob":-0.5,"top_logprobs":[{"token":"Hi","logprob":-0.5}]}]}}]}\r\n\r\n',
+            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\r\n\r\ndata: [DONE]\r\n\r\n']
+        user = [{"role": "user", "content": "Hi"}]
+        lines = ndjsonDocuments(self.post("/api/chat", {"model": "qwen", "messages": user, "logprobs": True,
+                                                        "top_logprobs": 2})[1])
+        hi = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}
+        self.assertEqual(lines[0]["logprobs"], [{**hi, "top_logprobs": [hi]}])
+        body = self.upstreamBodies()[0][1]
+        self.assertEqual((body["logprobs"], body["top_logprobs"]), (True, 2))
+        self.assertOllamaError(*self.post("/api/chat", {"model": "qwen", "messages": user, "top_logprobs": 21}),
+                               400, "top_logprobs must be between 0 and 20")
 
     def test_thinking(self) -> None:
         """

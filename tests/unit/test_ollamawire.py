@@ -12,6 +12,7 @@ import re
 from datetime import datetime
 from typing import Any, cast
 
+import ollama
 from attrs import define, field
 from hypothesis import given
 from hypothesis import strategies as st
@@ -48,6 +49,7 @@ from tabbyproxy.tabbywire import (
     Event,
     ReasoningDelta,
     TextDelta,
+    TokenLogprobs,
     ToolCallArguments,
     ToolCallStart,
 )
@@ -1160,6 +1162,79 @@ class NDJSONTemplateTests(SynchronousTestCase):
                 self.assertGreaterEqual(original * scaled, 0.0)
         else:
             self.assertEqual(result, vector)
+
+
+class LogprobsTests(SynchronousTestCase):
+    """
+    C{logprobs} and C{top_logprobs} both ways (issue 11, item 8).
+    """
+
+    def test_request(self) -> None:
+        """
+        Chat and templated generate ask TabbyAPI for C{logprobs} and C{top_logprobs}; raw
+        generate (completions) for one number, at least 1; nothing without C{logprobs}; a
+        C{top_logprobs} outside 0-20 is Ollama's error.
+        """
+        user = [{"role": "user", "content": "x"}]
+        body = chatRequest({"messages": user, "logprobs": True, "top_logprobs": 3}).body
+        self.assertEqual((body["logprobs"], body["top_logprobs"]), (True, 3))
+        body = generateRequest({"prompt": "x", "logprobs": True}).body
+        self.assertEqual((body["logprobs"], body["top_logprobs"]), (True, 0))
+        self.assertEqual(generateRequest({"prompt": "x", "raw": True, "logprobs": True}).body["logprobs"], 1)
+        self.assertEqual(generateRequest({"prompt": "x", "raw": True, "logprobs": True, "top_logprobs": 5}).body["logprobs"], 5)
+        self.assertNotIn("logprobs", chatRequest({"messages": user, "top_logprobs": 2}).body)
+        for bad in (-1, 21, 2.5, True, "3"):
+            with self.assertRaises(OllamaRequestError) as caught:
+                chatRequest({"messages": user, "logprobs": True, "top_logprobs": bad})
+            self.assertEqual(str(caught.exception), "top_logprobs must be between 0 and 20")
+
+    def test_chatAnswer(self) -> None:
+        """
+        TabbyAPI's chat logprobs come back on the line of their text as Ollama's entries
+        (token, logprob, UTF-8 bytes, top_logprobs cut to what was asked), and all of them in
+        the C{stream: false} answer; the ollama package's own types accept both.
+        """
+        translate, clock = translator()
+        translate.translator.topLogprobs = 1
+        top = [{"token": "H\u00e9", "logprob": -0.1}, {"token": "Yo", "logprob": -2.5}]
+        lines = translate.feed({"choices": [{"index": 0, "delta": {"content": "H\u00e9"}, "logprobs": {
+            "content": [{"token": "H\u00e9", "logprob": -0.1, "top_logprobs": top}]}}]})
+        lines += translate.feed({"choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop",
+                                              "logprobs": {"content": [{"token": "!", "logprob": -1}]}}]})
+        first = {"token": "H\u00e9", "logprob": -0.1, "bytes": [72, 195, 169],
+                 "top_logprobs": [{"token": "H\u00e9", "logprob": -0.1, "bytes": [72, 195, 169]}]}
+        second = {"token": "!", "logprob": -1.0, "bytes": [33]}
+        self.assertEqual([line["logprobs"] for line in lines], [[first], [second]])
+        whole = translate.aggregate()
+        self.assertEqual(whole["logprobs"], [first, second])
+        for line in [*lines, whole]:
+            ollama.ChatResponse.model_validate(line, strict=True)
+        self.assertNotIn("logprobs", translate.finish())
+
+    def test_completionsAnswer(self) -> None:
+        """
+        Completions' parallel lists (raw generate) become the same entries; without
+        C{top_logprobs} asked, entries have none.
+        """
+        translate, clock = translator("generate")
+        [line] = translate.feed({"choices": [{"index": 0, "text": "Once", "logprobs": {
+            "tokens": ["Once"], "token_logprobs": [-0.5], "top_logprobs": [{"Once": -0.5, "Twice": -3.0}],
+            "text_offset": [0]}}]})
+        self.assertEqual(line["logprobs"], [{"token": "Once", "logprob": -0.5, "bytes": [79, 110, 99, 101]}])
+        ollama.GenerateResponse.model_validate(line, strict=True)
+        self.assertEqual(ChatStreamDecoder().decode({"choices": [{"index": 0, "text": "x", "logprobs": {
+            "tokens": ["x"], "token_logprobs": [-1], "top_logprobs": [{"x": -1, "y": -2}]}}]})[1],
+            TokenLogprobs((("x", -1.0, (("x", -1.0), ("y", -2.0))),)))
+
+    def test_ndjsonSameAsObjects(self) -> None:
+        """
+        A line with logprobs is written exactly as its object, on the template path too.
+        """
+        made = [translator()[0].translator for _ in range(2)]
+        events = ChatStreamDecoder().decode({"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": {
+            "content": [{"token": "a", "logprob": -0.25}]}}]})
+        expected = b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in made[0].feed(events))
+        self.assertEqual(made[1].feedNDJSON(events), expected)
 
 
 class EmptyRequestReplyTests(SynchronousTestCase):
