@@ -36,7 +36,7 @@ from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_
 from tabbyproxy.reloader import ProfileReloader
 from tabbyproxy.simulator.install import simulatedInstall
 from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
-from tabbyproxy.upstream import Upstream, treqClient
+from tabbyproxy.upstream import ReadTimeouts, Upstream, treqClient
 
 log = Logger()
 
@@ -148,6 +148,12 @@ class Options(usage.Options):
         ["backlog", None, None,
          "Connections the kernel may queue before the proxy accepts them "
          "[default: the system's net.core.somaxconn, else 1024].", _positiveInt("backlog")],
+        ["first-token-timeout", None, ReadTimeouts().firstToken,
+         "How long TabbyAPI may take to send the first piece of an answer's body (a long prompt is "
+         "read first) before the proxy ends the answer with an error.", _positiveSeconds("first-token-timeout")],
+        ["chunk-timeout", None, ReadTimeouts().betweenChunks,
+         "How long TabbyAPI may stay silent between two pieces of an answer before the proxy ends it "
+         "with an error.", _positiveSeconds("chunk-timeout")],
         ["keep-request-bodies", None, 0,
          "Keep the prompt text of the last N requests for the dashboard's request list (prompts are "
          "private: none are kept by default).", _keptBodies],
@@ -387,7 +393,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         catalog=lambda: profiles.catalog,
         install=install,
         supervisor=supervisor,
-        upstream=Upstream(agent, install.keys.upstreamHeaders),
+        upstream=Upstream(agent, install.keys.upstreamHeaders, reactor,
+                          ReadTimeouts(options["first-token-timeout"], options["chunk-timeout"])),
         clock=reactor,
         maxBodySize=options["max-body-size"],
         metrics=metrics,

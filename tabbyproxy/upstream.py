@@ -18,10 +18,11 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Mapping, cast
 
 import treq
+from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -78,6 +79,27 @@ class UpstreamBroken(Exception):
     """
 
 
+class UpstreamStalled(UpstreamBroken):
+    """
+    TabbyAPI's answer stopped coming: nothing arrived for longer than L{ReadTimeouts} allow, and
+    the proxy closed the connection.
+    """
+
+
+@frozen
+class ReadTimeouts:
+    """
+    How long the body of TabbyAPI's answer may stay silent while the client is reading it.
+
+    @ivar firstToken: before its first piece: a long prompt is read before the first token, which
+        takes minutes on a big model.
+    @ivar betweenChunks: between two pieces.
+    """
+
+    firstToken: float = 300.0
+    betweenChunks: float = 120.0
+
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """
@@ -102,27 +124,42 @@ class BytesProducer:
         pass
 
 
+@implementer(IPushProducer)
 class _BodyPump(Protocol):
     """
-    Hands each piece of an upstream body to C{sink} and reports how the body ended.
+    Hands each piece of an upstream body to C{sink} and reports how the body ended.  It is the
+    producer of the client's request, so a slow client pauses the upstream read, and it ends
+    the body with L{UpstreamStalled} when TabbyAPI stays silent too long (while the client does
+    not hold it paused).
     """
 
     transport: IPushProducer  # type: ignore[assignment]
 
-    def __init__(self, request: Request, sink: Callable[[bytes], None], done: Deferred[None]) -> None:
+    def __init__(self, request: Request, sink: Callable[[bytes], None], done: Deferred[None],
+                 clock: IReactorTime, timeouts: ReadTimeouts) -> None:
         self.request = request
         self.sink = sink
         self.done = done
+        self.clock = clock
+        self.timeouts = timeouts
         self.producing = False
+        self._received = False
+        self._paused = False
+        self._silence: IDelayedCall | None = None
+        self._stalled: str | None = None
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(self, True)
         self.producing = True
+        self._watch()
 
     def dataReceived(self, data: bytes) -> None:
+        self._received = True
+        self._watch()
         self.sink(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._unwatch()
         if self.producing:
             self.producing = False
             # A request whose client already left has no channel to unregister from.
@@ -130,7 +167,9 @@ class _BodyPump(Protocol):
                 self.request.unregisterProducer()
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if self._stalled is not None:
+            self.done.errback(UpstreamStalled(self._stalled))
+        elif reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
             self.done.errback(UpstreamBroken(f"the connection to TabbyAPI broke: {reason.getErrorMessage()}"))
@@ -139,20 +178,65 @@ class _BodyPump(Protocol):
         if self.producing:
             self.transport.stopProducing()
 
+    def _watch(self) -> None:
+        """
+        Start the wait for the next piece of the body over.
+        """
+        self._unwatch()
+        if self._paused:
+            return
+        if self._received:
+            limit, option = self.timeouts.betweenChunks, "--chunk-timeout"
+        else:
+            limit, option = self.timeouts.firstToken, "--first-token-timeout"
+        self._silence = self.clock.callLater(limit, self._silent, limit, option)
+
+    def _unwatch(self) -> None:
+        if self._silence is not None:
+            if self._silence.active():
+                self._silence.cancel()
+            self._silence = None
+
+    def _silent(self, limit: float, option: str) -> None:
+        self._silence = None
+        self._stalled = f"TabbyAPI sent nothing for {limit:g}s ({option})"
+        self.stop()
+
+    # IPushProducer, for the client's request: time the client holds the body paused is not
+    # TabbyAPI's silence.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._unwatch()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.transport.resumeProducing()
+        self._watch()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
 
 class Upstream:
     """
     Sends requests to the leased TabbyAPI child.
     """
 
-    def __init__(self, agent: IAgent, headers: Mapping[bytes, list[bytes]]) -> None:
+    def __init__(self, agent: IAgent, headers: Mapping[bytes, list[bytes]], clock: IReactorTime,
+                 timeouts: ReadTimeouts = ReadTimeouts()) -> None:
         """
         @param agent: reaches the children (the pooled agent of L{tabbyproxy.relaypool}; an
             in-memory agent in tests).
         @param headers: sent with every request: TabbyAPI's key, when auth is on.
+        @param clock: times the silences of an answer's body.
+        @param timeouts: how long an answer's body may stay silent.
         """
         self.agent = agent
         self.headers = headers
+        self.clock = clock
+        self.timeouts = timeouts
 
     async def call(self, lease: Lease, method: str, path: str, body: bytes | None = None) -> IResponse:
         """
@@ -196,13 +280,13 @@ class Upstream:
             if values:
                 request.responseHeaders.setRawHeaders(name, values)
 
-    @staticmethod
-    def pipe(response: IResponse, request: IRequest, sink: Callable[[bytes], None]) -> Deferred[None]:
+    def pipe(self, response: IResponse, request: IRequest, sink: Callable[[bytes], None]) -> Deferred[None]:
         """
         Feed the body of C{response} to C{sink} as it arrives, paced by C{request}'s consumer.
 
         @return: fires when the body is complete, fails with L{UpstreamBroken} when the
-            connection to TabbyAPI broke, and stops the download when cancelled.
+            connection to TabbyAPI broke (L{UpstreamStalled} when it stayed silent too long, and
+            the proxy closed it), and stops the download when cancelled.
         """
         pump: _BodyPump
 
@@ -211,12 +295,11 @@ class Upstream:
 
         done: Deferred[None] = Deferred(cancel)
         # Every request twisted.web hands a route is a Request, which takes producers.
-        pump = _BodyPump(cast(Request, request), sink, done)
+        pump = _BodyPump(cast(Request, request), sink, done, self.clock, self.timeouts)
         response.deliverBody(pump)
         return done
 
-    @classmethod
-    async def collect(cls, response: IResponse, request: IRequest) -> bytes:
+    async def collect(self, response: IResponse, request: IRequest) -> bytes:
         """
         The whole body of a non-streamed answer, held back until it is complete, so that one
         cut off is an error rather than half a document; stopped when C{request}'s client leaves.
@@ -224,7 +307,7 @@ class Upstream:
         @raise UpstreamBroken: when the connection to TabbyAPI broke before the body was complete.
         """
         pieces: list[bytes] = []
-        await cls.pipe(response, request, pieces.append)
+        await self.pipe(response, request, pieces.append)
         return b"".join(pieces)
 
     @staticmethod

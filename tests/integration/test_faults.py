@@ -30,7 +30,7 @@ from tests.support.processes import pidAlive, waitForExit, waitUntil
 from tests.support.processes import reactor as _reactor
 from tests.support.proxy import RunningProxy
 from tests.support.logs import CapturedEvents
-from tests.support.wire import ssePayloads
+from tests.support.wire import StreamedBody, ssePayloads
 
 # The global reactor, typed as what these tests use of it.
 reactor: Any = _reactor
@@ -382,3 +382,49 @@ class ChildFaultTests(TestCase):
         self.assertEqual(proxy.supervisor.status()["in_flight"], 0)
         self.assertEqual(len(events.stops()), 1)
         self.assertTrue(events.stops()[0].startswith("idle for"))
+
+
+class HungChildTests(TestCase):
+    """
+    Issue 10, item 11: a child that hangs mid-stream (here stopped with SIGSTOP) does not hang
+    its clients: the stream ends with an error event, the child is judged unhealthy and
+    replaced.
+    """
+
+    timeout = 60
+
+    def resumeAndKill(self, pid: int) -> None:
+        """
+        Cleanup for a stopped child: it must not outlive the test, stopped or not.
+        """
+        if pidAlive(pid):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+
+    async def test_stoppedChildEndsItsStreamAndIsReplaced(self) -> None:
+        """
+        SIGSTOP on the child mid-stream: after --chunk-timeout the stream ends with an error
+        event that names it, /status reports the child unhealthy, it is killed, and the next
+        request is served by a fresh child.
+        """
+        proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"token_delay": 0.02}}},
+                             "--chunk-timeout", "1", "--stop-grace", "0.5")
+        response = await proxy.http.post(
+            proxy.url + "/v1/chat/completions", unbuffered=True,
+            json={"model": "slow", "stream": True, "max_tokens": 5000, "messages": [{"role": "user", "content": "x"}]})
+        body = StreamedBody.of(response)
+        await waitUntil(lambda: len(body.data) > 500)
+        pid = proxy.supervisor.status()["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.resumeAndKill, pid)
+
+        await body.ended
+        error = json.loads(ssePayloads(body.data)[-1])["error"]
+        self.assertIn("TabbyAPI sent nothing for 1s (--chunk-timeout)", error["message"])
+        await waitForExit(pid, timeout=30)
+        self.assertIn("is unhealthy", proxy.supervisor.status()["last_error"])
+
+        again = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 2})
+        self.assertEqual(again.code, 200)
+        await again.content()
+        self.assertNotEqual(proxy.supervisor.status()["pid"], pid)

@@ -248,7 +248,7 @@ class InMemoryProxy:
             catalog=lambda: self.catalog,
             install=install,
             supervisor=self.supervisor,
-            upstream=Upstream(self.tabbyAgent, keys.upstreamHeaders),
+            upstream=Upstream(self.tabbyAgent, keys.upstreamHeaders, self.reactor),
             clock=self.reactor,
             maxBodySize=maxBodySize,
             openModelList=openModelList,

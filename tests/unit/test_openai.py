@@ -492,3 +492,70 @@ class CutOffAnswerTests(TestCase):
         [access] = [e for e in self.events.events if e.get("log_format", "").startswith("{method} {path} {status}")]
         self.assertEqual((access["status"], access["log_level"]), (499, LogLevel.info))
         self.assertEqual(len(upstreamGone), 1)
+
+
+class StalledAnswerTests(TestCase):
+    """
+    Issue 10, item 11: an answer whose body stops coming (a hung TabbyAPI) ends with an error
+    after --first-token-timeout or --chunk-timeout, and TabbyAPI's request is closed.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+        self.proxy.tabby.hold = True
+        self.request = self.proxy.client.post("http://localhost/v1/chat/completions", json={
+            "model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        self.proxy.flush()
+        [self.upstream] = self.proxy.tabby.pending
+        self.upstreamGone: list[Failure] = []
+        self.upstream.notifyFinish().addErrback(self.upstreamGone.append)
+        self.upstream.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        self.upstream.write(b"")
+        self.proxy.flush()
+
+    def wait(self, seconds: float) -> None:
+        self.proxy.reactor.advance(seconds)
+        self.proxy.flush()
+
+    def error(self) -> str:
+        """
+        The message of the error the client got: the stream's last event, or the 502 that
+        answers a stream with nothing written yet.
+        """
+        response = self.successResultOf(self.request)
+        collected = content(response)
+        self.proxy.flush()
+        raw = self.successResultOf(collected)
+        if raw.startswith(b"data:"):
+            message: str = sseDocuments(raw)[-1]["error"]["message"]
+            return message
+        self.assertEqual(response.code, 502)
+        message = json.loads(raw)["error"]["message"]
+        return message
+
+    def test_silenceBetweenChunksEndsTheStream(self) -> None:
+        """
+        After a first token, 120 s without another piece end the stream with an error event
+        that names --chunk-timeout, and close TabbyAPI's request.
+        """
+        self.upstream.write(self.proxy.tabby.chunks[0])
+        self.wait(100)
+        self.upstream.write(self.proxy.tabby.chunks[0])
+        self.proxy.flush()
+        self.wait(119)
+        self.assertEqual(self.upstreamGone, [])
+        self.wait(1)
+        self.assertIn("TabbyAPI sent nothing for 120s (--chunk-timeout)", self.error())
+        self.assertEqual(len(self.upstreamGone), 1)
+        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+
+    def test_firstTokenMayTakeLonger(self) -> None:
+        """
+        Before the first token the wait is --first-token-timeout (300 s): a long prompt is read
+        first.
+        """
+        self.wait(299)
+        self.assertEqual(self.upstreamGone, [])
+        self.wait(1)
+        self.assertIn("(--first-token-timeout)", self.error())
+        self.assertEqual(len(self.upstreamGone), 1)
