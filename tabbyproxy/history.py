@@ -19,7 +19,8 @@ from attrs import asdict, evolve, frozen
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from tabbyproxy.server import ProxyRequest, pathOf, routeLabel
+from tabbyproxy.channel import pathOf
+from tabbyproxy.server import UNMATCHED, ProxyRequest
 
 DEFAULT_SIZE = 500
 
@@ -160,8 +161,8 @@ def recordOf(request: ProxyRequest, status: int, seconds: float, keepPrompt: boo
         id=request.requestId,
         time=datetime.fromtimestamp(request.arrivedAt, timezone.utc).isoformat(timespec="milliseconds"),
         method=request.method.decode("latin-1"),
-        # The path even for a 404 (the metrics call it "unmatched"): an owner wants to see it.
-        route=routeLabel(path, 0)[:200],
+        # The path when no route matched (the metrics call it "unmatched"): an owner wants to see it.
+        route=request.route if request.route != UNMATCHED else path.decode("utf-8", "replace")[:200],
         model=request.modelId,
         status=status,
         seconds=round(seconds, 4),

@@ -21,7 +21,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from tabbyproxy.channel import ErrorBody, ProxyChannel, pathOf, rawResponse
+from tabbyproxy.channel import ErrorBody, ProxyChannel, rawResponse
 from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimit
 from tabbyproxy.metrics import Metrics
 
@@ -31,9 +31,8 @@ DEFAULT_REQUEST_TIMEOUT = 300.0
 
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
-# Paths whose last part is a name: one metrics label for all of them.
-_NAMED_ROUTES = ((b"/v1/models/", "/v1/models/{model}"), (b"/v1/responses/", "/v1/responses/{id}"),
-                 (b"/api/blobs/", "/api/blobs/{digest}"))
+# The route label of a request no route table matched (a 404, a 403 before routing).
+UNMATCHED = "unmatched"
 
 # Answers whose body is a stream of events, counted per event for the chunk metrics.
 _EVENT_SEPARATORS = {b"text/event-stream": b"data:", b"application/x-ndjson": b"\n"}
@@ -94,16 +93,13 @@ def noteBody(request: IRequest, raw: bytes) -> None:
         request.body = raw
 
 
-def routeLabel(path: bytes, status: int) -> str:
+def noteRoute(request: IRequest, route: str) -> None:
     """
-    The route a path belongs to, with few enough values to be a metrics label.
+    Say which route C{request} matched (its rule, such as C{/v1/models/{name}}), so its metrics
+    are labelled by the route and never by the path the client spelled.
     """
-    if status == 404:
-        return "unmatched"
-    for prefix, label in _NAMED_ROUTES:
-        if path.startswith(prefix):
-            return label
-    return path.decode("utf-8", "replace")
+    if isinstance(request, ProxyRequest):
+        request.route = route
 
 
 class ProxyRequest(Request):
@@ -113,6 +109,7 @@ class ProxyRequest(Request):
     C{Content-Length} over the site's limit, or a chunked body that grows past it, is answered
     with a 413 at once and the connection closed, without buffering it.
 
+    @ivar route: the route the request matched, once routed (L{UNMATCHED} when none did).
     @ivar modelId: the profile the request is for, once a route knows it.
     @ivar usage: the prompt's and the answer's tokens, when a route knows them exactly.
     @ivar body: the body a route read, if one did.
@@ -124,6 +121,7 @@ class ProxyRequest(Request):
     _bodySize = 0
     _awaitingBody = False
     requestId = ""
+    route = UNMATCHED
     modelId: str | None = None
     _arrivedAt = 0.0
     _firstByteAt: float | None = None
@@ -188,8 +186,7 @@ class ProxyRequest(Request):
             return
         self._accounted = True
         seconds = site.reactor.seconds() - self._arrivedAt
-        path = pathOf(self.uri)
-        route = routeLabel(path, status)
+        route = self.route
         model = self.modelId or ""
         series = site.metrics.forRequest(route, model, status)
         series.requests.inc()

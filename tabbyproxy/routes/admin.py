@@ -16,7 +16,6 @@ from collections import deque
 from typing import Any, Callable
 
 from attrs import define
-from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -31,6 +30,7 @@ from tabbyproxy.routes.common import (
     PLAIN,
     ClientError,
     ProxyState,
+    RouteTable,
     producing,
     queryFlag,
     registerErrorAnswers,
@@ -108,7 +108,7 @@ class AdminRoutes:
     The routes outside C{/v1} and C{/api}.  Errors are C{{"error": "..."}}.
     """
 
-    app = Klein()
+    app = RouteTable()
     registerErrorAnswers(app, PLAIN)
 
     state: ProxyState

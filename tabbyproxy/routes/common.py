@@ -13,6 +13,7 @@ a 500 in the same shape, never with twisted.web's HTML page.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -31,7 +32,7 @@ from tabbyproxy.jsontypes import describeJSON
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer
 from tabbyproxy.metrics import Metrics
-from tabbyproxy.server import DEFAULT_MAX_BODY, modelOf, noteBody, requestIdOf
+from tabbyproxy.server import DEFAULT_MAX_BODY, modelOf, noteBody, noteRoute, requestIdOf
 from tabbyproxy.supervisor import SchedulingError, Supervisor
 from tabbyproxy.tabbywire import sseEvent
 from tabbyproxy.upstream import Upstream, UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
@@ -40,6 +41,29 @@ log = Logger()
 
 # Built once: json.dumps with arguments makes a new encoder per call.
 _encodeCompact = json.JSONEncoder(separators=(",", ":")).encode
+
+# A variable part of a werkzeug rule: <name> or <converter:name>.
+_RULE_VARIABLE = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
+
+
+class RouteTable(Klein):
+    """
+    A Klein app that tells each request it serves which of its routes matched (L{noteRoute}):
+    the rule, with C{{name}} for each variable part, so that C{//health}, C{/h%65alth} and
+    C{/health} count as one route in the metrics.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._routeNames: dict[str, str] = {}
+
+    def execute_endpoint(self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        name = self._routeNames.get(endpoint)
+        if name is None:
+            rule = next(self.url_map.iter_rules(endpoint)).rule
+            name = self._routeNames[endpoint] = _RULE_VARIABLE.sub(r"{\1}", rule)
+        noteRoute(request, name)
+        return super().execute_endpoint(endpoint, request, *args, **kwargs)
 
 
 class ClientError(Exception):

@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from attrs import define, field
-from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -42,6 +41,7 @@ from tabbyproxy.routes.common import (
     ANTHROPIC,
     ClientError,
     ProxyState,
+    RouteTable,
     readJSONObject,
     registerErrorAnswers,
     takeKeepAlive,
@@ -65,7 +65,7 @@ class MessagesRoutes:
     The C{/v1/messages} routes, and C{/v1/models} as Anthropic lists models.
     """
 
-    app = Klein()
+    app = RouteTable()
     registerErrorAnswers(app, ANTHROPIC)
     log = Logger()
 

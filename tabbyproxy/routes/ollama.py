@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any, Callable, Literal
 
 from attrs import define, field
-from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -53,6 +52,7 @@ from tabbyproxy.routes.common import (
     PLAIN,
     ClientError,
     ProxyState,
+    RouteTable,
     errorLine,
     ndjsonLine,
     readJSONObject,
@@ -115,7 +115,7 @@ class OllamaRoutes:
     The C{/api/*} routes.
     """
 
-    app = Klein()
+    app = RouteTable()
     registerErrorAnswers(app, PLAIN)
     log = Logger()
 

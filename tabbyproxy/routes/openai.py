@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any, Callable
 
 from attrs import define, field
-from klein import Klein
 from twisted.web.iweb import IRequest
 
 from tabbyproxy.config import Profile
@@ -25,6 +24,7 @@ from tabbyproxy.routes.common import (
     OPENAI,
     ClientError,
     ProxyState,
+    RouteTable,
     readJSONObject,
     registerErrorAnswers,
     takeKeepAlive,
@@ -43,7 +43,7 @@ class OpenAIRoutes:
     The C{/v1/*} routes.
     """
 
-    app = Klein()
+    app = RouteTable()
     registerErrorAnswers(app, OPENAI)
 
     state: ProxyState

@@ -20,7 +20,6 @@ from datetime import datetime
 from typing import Any, Callable
 
 from attrs import define, field
-from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -38,6 +37,7 @@ from tabbyproxy.routes.common import (
     OPENAI,
     ClientError,
     ProxyState,
+    RouteTable,
     readJSONObject,
     registerErrorAnswers,
     takeKeepAlive,
@@ -68,7 +68,7 @@ class ResponsesRoutes:
     @ivar store: the kept responses, for C{previous_response_id}.
     """
 
-    app = Klein()
+    app = RouteTable()
     registerErrorAnswers(app, OPENAI)
     log = Logger()
 

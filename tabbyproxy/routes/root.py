@@ -23,7 +23,7 @@ from tabbyproxy.routes.openai import OpenAIRoutes
 from tabbyproxy.routes.responses import ResponsesRoutes
 from tabbyproxy.routes.ui import UIRoutes
 from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS
-from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ProxySite
+from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ProxySite, noteRoute
 
 
 class Router(Resource):
@@ -80,6 +80,7 @@ class BrowserOrOllama(Resource):
 
     def render(self, request: IRequest) -> Any:
         if request.method == b"GET" and b"text/html" in (request.getHeader(b"accept") or b""):
+            noteRoute(request, "/")
             request.setResponseCode(302)
             request.setHeader(b"Location", b"/ui/")
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")

@@ -27,7 +27,6 @@ from importlib import resources
 from typing import Any, Callable
 
 from attrs import Factory, define, field, frozen
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -43,6 +42,7 @@ from tabbyproxy.routes.common import (
     PLAIN,
     ClientError,
     ProxyState,
+    RouteTable,
     producing,
     queryFlag,
     readJSONObject,
@@ -325,7 +325,7 @@ class UIRoutes:
     The dashboard's page, its JSON API, and C{/events}.  Errors are C{{"error": "..."}}.
     """
 
-    app = Klein()
+    app = RouteTable()
     registerErrorAnswers(app, PLAIN)
     log = Logger()
 

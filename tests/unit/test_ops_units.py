@@ -12,10 +12,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from tabbyproxy.check import main as check
 from tabbyproxy.logbuffer import LogBuffer, LogBufferService
 from tabbyproxy.metrics import Metrics
+from tests.support.fakes import InMemoryProxy, SiteAgent
 
 
 def writeProfile(directory: Path, profileId: str, text: str) -> None:
@@ -151,3 +153,38 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(families["tabbyproxy_requests_waiting"].samples[0].value, 1)
         [loaded] = families["tabbyproxy_model_loaded"].samples
         self.assertEqual((loaded.labels, loaded.value), ({"model": "qwen", "state": "ready"}, 1))
+
+
+class RouteLabelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), {"alpha": {"model": {"model_name": "Alpha"}}})
+        self.agent = SiteAgent(self.proxy.site)
+
+    def get(self, target: bytes) -> int:
+        """
+        Send C{target} as it is, without a client's normalisation, and return the status.
+        """
+        answered = self.agent.request(b"GET", b"http://localhost" + target, Headers({b"Host": [b"localhost"]}))
+        self.agent.flush()
+        code: int = self.successResultOf(answered).code
+        return code
+
+    def routeLabels(self) -> dict[str, float]:
+        return {sample.labels["route"]: sample.value
+                for family in self.proxy.state.metrics.registry.collect() if family.name == "tabbyproxy_requests"
+                for sample in family.samples if sample.name == "tabbyproxy_requests_total"}
+
+    def test_labelledByTheMatchedRoute(self) -> None:
+        """
+        Every spelling of a route's path counts under the route's rule (variable parts as
+        C{{name}}), and every path no route matches under one C{unmatched} label, however many
+        different paths are tried: the metrics cannot be grown by requests.
+        """
+        for target in (b"/health", b"//health", b"/h%65alth", b"///status", b"/v1/models/alpha",
+                       b"/v1/models/%61lpha"):
+            self.assertEqual(self.get(target), 200, target)
+        for number in range(50):
+            self.assertEqual(self.get(b"/nope/%d" % (number,)), 404)
+            self.assertEqual(self.get(b"/v1/nope%d" % (number,)), 404)
+        self.assertEqual(self.routeLabels(),
+                         {"/health": 3, "/status": 1, "/v1/models/{name}": 2, "unmatched": 100})
