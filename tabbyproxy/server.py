@@ -14,6 +14,7 @@ import itertools
 import os
 import re
 from typing import Any, Callable, cast
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web import http
@@ -38,19 +39,27 @@ UNMATCHED = "unmatched"
 _EVENT_SEPARATORS = {b"text/event-stream": b"data:", b"application/x-ndjson": b"\n"}
 
 
-# Query parameters whose value is a secret (api_key=, token=, ...): masked in the access log.
-_SECRET_QUERY = re.compile(rb"(?i)(^|[?&;])([^=&;]*(?:key|token|secret|passw|auth|sig)[^=&;]*=)[^&;]*")
+# Query parameter names (once percent-decoded) whose value is a secret: masked in the access log.
+_SECRET_NAME = re.compile(rb"(?i)key|token|secret|passw|pwd|auth|sig|cred|session")
+# What separates query parameters, kept by re.split so the target is rebuilt as it came.
+_QUERY_SEPARATOR = re.compile(rb"([&;])")
 
 
 def maskedTarget(uri: bytes) -> bytes:
     """
     A request target fit for a log line: the value of every query parameter named like a
-    credential (C{api_key}, C{token}, C{password}, ...) replaced by C{***}.
+    credential (C{api_key}, C{token}, C{password}, ..., also when its name is percent-encoded)
+    replaced by C{***}.
     """
     path, question, query = uri.partition(b"?")
     if not question:
         return uri
-    return path + b"?" + _SECRET_QUERY.sub(rb"\1\2***", query)
+    parts = _QUERY_SEPARATOR.split(query)
+    for index in range(0, len(parts), 2):
+        name, equals, _ = parts[index].partition(b"=")
+        if equals and _SECRET_NAME.search(unquote_to_bytes(name.replace(b"+", b" "))):
+            parts[index] = name + b"=***"
+    return path + b"?" + b"".join(parts)
 
 
 def requestIdOf(request: IRequest) -> str | None:

@@ -362,3 +362,13 @@ class QueryKeysNotLoggedTests(SynchronousTestCase):
         self.assertEqual(access["path"], "/v1/models?api_key=***&x=1&Token=***")
         self.assertEqual(maskedTarget(b"/a?access_token=t;password=p&q=ok"), b"/a?access_token=***;password=***&q=ok")
         self.assertEqual(maskedTarget(b"/plain"), b"/plain")
+
+    def test_encodedNamesAreMasked(self) -> None:
+        """
+        A credential-like parameter name is recognised once percent-decoded (C{%6B} is C{k}),
+        as the server that reads it would decode it; other parameters and bare words stay.
+        """
+        from tabbyproxy.server import maskedTarget
+
+        self.assertEqual(maskedTarget(b"/v1/models?%61pi_%6Bey=s1&x=%6Bey&pass%77ord=s2&session_id=s3&flag&q=a=b"),
+                         b"/v1/models?%61pi_%6Bey=***&x=%6Bey&pass%77ord=***&session_id=***&flag&q=a=b")
