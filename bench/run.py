@@ -863,6 +863,15 @@ def agentAPIs(run: Round, openaiChunks: dict[int, float]) -> None:
                 report.notes.append(f"{scenario} {load} round {run.number}: {result.errors} wrk errors")
 
 
+def stopOnSigterm(signum: int, frame: object) -> None:
+    """
+    SIGTERM (a timeout, a CI job cancelled) ends the run like an exception, so that the cleanup
+    stops every process the run started and removes its directory; a second SIGTERM waits for it.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: every scenario, tiny loads, one round")
@@ -884,6 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     contenders = [name for name in CONTENDERS if name not in options.without.split(",")]
     started = datetime.now(timezone.utc)
     loadBefore = os.getloadavg()[0]
+    signal.signal(signal.SIGTERM, stopOnSigterm)
     try:
         print(f"bench: starting simulators, nginx and the proxy in {root}", file=sys.stderr)
         servers.startDirect("fast", FAST)

@@ -7,7 +7,9 @@ are not installed.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,26 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from tests.support.simulator import REPO_ROOT
 
 TOOLS = ("wrk", "curl")
+
+
+def sessionMembers(session: int) -> list[int]:
+    """
+    The live processes of a session, read from /proc (fields 3 and 6 of each process's stat);
+    a zombie has exited, only its parent has not reaped it yet.
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name, in parentheses, may itself hold spaces.
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[3]) == session:
+            members.append(int(entry.name))
+    return members
 
 
 def nginxInstalled() -> bool:
@@ -57,3 +79,41 @@ class BenchSmokeTests(SynchronousTestCase):
             self.assertIn("contenders: direct, nginx, proxy", table)
         self.assertNotIn("failed", table)
         self.assertNotIn("errors", table)
+
+    def test_sigtermStopsEverything(self) -> None:
+        """
+        SIGTERM in the middle of a run ends it with status 143 after stopping every process it
+        started (the simulators, nginx, the proxy and the proxy's child) and removing its
+        directory.
+        """
+        if not Path("/proc/self/stat").exists():
+            raise SkipTest("needs /proc to find the run's processes")
+        root = ""
+        bench = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--quick", "--only", "b"],
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+
+        def killLeftovers() -> None:
+            for pid in sessionMembers(bench.pid):
+                os.kill(pid, signal.SIGKILL)
+            bench.wait()
+            if root:
+                shutil.rmtree(root, ignore_errors=True)
+
+        self.addCleanup(killLeftovers)
+        assert bench.stderr is not None
+        with bench.stderr:
+            for line in bench.stderr:
+                if line.startswith("bench: starting"):
+                    root = line.rsplit(" in ", 1)[1].strip()
+                if line.startswith("bench: round 1"):
+                    break
+            self.assertTrue(root)
+            bench.send_signal(signal.SIGTERM)
+            # Read on until it exits: it reports figures as it goes, and a closed pipe would
+            # end it with an error of its own instead of the signal's.
+            bench.stderr.read()
+        self.assertEqual(bench.wait(120), 128 + signal.SIGTERM)
+        self.assertEqual(sessionMembers(bench.pid), [])
+        self.assertFalse(Path(root).exists())
