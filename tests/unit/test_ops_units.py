@@ -5,12 +5,14 @@ The operations helpers on their own: the config check, the in-memory log, the me
 from __future__ import annotations
 
 import io
+import weakref
 from pathlib import Path
+from typing import cast
 
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -109,6 +111,38 @@ class LogBufferTests(SynchronousTestCase):
         self.assertEqual(records[1]["level"], LogLevel.warn.name)
         self.assertEqual(records[0]["model"], "a")
         self.assertEqual(seen, ["Starting a", "Model successfully loaded."])
+
+    def test_recordsAsFormattedKeepingNothingAlive(self) -> None:
+        """
+        A record's text and time read later are what Twisted formats for the event, whatever its
+        fields, and the buffer keeps neither the event's source nor the objects it names.
+        """
+        publisher = LogPublisher()
+        buffer = LogBuffer()
+        publisher.addObserver(buffer)
+
+        class Source:
+            log = Logger(observer=publisher)
+
+            def __repr__(self) -> str:
+                return "<a source>"
+
+        source = Source()
+        named = Source()
+        formatted: list[str] = []
+        publisher.addObserver(cast(ILogObserver, lambda event: formatted.append(formatEvent(event))))
+        source.log.info("GET {path} {status} {seconds:.3f}s{forModel}", path="/health", status=200,
+                        seconds=0.00123, forModel="", request_id="r1")
+        source.log.info("Named {thing!r} and {thing.log.namespace}, {missing}", thing=named)
+        source.log.info("{a[0]} {b}", a="xy", b=None)
+        references = weakref.ref(source), weakref.ref(named)
+        del source, named
+        self.assertEqual([ref() for ref in references], [None, None])
+        records = list(buffer)
+        self.assertEqual([record["text"] for record in records], formatted)
+        self.assertEqual(records[0]["text"], "GET /health 200 0.001s")
+        self.assertEqual((records[0]["request_id"], records[0]["status"]), ("r1", 200))
+        self.assertRegex(records[0]["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
 
 
 class MetricsTests(SynchronousTestCase):
