@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from tabbyproxy.config import Catalog
 from tabbyproxy.simulator.install import addModelFolders
-from tabbyproxy.supervisor import Supervisor
+from tabbyproxy.scheduler import Scheduler
 
 
 class ProfileReloader(Service):
@@ -25,7 +25,7 @@ class ProfileReloader(Service):
 
     log = Logger()
 
-    def __init__(self, catalog: Catalog, configDir: Path, supervisor: Supervisor, simulated: bool) -> None:
+    def __init__(self, catalog: Catalog, configDir: Path, supervisor: Scheduler, simulated: bool) -> None:
         self.catalog = catalog
         self.configDir = configDir
         self.supervisor = supervisor
@@ -66,7 +66,7 @@ class ProfileReloader(Service):
             "Reloaded the profiles in {directory}: added {added}, removed {removed}, changed {changed}",
             directory=str(self.configDir), added=added, removed=removed, changed=changed,
         )
-        running = self.supervisor.current
-        if running is not None and running.profile.id in removed:
-            self.log.info("Unloading {model}: its profile was removed", model=running.profile.id)
-            self.supervisor.unload()
+        for running in self.supervisor.snapshot():
+            if running.profile.id in removed:
+                self.log.info("Unloading {model}: its profile was removed", model=running.profile.id)
+                self.supervisor.unload(running.profile.id)

@@ -35,8 +35,9 @@ from tabbyproxy.routes.root import makeSite
 from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT
 from tabbyproxy.reloader import ProfileReloader
 from tabbyproxy.simulator.install import simulatedInstall
-from tabbyproxy.supervisor import Supervisor, SupervisorSettings, diesWithParent
-from tabbyproxy.upstream import ReadTimeouts, Upstream, treqClient
+from tabbyproxy.child import ChildSettings, diesWithParent
+from tabbyproxy.scheduler import Scheduler, SchedulerSettings
+from tabbyproxy.upstream import ReadTimeouts, Upstream
 
 log = Logger()
 
@@ -236,7 +237,7 @@ class _RuntimeDirectory(Service):
     exited.
     """
 
-    def __init__(self, path: Path, supervisor: Supervisor) -> None:
+    def __init__(self, path: Path, supervisor: Scheduler) -> None:
         self.path = path
         self.supervisor = supervisor
 
@@ -255,7 +256,7 @@ class _Preload(Service):
     """
 
     def __init__(
-        self, supervisor: Supervisor, profileId: str, profiles: ProfileReloader, keepAlive: float | None
+        self, supervisor: Scheduler, profileId: str, profiles: ProfileReloader, keepAlive: float | None
     ) -> None:
         self.supervisor = supervisor
         self.profileId = profileId
@@ -361,16 +362,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     pool = makeConnectionPool(reactor)
     _ConnectionPool(pool).setServiceParent(top)
     agent = makeAgent(reactor, pool)
-    supervisor = Supervisor(
+    supervisor = Scheduler(
         install,
         reactor,
-        treqClient(agent),
+        reactor,
+        agent,
         runtime,
-        SupervisorSettings(
+        SchedulerSettings(
             unloadTimer=options["unload-timer"],
-            loadTimeout=options["load-timeout"],
-            stopGrace=options["stop-grace"],
             maxWaiting=options["max-waiting"],
+            child=ChildSettings(loadTimeout=options["load-timeout"], stopGrace=options["stop-grace"]),
         ),
         wrapCommand=diesWithParent,
         metrics=metrics,

@@ -14,12 +14,10 @@ stops it, which closes the connection to TabbyAPI so it stops generating.
 
 from __future__ import annotations
 
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Mapping, cast
 
 import treq
 from attrs import frozen
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
@@ -32,7 +30,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IRequest, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from tabbyproxy.supervisor import Lease
+from tabbyproxy.scheduler import Lease
 from tabbyproxy.tabbywire import upstreamErrorMessage
 
 # Headers of TabbyAPI's answer worth passing on; hop-by-hop and framing headers are the proxy's.
@@ -40,14 +38,6 @@ RELAYED_HEADERS = (b"content-type", b"cache-control", b"x-accel-buffering")
 
 # What a request that never got an answer fails with.
 _NO_ANSWER = (ConnectError, ConnectingCancelledError, ResponseNeverReceived, ResponseFailed)
-
-
-def treqClient(agent: IAgent) -> HTTPClient:
-    """
-    treq's API over C{agent}, for the supervisor's C{/health} checks, with a cookie jar that never
-    stores anything.
-    """
-    return HTTPClient(agent, cookiejar=cast(Any, CookieJar(DefaultCookiePolicy(allowed_domains=[]))))
 
 
 class UpstreamUnreachable(Exception):

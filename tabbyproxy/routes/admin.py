@@ -184,11 +184,11 @@ class AdminRoutes:
     @app.route("/unload", methods=["POST"])
     async def unload(self, request: IRequest) -> bytes:
         self.state.requireKey(request, Permission.ADMIN)
-        running = self.state.supervisor.current
-        if running is None:
+        running = self.state.supervisor.snapshot()
+        if not running:
             return writeJSON(request, 200, {"status": "success", "unloaded": None})
         await self.state.supervisor.unload()
-        return writeJSON(request, 200, {"status": "success", "unloaded": running.profile.id})
+        return writeJSON(request, 200, {"status": "success", "unloaded": running[0].profile.id})
 
 
 def _logFilter(request: IRequest) -> LogFilter:

@@ -33,7 +33,7 @@ from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer
 from tabbyproxy.metrics import Metrics
 from tabbyproxy.server import DEFAULT_MAX_BODY, modelOf, noteBody, noteRoute, requestIdOf
-from tabbyproxy.supervisor import SchedulingError, Supervisor
+from tabbyproxy.scheduler import SchedulingError, Scheduler
 from tabbyproxy.tabbywire import sseEvent
 from tabbyproxy.upstream import Upstream, UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
 
@@ -92,7 +92,7 @@ class ProxyState:
 
     catalog: Callable[[], Catalog]
     install: TabbyInstall
-    supervisor: Supervisor
+    supervisor: Scheduler
     upstream: Upstream
     clock: IReactorTime
     maxBodySize: int = DEFAULT_MAX_BODY

@@ -61,7 +61,8 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.server import noteModel, requestIdOf
-from tabbyproxy.supervisor import ChildState, Lease
+from tabbyproxy.child import ChildState
+from tabbyproxy.scheduler import Lease
 from tabbyproxy.tabbywire import ChatStreamDecoder
 from tabbyproxy.upstream import UpstreamBroken
 
@@ -156,14 +157,13 @@ class OllamaRoutes:
     @app.route("/api/ps", methods=["GET"])
     def ps(self, request: IRequest) -> bytes:
         self.state.requireKey(request)
-        supervisor = self.state.supervisor
-        child = supervisor.current
         models = []
-        # A stopping model will never answer again: a client that just unloaded it (or a swap
-        # that is under way) should not see it as loaded.
-        if child is not None and child.state is not ChildState.STOPPING:
-            folder = self.state.install.modelDirectory(child.profile)
-            models.append(psEntry(child.profile, folder, supervisor.expiresAt()))
+        for running in self.state.supervisor.snapshot():
+            # A stopping model will never answer again: a client that just unloaded it (or a swap
+            # that is under way) should not see it as loaded.
+            if running.state is not ChildState.STOPPING:
+                folder = self.state.install.modelDirectory(running.profile)
+                models.append(psEntry(running.profile, folder, running.expiresAt))
         return writeJSON(request, 200, {"models": models})
 
     # -- generation
@@ -282,8 +282,7 @@ class OllamaRoutes:
         if keepAlive == 0:
             # Like Ollama, answer at once; the child stops now if idle, else after its last
             # request.  The Deferred only says when it has exited.
-            running = supervisor.current
-            if running is not None and running.profile.id == profile.id:
+            if supervisor.runningModel(profile.id) is not None:
                 self.log.info("Unloading {model}: an empty request asked with keep_alive 0", model=profile.id)
             supervisor.unloadIdle(profile)
             return writeJSON(request, 200, unloadReply(what, name, self._seconds))

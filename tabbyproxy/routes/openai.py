@@ -32,7 +32,7 @@ from tabbyproxy.routes.common import (
 )
 from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
 from tabbyproxy.server import noteModel
-from tabbyproxy.supervisor import Lease
+from tabbyproxy.scheduler import Lease
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 
 _ERROR_EVENT = b'data: {"error"'
@@ -76,10 +76,10 @@ class OpenAIRoutes:
     def _profileFor(self, body: dict[str, Any]) -> Profile:
         name = body.pop("model", None)
         if name is None:
-            running = self.state.supervisor.current
-            if running is None:
+            running = self.state.supervisor.snapshot()
+            if not running:
                 raise ClientError(400, "model is required: GET /v1/models lists the available ids")
-            return running.profile
+            return running[0].profile
         profile = self.state.catalog().resolve(name)
         if profile is None:
             shown = name if isinstance(name, str) else json.dumps(name)
@@ -174,14 +174,13 @@ class OpenAIRoutes:
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: IRequest) -> bytes:
         self.state.requireListingKey(request)
-        running = self.state.supervisor.current
+        loaded = {running.profile.id for running in self.state.supervisor.snapshot()}
         return writeJSON(
             request,
             200,
             {
                 "object": "list",
-                "data": [self._card(profile, running is not None and running.profile.id == profile.id)
-                         for profile in self.state.catalog()],
+                "data": [self._card(profile, profile.id in loaded) for profile in self.state.catalog()],
             },
         )
 
@@ -191,8 +190,7 @@ class OpenAIRoutes:
         profile = self.state.catalog().resolve(name)
         if profile is None:
             raise ClientError(404, f"model '{name}' not found")
-        running = self.state.supervisor.current
-        return writeJSON(request, 200, self._card(profile, running is not None and running.profile is profile))
+        return writeJSON(request, 200, self._card(profile, self.state.supervisor.runningModel(profile.id) is not None))
 
     @staticmethod
     def _card(profile: Profile, loaded: bool) -> dict[str, Any]:
@@ -230,10 +228,10 @@ class OpenAIRoutes:
             profile = self._profileFor(body)
             keepAlive = takeKeepAlive(body)
         else:
-            running = self.state.supervisor.current
-            if running is None:
+            running = self.state.supervisor.snapshot()
+            if not running:
                 raise ClientError(503, "no model is loaded; name one with \"model\" to start it")
-            profile = running.profile
+            profile = running[0].profile
             if body is not None:
                 keepAlive = takeKeepAlive(body)
         await self.forward(request, profile, keepAlive, path, body, streaming=False, method=method)

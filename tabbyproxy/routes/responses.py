@@ -46,7 +46,7 @@ from tabbyproxy.routes.common import (
 from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
 from tabbyproxy.routes.translated import TranslatedStream, relayChat, requestedModel
 from tabbyproxy.server import noteModel, requestIdOf
-from tabbyproxy.supervisor import SchedulingError
+from tabbyproxy.scheduler import SchedulingError
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.upstream import UpstreamAnswered, UpstreamUnreachable
 

@@ -17,7 +17,7 @@ from tabbyproxy.config import Catalog, Profile
 from tabbyproxy.responseswire import sseFrame
 from tabbyproxy.routes.common import ClientError
 from tabbyproxy.routes.loading import LoadingTicks
-from tabbyproxy.supervisor import Lease
+from tabbyproxy.scheduler import Lease
 from tabbyproxy.tabbywire import ChatStreamDecoder, Event
 from tabbyproxy.upstream import Upstream, UpstreamBroken
 

@@ -410,11 +410,10 @@ class UIRoutes:
         """
         self.state.requireKey(request, Permission.ADMIN)
         profile = self._profileIn(request)
-        running = self.state.supervisor.current
-        if running is None or running.profile.id != profile.id:
+        if self.state.supervisor.runningModel(profile.id) is None:
             return writeJSON(request, 200, {"status": "not loaded", "model": profile.id})
         self.log.info("Unloading {model}: asked from the dashboard", model=profile.id)
-        self.state.supervisor.unload()
+        self.state.supervisor.unload(profile.id)
         self.watch.poke()
         return writeJSON(request, 202, {"status": "unloading", "model": profile.id})
 

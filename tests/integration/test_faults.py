@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import treq
-from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
-from tabbyproxy.config import Catalog
-from tabbyproxy.supervisor import Lease, Supervisor, SupervisorSettings
-from tests.support.fakes import FakeProcessReactor, FakeTabby, fakeChildsListener, fakeInstall, writeProfiles
+from tabbyproxy.child import ChildSettings
+from tabbyproxy.scheduler import Lease, SchedulerSettings
+from tests.support.fakes import RunningScheduler
 from tests.support.processes import pidAlive, waitForExit, waitUntil
 from tests.support.processes import reactor as _reactor
 from tests.support.proxy import RunningProxy
@@ -66,23 +68,15 @@ class UnhealthyChildTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        root = Path(self.mktemp())
-        root.mkdir()
-        self.catalog: Catalog = writeProfiles(root / "config", {"a": {"model": {"model_name": "A", "unload_timer": 60}}})
-        self.reactor = FakeProcessReactor()
-        self.tabby = FakeTabby()
-        runtime = root / "runtime"
-        runtime.mkdir()
-        ports = iter(range(7001, 8000))
-        self.supervisor = Supervisor(
-            fakeInstall(root / "tabby"), self.reactor, StubTreq(self.tabby), runtime,
-            SupervisorSettings(unloadTimer=300, loadTimeout=100, stopGrace=GRACE), pickPort=lambda: next(ports),
-            ownsListener=fakeChildsListener,
+        self.fake = RunningScheduler(
+            Path(self.mktemp()),
+            {"a": {"model": {"model_name": "A", "unload_timer": 60}}},
+            settings=SchedulerSettings(unloadTimer=300, child=ChildSettings(loadTimeout=100, stopGrace=GRACE)),
         )
-        self.supervisor.startService()
+        self.reactor, self.tabby, self.supervisor = self.fake.reactor, self.fake.tabby, self.fake.scheduler
 
     def acquire(self) -> Deferred[Lease]:
-        return self.supervisor.acquire(self.catalog.profiles["a"])
+        return self.fake.acquire("a")
 
     def test_unhealthyWhenIdleIsStoppedAndReplaced(self) -> None:
         """
@@ -138,7 +132,7 @@ class UnhealthyChildTests(SynchronousTestCase):
         moment later, and replaced when it still does not answer.
         """
         lease = self.successResultOf(self.acquire())
-        self.supervisor.http = _Refusing()
+        lease.child.agent = _Refusing()
         lease.release()
         self.assertEqual(self.reactor.spawned[0].signals, [])
         self.reactor.advance(0.2)
@@ -152,7 +146,7 @@ class UnhealthyChildTests(SynchronousTestCase):
         """
         lease = self.successResultOf(self.acquire())
         process = self.reactor.spawned[0]
-        self.supervisor.http = _Refusing()
+        lease.child.agent = _Refusing()
         lease.release()
         process.exit(1)
         self.reactor.advance(0.2)
@@ -185,18 +179,20 @@ class UnhealthyChildTests(SynchronousTestCase):
         self.reactor.advance(0.001)
         self.reactor.advance(1000)
         self.assertEqual(self.reactor.spawned[0].signals, [])
-        self.assertIs(lease.child, self.supervisor.current)
+        self.assertEqual(len(self.reactor.spawned), 1)
         lease.release()
         self.reactor.advance(60)
         self.assertEqual(self.reactor.spawned[0].signals, ["TERM"])
 
 
+@implementer(IAgent)
 class _Refusing:
     """
     An HTTP client for a TabbyAPI whose port is closed: every request fails to connect.
     """
 
-    def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
         return fail(ConnectionRefusedError())
 
 
@@ -229,7 +225,7 @@ class ChildFaultTests(TestCase):
         self.assertNotIn("[DONE]", events)
         self.assertIn("connection to TabbyAPI broke", json.loads(events[-1])["error"]["message"])
 
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         status = await (await proxy.http.get(proxy.url + "/status")).json()
         self.assertEqual(status["state"], "stopped")
         self.assertIn(f"(pid {pid}) was killed by signal 9 unexpectedly", status["last_error"])
@@ -284,7 +280,7 @@ class ChildFaultTests(TestCase):
             self.assertEqual(response.code, 503)
             self.assertIn("did not become ready within 5s (--load-timeout)", (await response.json())["error"]["message"])
         await waitForExit(pid, timeout=5)
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertEqual(events.stops(), ["load timeout"])
         self.assertTrue(any("ignoring it (simulator.ignore_sigterm)" in line for line in events.childLines()))
         self.assertTrue(any("sending SIGKILL" in e.get("log_format", "") for e in events.events))
@@ -324,7 +320,7 @@ class ChildFaultTests(TestCase):
         response = await proxy.http.post(proxy.url + "/v1/chat/completions", json=chat)
         _, events = streamedText(await response.content())
         self.assertIn("error", json.loads(events[-1]))
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertIn("is unhealthy: GET /health answered 503", proxy.supervisor.status()["last_error"])
         self.assertFalse(pidAlive(firstPid))
 
@@ -359,7 +355,7 @@ class ChildFaultTests(TestCase):
         await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 0)
         await done
         self.assertIn(b"[DONE]", b"".join(received))
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertEqual(events.starts(), ["alpha"])
         self.assertEqual(len(events.stops()), 1)
         self.assertTrue(events.stops()[0].startswith("idle for"))
@@ -378,7 +374,7 @@ class ChildFaultTests(TestCase):
         request.cancel()
         await DeferredList([request], consumeErrors=True)
         await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 0)
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertEqual(proxy.supervisor.status()["in_flight"], 0)
         self.assertEqual(len(events.stops()), 1)
         self.assertTrue(events.stops()[0].startswith("idle for"))

@@ -89,7 +89,7 @@ class OpenAIClientTests(TestCase):
             model="alpha", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
             extra_body={"keep_alive": 0}))
         pid = proxy.supervisor.status()["pid"] or proxy.supervisor.starts
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertEqual(proxy.supervisor.status()["state"], "stopped")
         self.assertFalse(_alive(pid))
 
@@ -129,7 +129,7 @@ class OpenAIClientTests(TestCase):
         error = json.loads(events[-1])["error"]
         self.assertIn("connection to TabbyAPI broke", error["message"])
         self.assertNotIn("[DONE]", events)
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertIn("unexpectedly", proxy.supervisor.status()["last_error"])
 
         response = await proxy.http.post(
@@ -152,7 +152,7 @@ class OpenAIClientTests(TestCase):
         self.assertEqual(response.code, 502)
         error = (await response.json())["error"]
         self.assertIn("connection to TabbyAPI broke", error["message"])
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertIn("unexpectedly", proxy.supervisor.status()["last_error"])
 
     async def test_failedLoadAnswersWithChildOutput(self) -> None:

@@ -144,8 +144,7 @@ class OllamaClientTests(TestCase):
         self.assertEqual(len(legacy.embedding), 8)
         error = await responseError(lambda: client.embed(model="alpha", input="x"))
         self.assertEqual((error.status_code, error.error), (400, '"alpha" does not support embedding'))
-        running = proxy.supervisor.current
-        self.assertEqual(running.profile.id if running else None, "beta")
+        self.assertEqual([model.profile.id for model in proxy.supervisor.snapshot()], ["beta"])
         self.assertEqual((await inThread(lambda: client.show("beta"))).capabilities,
                          ["completion", "tools", "thinking", "embedding"])
 
@@ -174,12 +173,12 @@ class OllamaClientTests(TestCase):
         unloaded = await inThread(lambda: client.generate(model="alpha", keep_alive=0))
         self.assertEqual(unloaded.done_reason, "unload")
         self.assertEqual((await inThread(client.ps)).models, [])
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
 
         chatLoad = await inThread(lambda: client.chat(model="alpha", messages=[]))
         self.assertEqual((chatLoad.done_reason, chatLoad.message.content), ("load", ""))
         await inThread(lambda: client.chat(model="alpha", messages=messages, keep_alive=0))
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertEqual(proxy.supervisor.status()["state"], "stopped")
         self.assertEqual(proxy.supervisor.starts, 2)
 
@@ -249,7 +248,7 @@ class OllamaClientTests(TestCase):
 
         error = await responseError(crash)
         self.assertIn("connection to TabbyAPI broke", error.error)
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
 
     async def test_disconnectMidStreamStopsGeneration(self) -> None:
         """
@@ -339,7 +338,7 @@ class OpenWebUIReplayTests(TestCase):
         self.assertEqual(response.code, 200)
         unloaded = json.loads(await response.content())
         self.assertEqual((unloaded["model"], unloaded["done"], unloaded["done_reason"]), (model, True, "unload"))
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertEqual(await get("/api/ps"), {"models": []})
 
 
@@ -379,5 +378,5 @@ class CopilotReplayTests(TestCase):
             "model": "alpha", "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(response.code, 401)
         await response.content()
-        self.assertIsNone(proxy.supervisor.current)
+        self.assertEqual(proxy.supervisor.snapshot(), ())
 

@@ -199,7 +199,7 @@ class ModelsAtStartTests(TestCase):
         """
         proxy = RunningProxy(self, PROFILES, "--default-model", "alpha")
         await waitUntil(lambda: proxy.supervisor.status()["state"] == "ready")
-        self.assertEqual(proxy.supervisor.current.keepAlive, FOREVER)  # type: ignore[union-attr]
+        self.assertEqual([m.keepAlive for m in proxy.supervisor.snapshot()], [FOREVER])
         response = await chat(proxy, "beta", keep_alive=0)
         self.assertIn("Beta ", (await response.json())["choices"][0]["message"]["content"])
         await waitUntil(lambda: proxy.supervisor.status()["model"] == "alpha"

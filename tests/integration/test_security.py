@@ -171,7 +171,7 @@ class PortSquattingTests(TestCase):
         self.assertEqual(response.code, 503)
         message = (await response.json())["error"]["message"]
         self.assertIn(f"port {status['port']} is held by a process that is not TabbyAPI for slow", message)
-        await waitUntil(lambda: proxy.supervisor.current is None)
+        await waitUntil(lambda: not proxy.supervisor.snapshot())
         self.assertFalse(pidAlive(status["pid"]))
         seen = [line for line in squatter.text.splitlines() if line.startswith("GOT")]
         self.assertTrue(seen)

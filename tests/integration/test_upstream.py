@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tabbyproxy.relaypool import ChunkedDecoder, MalformedChunkedBody, makeAgent, makeConnectionPool, missingHooks
-from tabbyproxy.upstream import BytesProducer, treqClient
+from tabbyproxy.upstream import BytesProducer
 
 reactor: Any = _globalReactor
 
@@ -243,14 +243,6 @@ class RelayPoolTests(TestCase):
         removes one would silently bring back the slow decoder; this notices).
         """
         self.assertEqual(missingHooks(), [])
-
-    async def test_treqAPIStillWorks(self) -> None:
-        """
-        treq's API over the same agent (used for health polls) works over the same connections.
-        """
-        response = await treqClient(self.agent).get(self.url.decode("ascii"))
-        body = await response.content()
-        self.assertTrue(body.startswith(b"data: 0\r\n\r\n"))
 
     async def test_brokenBodyFails(self) -> None:
         """

@@ -7,16 +7,17 @@ memory.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr, Callable, Mapping, Sequence, cast
 
 import yaml
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.web.client import Agent
@@ -31,8 +32,8 @@ from tabbyproxy.config import Catalog, Keys, TabbyInstall
 from tabbyproxy.routes.common import ProxyState
 from tabbyproxy.routes.root import makeSite
 from tabbyproxy.server import DEFAULT_MAX_BODY
-from tabbyproxy.supervisor import Supervisor, SupervisorSettings
-from tabbyproxy.upstream import BytesProducer, Upstream, treqClient
+from tabbyproxy.scheduler import Lease, Scheduler, SchedulerSettings
+from tabbyproxy.upstream import BytesProducer, Upstream
 
 
 class FakeProcess:
@@ -44,7 +45,7 @@ class FakeProcess:
     @ivar obeys: the signals that make it exit at once.
     """
 
-    def __init__(self, protocol: ProcessProtocol, args: list[str], path: str, pid: int) -> None:
+    def __init__(self, protocol: IProcessProtocol, args: list[str], path: str, pid: int) -> None:
         self.protocol = protocol
         self.args = args
         self.path = path
@@ -79,6 +80,7 @@ class FakeProcess:
         return yaml.safe_load(self.configPath.read_text())
 
 
+@implementer(IReactorProcess)
 class FakeProcessReactor(MemoryReactorClock):
     """
     A memory reactor with a clock whose C{spawnProcess} records a L{FakeProcess}.
@@ -88,13 +90,16 @@ class FakeProcessReactor(MemoryReactorClock):
         super().__init__()
         self.spawned: list[FakeProcess] = []
 
-    def spawnProcess(self, processProtocol: ProcessProtocol, executable: str, args: list[str],
-                     env: Any = None, path: str | None = None, uid: Any = None, gid: Any = None,
-                     usePTY: bool = False, childFDs: Any = None) -> FakeProcess:
-        process = FakeProcess(processProtocol, list(args), path or "", 1000 + len(self.spawned))
+    def spawnProcess(self, processProtocol: IProcessProtocol, executable: bytes | str, args: Sequence[bytes | str],
+                     env: Mapping[AnyStr, AnyStr] | None = None, path: None | bytes | str = None,
+                     uid: int | None = None, gid: int | None = None, usePTY: bool = False,
+                     childFDs: Mapping[int, int | str] | None = None) -> IProcessTransport:
+        process = FakeProcess(processProtocol, [os.fsdecode(arg) for arg in args],
+                              os.fsdecode(path) if path else "", 1000 + len(self.spawned))
         self.spawned.append(process)
-        processProtocol.makeConnection(process)
-        return process
+        transport = cast(IProcessTransport, process)
+        processProtocol.makeConnection(transport)
+        return transport
 
     @property
     def alive(self) -> list[FakeProcess]:
@@ -222,6 +227,34 @@ class InMemoryClient(HTTPClient):
         self.siteAgent.flush()
 
 
+class RunningScheduler:
+    """
+    A started scheduler on a fake process reactor and clock, whose children answer as
+    L{FakeTabby} does (ports 7001 and up), with the profiles in C{directory}/config.
+
+    @param ownsListener: the check of who listens on a child's port (see L{Scheduler}).
+    """
+
+    def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
+                 settings: SchedulerSettings = SchedulerSettings(), tabby: FakeTabby | None = None,
+                 ownsListener: Callable[[int, int], bool] = fakeChildsListener) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.catalog = writeProfiles(directory / "config", profiles)
+        self.reactor = FakeProcessReactor()
+        self.tabby = FakeTabby() if tabby is None else tabby
+        self.tabbyAgent = RequestTraversalAgent(self.tabby)
+        self.runtime = directory / "runtime"
+        self.runtime.mkdir()
+        ports = iter(range(7001, 8000))
+        self.scheduler = Scheduler(fakeInstall(directory / "tabby", keys), self.reactor, self.reactor,
+                                   self.tabbyAgent, self.runtime, settings, pickPort=lambda: next(ports),
+                                   ownsListener=ownsListener)
+        self.scheduler.startService()
+
+    def acquire(self, name: str, keepAlive: float | None = None) -> Deferred[Lease]:
+        return self.scheduler.acquire(self.catalog.profiles[name], keepAlive)
+
+
 class InMemoryProxy:
     """
     The whole proxy wired in memory: its site behind C{client}, the supervisor on a fake process
@@ -230,20 +263,15 @@ class InMemoryProxy:
     """
 
     def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
-                 settings: SupervisorSettings = SupervisorSettings(), maxBodySize: int = DEFAULT_MAX_BODY,
+                 settings: SchedulerSettings = SchedulerSettings(), maxBodySize: int = DEFAULT_MAX_BODY,
                  tabby: FakeTabby | None = None, openModelList: bool = False) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.catalog = writeProfiles(directory / "config", profiles)
-        self.reactor = FakeProcessReactor()
-        self.tabby = FakeTabby() if tabby is None else tabby
-        self.tabbyAgent = RequestTraversalAgent(self.tabby)
-        runtime = directory / "runtime"
-        runtime.mkdir()
-        ports = iter(range(7001, 8000))
-        install = fakeInstall(directory / "tabby", keys)
-        self.supervisor = Supervisor(install, self.reactor, treqClient(self.tabbyAgent), runtime,
-                                     settings, pickPort=lambda: next(ports), ownsListener=fakeChildsListener)
-        self.supervisor.startService()
+        running = RunningScheduler(directory, profiles, keys, settings, tabby)
+        self.catalog = running.catalog
+        self.reactor = running.reactor
+        self.tabby = running.tabby
+        self.tabbyAgent = running.tabbyAgent
+        self.supervisor = running.scheduler
+        install = running.scheduler.install
         self.state = ProxyState(
             catalog=lambda: self.catalog,
             install=install,

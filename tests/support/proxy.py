@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tabbyproxy.server import ProxySite
-from tabbyproxy.supervisor import Supervisor
+from tabbyproxy.scheduler import Scheduler
 from tabbyproxy.tap import Options, makeService
 from tests.support.fakes import writeProfiles
 from tests.support.processes import DEADLINE, ChildProcess, findFreePorts, killIfAlive, reactor, waitUntil
@@ -57,8 +57,8 @@ class RunningProxy:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def supervisor(self) -> Supervisor:
-        [supervisor] = [s for s in self.service if isinstance(s, Supervisor)]  # type: ignore[attr-defined]
+    def supervisor(self) -> Scheduler:
+        [supervisor] = [s for s in self.service if isinstance(s, Scheduler)]  # type: ignore[attr-defined]
         return supervisor
 
     @property

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
 from tabbyproxy.routes.loading import TICK_INTERVAL
-from tabbyproxy.supervisor import SupervisorSettings
+from tabbyproxy.scheduler import SchedulerSettings
 from tests.support.fakes import InMemoryProxy
 from tests.support.messagestypes import parseError, parseEvent, parseMessage
 from tests.support.wire import StreamedBody, namedEvents
@@ -228,7 +228,7 @@ class ErrorTests(MessagesTestCase):
         A request over the wait queue's bound is Anthropic's overloaded_error, 529, which its
         clients retry.
         """
-        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SchedulerSettings(maxWaiting=1))
         self.proxy.tabby.healthy = False
         body = {"model": "qwen", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
         self.proxy.client.post("http://localhost/v1/messages", json=body)

@@ -23,7 +23,7 @@ from twisted.web.server import Request
 from tabbyproxy.config import Keys
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.routes.ollama import NOT_MANAGED, OLLAMA_VERSION
-from tabbyproxy.supervisor import SupervisorSettings
+from tabbyproxy.scheduler import SchedulerSettings
 from tests.support.fakes import InMemoryProxy
 from tests.support.wire import StreamedBody, ndjsonDocuments
 from tests.unit.test_ollamawire import (
@@ -600,7 +600,7 @@ class KeepAliveTests(OllamaTestCase):
         self.post("/api/generate", {**body, "keep_alive": "-1m"})
         self.assertEqual((self.unloadStatus()["keep_alive"], self.unloadStatus()["fires_in_seconds"]),
                          ("forever", None))
-        self.assertEqual(self.proxy.supervisor.current.keepAlive, FOREVER)  # type: ignore[union-attr]
+        self.assertEqual([m.keepAlive for m in self.proxy.supervisor.snapshot()], [FOREVER])
         self.post("/api/chat", {"model": "qwen", "keep_alive": 0, "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(self.proxy.supervisor.status()["state"], "stopped")
         self.assertEqual(len(self.proxy.reactor.spawned), 1)
@@ -715,7 +715,7 @@ class ErrorTests(OllamaTestCase):
         """
         When too many requests wait for a model, the next one is a 503 Ollama error.
         """
-        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SchedulerSettings(maxWaiting=1))
         self.proxy.tabby.healthy = False
         self.proxy.client.post("http://localhost/api/generate", json={"model": "qwen", "prompt": "a"})
         self.assertOllamaError(*self.post("/api/generate", {"model": "qwen", "prompt": "b"}), 503, "server busy")

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed
 
 from tabbyproxy.config import Keys
-from tabbyproxy.supervisor import SupervisorSettings
+from tabbyproxy.scheduler import SchedulerSettings
 from tests.support.fakes import InMemoryProxy
 from tests.support.logs import CapturedEvents
 from tests.support.wire import StreamedBody, sseDocuments
@@ -208,7 +208,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         """
         When too many requests wait for a model, the next one gets a 503 in OpenAI's shape.
         """
-        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SchedulerSettings(maxWaiting=1))
         self.proxy.tabby.healthy = False
         self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"})
         self.assertOpenAIError(self.post("/v1/completions", {"model": "qwen", "prompt": "b"}), 503, "server busy")

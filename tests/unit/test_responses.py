@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
 from tabbyproxy.responsestore import ResponseStore
-from tabbyproxy.supervisor import SupervisorSettings
+from tabbyproxy.scheduler import SchedulerSettings
 from tests.support.fakes import InMemoryProxy
 from tests.support.responsestypes import parseEvent, parseResponse
 from tests.support.wire import namedEvents
@@ -327,7 +327,7 @@ class LoadingTests(ResponsesTestCase):
         """
         A request over the wait queue's bound is OpenAI's 503.
         """
-        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SupervisorSettings(maxWaiting=1))
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, settings=SchedulerSettings(maxWaiting=1))
         self.proxy.tabby.healthy = False
         self.proxy.client.post("http://localhost/v1/responses", json={"model": "qwen", "input": "a"})
         self.assertOpenAIError(*self.post({"model": "qwen", "input": "b"}), 503, "server busy")

@@ -1,0 +1,577 @@
+"""
+One TabbyAPI process: its spawn, its readiness, its health, its stop and its exit.
+
+A child is started with C{PYTHON main.py --config FILE} in the TabbyAPI directory, is ready once
+C{GET /health} answers 200, and is stopped with SIGTERM, then SIGKILL after a grace period.  It
+logs its console line by line under its model's name and keeps the last lines for error reports.
+What to do about what happens to it (serve the waiting requests, fail them, start another model)
+is the scheduler's: a child tells its L{ChildOwner}.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from collections import deque
+from enum import Enum
+from pathlib import Path
+from signal import SIGINT, SIGKILL, SIGTERM
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
+
+import yaml
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived, readBody
+from twisted.web.iweb import IAgent
+
+from tabbyproxy.config import Profile, TabbyInstall, writePrivate
+from tabbyproxy.keepalive import describeDuration
+from tabbyproxy.listener import listenerOwnedBy
+from tabbyproxy.metrics import Metrics
+
+LAST_LINES = 30
+
+
+class ChildState(Enum):
+    """
+    Where a child is in its life.  A draining child is ready but takes no new request: it stops
+    once its requests in flight are done (its L{Child.stopReason} says why).
+    """
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+
+
+class StopReason(Enum):
+    """
+    Why a child was stopped: a metrics label and the start of a log line.
+    """
+
+    IDLE = "idle"
+    KEEP_ALIVE_ZERO = "keep_alive_zero"
+    UNLOAD = "unload"
+    SWAP = "swap"
+    UNHEALTHY = "unhealthy"
+    LOAD_TIMEOUT = "load_timeout"
+    ABANDONED = "abandoned"
+    PORT_TAKEN = "port_taken"
+    SHUTDOWN = "shutdown"
+
+
+@frozen
+class ChildSettings:
+    """
+    @ivar loadTimeout: how long a start may take before it is abandoned.
+    @ivar stopGrace: how long a child has to exit after SIGTERM before SIGKILL.
+    @ivar healthInterval: how often a starting child's C{/health} is polled; short, because a
+        cold start costs on average half of it on top of TabbyAPI's own start.
+    @ivar healthTimeout: how long one C{/health} request may take before the child counts as
+        not answering.
+    """
+
+    loadTimeout: float = 600.0
+    stopGrace: float = 10.0
+    healthInterval: float = 0.05
+    healthTimeout: float = 5.0
+
+
+class ChildOwner(Protocol):
+    """
+    What a child tells the scheduler that owns it.
+    """
+
+    def childReady(self, child: Child) -> None:
+        """
+        C{child}'s C{/health} answered 200 for the first time.
+        """
+
+    def childFailed(self, child: Child, message: str) -> None:
+        """
+        C{child} will never be ready: C{message} says why, with its last lines, for the clients.
+        """
+
+    def childCrashed(self, child: Child, message: str) -> None:
+        """
+        C{child} ended while serving, or by a signal nobody here sent it.
+        """
+
+    def childExited(self, child: Child) -> None:
+        """
+        C{child} has exited; its C{ended} Deferred fires right after this.
+        """
+
+
+class _ChildProtocol(ProcessProtocol):
+    """
+    Logs the child's output line by line under its model's name, keeps the last lines for error
+    reports, and reports the exit.
+    """
+
+    log = Logger()
+
+    def __init__(self, modelId: str, onExit: Callable[[Failure], None], secrets: Iterable[str] = ()) -> None:
+        """
+        @param secrets: strings never to log (the API and admin keys): a line that holds one is
+            logged, and kept for error reports, with the key replaced by C{[redacted]}.
+        """
+        self.modelId = modelId
+        self.lastLines: deque[str] = deque(maxlen=LAST_LINES)
+        self._onExit = onExit
+        self._partial = {1: b"", 2: b""}
+        self._secrets = tuple(secret for secret in secrets if secret)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial.get(childFD, b"") + data).split(b"\n")
+        self._partial[childFD] = lines.pop()
+        for line in lines:
+            self._emit(childFD, line)
+
+    def _emit(self, childFD: int, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if not line.strip():
+            return
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "[redacted]")
+        self.lastLines.append(line)
+        self.log.info(
+            "[{model}] {line}", model=self.modelId, line=line, stream="stderr" if childFD == 2 else "stdout"
+        )
+
+    def processEnded(self, reason: Failure) -> None:
+        for childFD, rest in self._partial.items():
+            if rest:
+                self._emit(childFD, rest)
+        self._onExit(reason)
+
+
+def describeExit(reason: Failure) -> str:
+    """
+    A process exit in words: C{"exited with status 1"}, C{"was killed by signal 9"}.
+    """
+    value = reason.value
+    if isinstance(value, ProcessTerminated):
+        if value.signal is not None:
+            return f"was killed by signal {value.signal}"
+        return f"exited with status {value.exitCode}"
+    if isinstance(value, ProcessDone):
+        return "exited with status 0"
+    return f"ended: {value}"
+
+
+def _exitFields(reason: Failure) -> dict[str, int | None]:
+    """
+    The exit status and signal of a process exit, as log event fields.
+    """
+    value = reason.value
+    if isinstance(value, (ProcessTerminated, ProcessDone)):
+        return {"exitCode": value.exitCode, "signal": value.signal}
+    return {"exitCode": None, "signal": None}
+
+
+def pickFreePort() -> int:
+    """
+    A loopback port nobody listens on right now.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@define(eq=False)
+class Child:
+    """
+    One TabbyAPI process, and the scheduler's bookkeeping about it (C{keepAlive}, C{inFlight},
+    C{lastIdleCheck}).
+
+    @ivar ownsListener: whether the sockets listening on a port (the first argument) all belong
+        to a process (the second) or its descendants; a child whose port another process holds
+        is never trusted.
+    @ivar ended: fires once the process has exited.
+    """
+
+    log = Logger()
+
+    profile: Profile
+    port: int
+    configPath: Path
+    keepAlive: float
+    owner: ChildOwner
+    clock: IReactorTime
+    agent: IAgent
+    settings: ChildSettings
+    metrics: Metrics
+    # Not in the repr: the child is the source of its own log events, and those must hold no key.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    wallClock: Callable[[], float] = time.time
+    ownsListener: Callable[[int, int], bool] = listenerOwnedBy
+    protocol: _ChildProtocol = field(init=False)
+    state: ChildState = ChildState.STARTING
+    transport: IProcessTransport | None = None
+    startedAt: float = field(init=False)
+    readyAt: float | None = None
+    inFlight: int = 0
+    stopReason: StopReason | None = None
+    ended: Deferred[None] = field(factory=Deferred)
+    loadTimeoutCall: IDelayedCall | None = None
+    killCall: IDelayedCall | None = None
+    readinessPoll: Deferred[None] | None = None
+    healthCheck: Deferred[str | None] | None = None
+    spawnedPid: int | None = None
+    lastIdleCheck: float = float("-inf")
+    signalsSent: set[str] = field(factory=set)
+
+    def __attrs_post_init__(self) -> None:
+        self.protocol = _ChildProtocol(self.profile.id, self._exited, self.secrets)
+        self.startedAt = self.wallClock()
+
+    @property
+    def baseURL(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The child's pid; still known once it has exited, for the reports about it.
+        """
+        if self.transport is not None and self.transport.pid is not None:
+            return self.transport.pid
+        return self.spawnedPid
+
+    @property
+    def serving(self) -> bool:
+        """
+        Whether the process is up and answering (ready, or draining its last requests).
+        """
+        return self.state in (ChildState.READY, ChildState.DRAINING)
+
+    def lastLines(self) -> str:
+        return "\n".join(self.protocol.lastLines)
+
+    def spawn(
+        self,
+        install: TabbyInstall,
+        reactor: IReactorProcess,
+        wrapCommand: Callable[[Sequence[str]], Sequence[str]] = tuple,
+    ) -> None:
+        """
+        Write the child's TabbyAPI config and spawn it; poll its C{/health} until it is ready.
+
+        @raise OSError: the process could not be spawned (its config file is removed again).
+        """
+        writePrivate(self.configPath, yaml.safe_dump(install.childConfig(self.profile, self.port)))
+        command = (*install.command, "--config", str(self.configPath))
+        self.log.info(
+            "Starting {model} on port {port}: {command}",
+            model=self.profile.id,
+            port=self.port,
+            command=" ".join(command),
+        )
+        spawned = list(wrapCommand(command))
+        try:
+            self.transport = reactor.spawnProcess(
+                self.protocol,
+                spawned[0],
+                spawned,
+                env=_childEnvironment(),
+                path=str(install.directory),
+            )
+        except OSError:
+            self.configPath.unlink(missing_ok=True)
+            raise
+        self.spawnedPid = self.transport.pid
+        self.loadTimeoutCall = self.clock.callLater(self.settings.loadTimeout, self._loadTimedOut)
+        self.readinessPoll = Deferred.fromCoroutine(self._awaitReady())
+        self.readinessPoll.addErrback(lambda failure: failure.trap(CancelledError))
+
+    def drain(self, reason: StopReason) -> None:
+        """
+        Take no new request; the owner stops the child for C{reason} once its last one ends.
+        """
+        if self.state is ChildState.READY:
+            self.state = ChildState.DRAINING
+            self.stopReason = reason
+
+    def checkHealth(self) -> Deferred[str | None] | None:
+        """
+        Ask a ready child's C{/health}, once at a time.
+
+        @return: fires with what is wrong, or C{None} when it answers 200; C{None} instead of a
+            Deferred when the child is not ready or a check is already under way.
+        """
+        if self.healthCheck is not None or self.state is not ChildState.READY:
+            return None
+
+        def done(result: object) -> object:
+            self.healthCheck = None
+            return result
+
+        check: Deferred[str | None] = Deferred.fromCoroutine(self._judgeHealth())
+        check.addBoth(done)
+        if not check.called:
+            self.healthCheck = check
+        return check
+
+    def stop(self, reason: StopReason, why: str) -> None:
+        """
+        SIGTERM now, SIGKILL after the grace period; C{ended} fires when the process has exited.
+        """
+        if self.state is ChildState.STOPPING:
+            return
+        self.stopReason = reason
+        self.metrics.stops.labels(self.profile.id, reason.value).inc()
+        if self.state is ChildState.STARTING and self.loadTimeoutCall is not None:
+            if self.loadTimeoutCall.active():
+                self.loadTimeoutCall.cancel()
+        self.state = ChildState.STOPPING
+        if self.readinessPoll is not None:
+            self.readinessPoll.cancel()
+        if self.healthCheck is not None:
+            self.healthCheck.cancel()
+        self.log.info("Stopping {model} (pid {pid}): {why}", model=self.profile.id, pid=self.pid, why=why)
+        self._signal("TERM")
+        self.killCall = self.clock.callLater(self.settings.stopGrace, self._kill)
+
+    async def _awaitReady(self) -> None:
+        url = self.baseURL + "/health"
+        while True:
+            # While it loads, no answer and an answer other than 200 both mean "not yet".
+            answered, problem = await self._healthProblem(url)
+            if self.state is not ChildState.STARTING:
+                return
+            if problem is None:
+                if self.pid is not None and not self.ownsListener(self.port, self.pid):
+                    self.readinessPoll = None
+                    self._portTaken()
+                else:
+                    self._ready()
+                return
+            await deferLater(self.clock, self.settings.healthInterval)
+
+    async def _judgeHealth(self) -> str | None:
+        """
+        What is wrong with a ready child, or C{None} when its C{/health} answers 200.  A child
+        that does not answer at all is asked once more after a short while: it may be dying,
+        and then its exit, not its health, is what to report.
+        """
+        url = self.baseURL + "/health"
+        answered, problem = await self._healthProblem(url)
+        # A stop cancels the check; the cancelled request reads as "no answer", and there is
+        # nothing left to ask.
+        if problem is not None and not answered and self.serving:
+            await deferLater(self.clock, self.settings.healthInterval)
+            answered, problem = await self._healthProblem(url)
+        return problem
+
+    async def _healthProblem(self, url: str) -> tuple[bool, str | None]:
+        """
+        Ask C{url} once.
+
+        @return: whether an HTTP answer came, and what is wrong (C{None} for a 200).
+        """
+        timeout = self.settings.healthTimeout
+        try:
+            asked = self.agent.request(b"GET", url.encode("ascii"))
+            asked.addTimeout(timeout, self.clock)
+            response = await asked
+            raw = await readBody(response)
+        except (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseFailed, ResponseNeverReceived) as e:
+            return False, f"GET /health failed: {e}"
+        except (CancelledError, TimeoutError):
+            # The request's own timeout cancels it (and so does a stop, which ignores the answer).
+            return False, f"GET /health did not answer within {timeout:g}s"
+        if response.code == 200:
+            return True, None
+        return True, f"GET /health answered {response.code}{_healthIssues(raw)}"
+
+    def _ready(self) -> None:
+        if self.loadTimeoutCall is not None and self.loadTimeoutCall.active():
+            self.loadTimeoutCall.cancel()
+        self.state = ChildState.READY
+        self.readyAt = self.wallClock()
+        self.metrics.loadSeconds.labels(self.profile.id).observe(self.readyAt - self.startedAt)
+        self.log.info(
+            "{model} is ready (pid {pid}) after {seconds:.2f}s",
+            model=self.profile.id,
+            pid=self.pid,
+            seconds=self.readyAt - self.startedAt,
+        )
+        self.owner.childReady(self)
+
+    def _portTaken(self) -> None:
+        self.log.error(
+            "Port {port} of {model} (pid {pid}) is held by another process: not trusting it",
+            model=self.profile.id, pid=self.pid, port=self.port,
+        )
+        self.owner.childFailed(
+            self,
+            self.withLastLines(
+                f"port {self.port} is held by a process that is not TabbyAPI for {self.profile.id} "
+                f"(pid {self.pid}) or its child, which bound it first: the proxy sends it no request and "
+                "no key; try again (the next start picks another port)"
+            ),
+        )
+        self.metrics.failedStarts.labels(self.profile.id).inc()
+        self.stop(StopReason.PORT_TAKEN, "its port is held by another process")
+
+    def _loadTimedOut(self) -> None:
+        if self.state is not ChildState.STARTING:
+            return
+        self.log.error(
+            "{model} did not become ready within {timeout} (--load-timeout)",
+            model=self.profile.id,
+            timeout=describeDuration(self.settings.loadTimeout),
+        )
+        self.owner.childFailed(
+            self,
+            self.withLastLines(
+                f"{self.profile.id} did not become ready within "
+                f"{describeDuration(self.settings.loadTimeout)} (--load-timeout)"
+            ),
+        )
+        self.metrics.failedStarts.labels(self.profile.id).inc()
+        self.stop(StopReason.LOAD_TIMEOUT, "load timeout")
+
+    def withLastLines(self, message: str) -> str:
+        lines = self.lastLines()
+        return f"{message}; last output of TabbyAPI:\n{lines}" if lines else message
+
+    def _kill(self) -> None:
+        self.log.warn(
+            "{model} (pid {pid}) did not exit within {grace}s of SIGTERM; sending SIGKILL",
+            model=self.profile.id,
+            pid=self.pid,
+            grace=self.settings.stopGrace,
+        )
+        self._signal("KILL")
+
+    def _signal(self, signal: str) -> None:
+        if self.transport is None:
+            return
+        self.signalsSent.add(signal)
+        try:
+            self.transport.signalProcess(signal)
+        except ProcessExitedAlready:
+            pass
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise
+
+    def _exited(self, reason: Failure) -> None:
+        if self.killCall is not None and self.killCall.active():
+            self.killCall.cancel()
+        if self.loadTimeoutCall is not None and self.loadTimeoutCall.active():
+            self.loadTimeoutCall.cancel()
+        stateAtExit = self.state
+        self.state = ChildState.STOPPING
+        if self.readinessPoll is not None:
+            self.readinessPoll.cancel()
+        if self.healthCheck is not None:
+            self.healthCheck.cancel()
+        self.configPath.unlink(missing_ok=True)
+        how = describeExit(reason)
+        if stateAtExit is ChildState.STARTING:
+            self.metrics.failedStarts.labels(self.profile.id).inc()
+            self.log.error(
+                "TabbyAPI for {model} (pid {pid}) {how} while loading the model",
+                model=self.profile.id, pid=self.pid, how=how, **_exitFields(reason),
+            )
+            self.owner.childFailed(
+                self, self.withLastLines(f"TabbyAPI for {self.profile.id} {how} while loading the model")
+            )
+        elif stateAtExit in (ChildState.READY, ChildState.DRAINING) or _killedByOthers(reason, self.signalsSent):
+            # A stop can race a crash (a health check fails because the child is dying): the
+            # crash is what the status should tell.
+            self.metrics.crashes.labels(self.profile.id).inc()
+            self.log.error(
+                "TabbyAPI for {model} (pid {pid}) {how} unexpectedly",
+                model=self.profile.id, pid=self.pid, how=how, **_exitFields(reason),
+            )
+            self.owner.childCrashed(self, f"TabbyAPI for {self.profile.id} (pid {self.pid}) {how} unexpectedly")
+        else:
+            self.log.info("{model} stopped: {how}", model=self.profile.id, how=how, **_exitFields(reason))
+        self.owner.childExited(self)
+        self.ended.callback(None)
+
+
+def _killedByOthers(reason: Failure, signalsSent: set[str]) -> bool:
+    """
+    Whether a process ended by a signal the proxy did not send it.
+    """
+    value = reason.value
+    if not isinstance(value, ProcessTerminated) or value.signal is None:
+        return False
+    ours = {_SIGNAL_NUMBERS[name] for name in signalsSent if name in _SIGNAL_NUMBERS}
+    return value.signal not in ours
+
+
+_SIGNAL_NUMBERS = {"TERM": int(SIGTERM), "KILL": int(SIGKILL), "INT": int(SIGINT)}
+
+
+def _healthIssues(raw: bytes) -> str:
+    """
+    The issues TabbyAPI lists in an unhealthy C{/health} answer, as C{": a; b"}, or C{""}.
+    """
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return ""
+    issues = document.get("issues") if isinstance(document, dict) else None
+    if not isinstance(issues, list):
+        return ""
+    described = [str(issue.get("description", issue)) if isinstance(issue, dict) else str(issue) for issue in issues]
+    return ": " + "; ".join(described) if described else ""
+
+
+# Run by the interpreter that spawns the child: ask Linux to SIGKILL this process when its parent
+# (the proxy) dies, check the parent did not die before that took effect, then become the child.
+_PARENT_DEATH_PACT = (
+    "import ctypes, os, signal, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:\n"  # PR_SET_PDEATHSIG
+    "    raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('tabbyproxy exited before TabbyAPI started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def diesWithParent(command: Sequence[str]) -> Sequence[str]:
+    """
+    On Linux, C{command} run through a small wrapper that makes it die (SIGKILL) when the process
+    that spawned it dies, even by SIGKILL; elsewhere C{command} unchanged.
+
+    The wrapper costs one short interpreter start (tens of milliseconds) per model start; the pid
+    the proxy sees is the real child's, as the wrapper replaces itself with it.
+    """
+    if not sys.platform.startswith("linux"):
+        return tuple(command)
+    return (sys.executable, "-I", "-S", "-c", _PARENT_DEATH_PACT, str(os.getpid()), *command)
+
+
+def _childEnvironment() -> Mapping[str, str]:
+    environment = dict(os.environ)
+    # A piped Rich console wraps at 80 columns; a wide console keeps each log line whole.
+    environment.setdefault("TABBY_LOG_CONSOLE_WIDTH", "1000")
+    environment.setdefault("PYTHONUNBUFFERED", "1")
+    return environment

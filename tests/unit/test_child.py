@@ -1,0 +1,155 @@
+"""
+One TabbyAPI child (L{tabbyproxy.child}): its spawn, readiness, exit, stop and log lines, driven
+through the scheduler on a fake process reactor, a fake clock and a fake TabbyAPI.
+"""
+
+from __future__ import annotations
+
+import stat
+
+from twisted.logger import capturedLogs
+
+from tabbyproxy.scheduler import ShuttingDown, StartFailed
+from tests.unit.test_scheduler import GRACE, _SchedulerTestCase
+
+
+class ChildTests(_SchedulerTestCase):
+    def test_firstRequestSpawnsTabbyWithGeneratedConfig(self) -> None:
+        """
+        The first request spawns C{main.py --config FILE} in the TabbyAPI directory; the file holds
+        the profile's TabbyAPI sections and the chosen loopback port, without the proxy's own keys,
+        and only its owner can read it.
+        """
+        lease = self.ready("b")
+        [process] = self.reactor.spawned
+        self.assertEqual(process.args[:2], ["python", "main.py"])
+        self.assertEqual(process.path, str(self.supervisor.install.directory))
+        config = process.config()
+        self.assertEqual(config["model"], {"model_name": "B"})
+        self.assertEqual(config["sampling"], {"override_preset": "x"})
+        self.assertEqual(config["network"], {"host": "127.0.0.1", "port": 7001, "disable_auth": True})
+        self.assertEqual(stat.S_IMODE(process.configPath.stat().st_mode), 0o600)
+        self.assertEqual(lease.baseURL, "http://127.0.0.1:7001")
+
+        profileA = self.profile("a")
+        self.assertNotIn("unload_timer", self.supervisor.install.childConfig(profileA, 1)["model"])
+        self.assertNotIn("template", self.supervisor.install.childConfig(profileA, 1))
+
+    def test_exitDuringStartFailsWaitersWithLastLines(self) -> None:
+        """
+        When the child exits before it is ready, every request waiting for it fails with the
+        exit status and the last lines it printed; the next request tries a fresh start.
+        """
+        self.tabby.healthy = False
+        waiting = [self.acquire("a"), self.acquire("a")]
+        process = self.reactor.spawned[0]
+        process.print("Loading model: /models/A\nValueError: Failed to load config.json from /models/A\n")
+        process.exit(1)
+        for d in waiting:
+            failure = self.failureResultOf(d, StartFailed)
+            self.assertIn("exited with status 1", str(failure.value))
+            self.assertIn("ValueError: Failed to load config.json", str(failure.value))
+        self.assertIn("exited with status 1", self.supervisor.status()["last_error"])
+        self.assertFalse(process.configPath.exists())
+
+        self.tabby.healthy = True
+        self.successResultOf(self.acquire("a"))
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_loadTimeoutFailsWaitersAndKillsStubbornChild(self) -> None:
+        """
+        A child that never becomes healthy is abandoned after the load timeout: waiters fail,
+        it gets SIGTERM, and SIGKILL after the grace period if it ignores that.
+        """
+        self.tabby.healthy = False
+        waiting = self.acquire("a")
+        process = self.reactor.spawned[0]
+        process.obeys = {"KILL"}
+        self.reactor.advance(99)
+        self.assertNoResult(waiting)
+        self.reactor.advance(1)
+        self.assertIn("did not become ready", str(self.failureResultOf(waiting, StartFailed).value))
+        self.assertEqual(process.signals, ["TERM"])
+        self.reactor.advance(GRACE)
+        self.assertEqual(process.signals, ["TERM", "KILL"])
+        self.assertTrue(process.exited)
+        self.assertEqual(self.supervisor.snapshot(), ())
+
+    def test_crashWhileReadyIsReportedAndRecovered(self) -> None:
+        """
+        A child that dies while serving is recorded in the status, and the next request starts
+        a fresh one; the dead child's leases can still be released.
+        """
+        lease = self.ready("a")
+        self.reactor.spawned[0].exit(signal=9)
+        self.assertIn("killed by signal 9", self.supervisor.status()["last_error"])
+        self.assertEqual(self.supervisor.status()["state"], "stopped")
+        lease.release()
+        self.successResultOf(self.acquire("a"))
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_stopServiceWaitsForChildExit(self) -> None:
+        """
+        Stopping the service fails waiting requests, sends SIGTERM, and fires only once the child
+        has exited (after SIGKILL when it ignores SIGTERM).
+        """
+        lease = self.ready("a")
+        process = self.reactor.spawned[0]
+        process.obeys = {"KILL"}
+        waiting = self.acquire("b")
+        stopped = self.supervisor.stopService()
+        self.failureResultOf(waiting, ShuttingDown)
+        self.assertNoResult(stopped)
+        self.reactor.advance(GRACE)
+        self.successResultOf(stopped)
+        self.assertEqual(process.signals, ["TERM", "KILL"])
+        self.failureResultOf(self.acquire("a"), ShuttingDown)
+        lease.release()
+
+    def test_childOutputIsLoggedWithModel(self) -> None:
+        """
+        Each line the child prints is logged with the model's id.
+        """
+        with capturedLogs() as events:
+            self.ready("a")
+            self.reactor.spawned[0].print("Model successfully loaded.\nUvicorn running")
+            self.reactor.spawned[0].exit(0)
+        lines = [e for e in events if e.get("model") == "a" and "line" in e]
+        self.assertEqual([e["line"] for e in lines], ["Model successfully loaded.", "Uvicorn running"])
+
+    def test_exitsAreLoggedWithTheirOwnFields(self) -> None:
+        """
+        A crash and a failed start are error events that carry the model, the pid, the exit
+        status and the signal as fields, not only as text (issue 9, item 6).
+        """
+        with capturedLogs() as events:
+            self.ready("a")
+            self.reactor.spawned[0].exit(signal=9)
+            self.tabby.healthy = False
+            failing = self.acquire("b")
+            self.reactor.spawned[1].exit(3)
+        self.failureResultOf(failing, StartFailed)
+        errors = [e for e in events if e.get("log_level") is not None and e["log_level"].name == "error"]
+        self.assertEqual(
+            [(e["model"], e["pid"], e["exitCode"], e["signal"]) for e in errors],
+            [("a", 1000, None, 9), ("b", 1001, 3, None)],
+        )
+
+    def test_portHeldByAnotherProcessFailsTheStart(self) -> None:
+        """
+        When C{/health} answers 200 on the child's port but the listening socket is another
+        process's (a local user bound the port first), the start fails with a message saying
+        so, no request is granted (so none is sent there), the child is stopped, and the next
+        start picks another port.
+        """
+        self.squatted.add(7001)
+        waiting = self.acquire("a")
+        process = self.reactor.spawned[0]
+        message = str(self.failureResultOf(waiting, StartFailed).value)
+        self.assertIn("port 7001 is held by a process that is not TabbyAPI for a", message)
+        self.assertIn("sends it no request and no key", message)
+        self.assertEqual(process.signals, ["TERM"])
+        self.assertIn("port 7001 is held", self.supervisor.status()["last_error"])
+
+        lease = self.ready("a")
+        self.assertEqual(lease.baseURL, "http://127.0.0.1:7002")
