@@ -219,6 +219,27 @@ class ProxyRequest(Request):
         if site.requestFinished is not None:
             site.requestFinished(self, status, seconds)
 
+    def processingFailed(self, reason: Any) -> Any:
+        """
+        The last resort for a failure no route answered: logged with its traceback, and answered
+        with a 500 in the shape of the path's API, never with twisted.web's HTML page; a response
+        already under way is ended.
+        """
+        self.log.failure("Unexpected error answering {method} {path}", reason, method=self.method.decode("latin-1"),
+                         path=maskedTarget(self.uri).decode("latin-1"), request_id=self.requestId)
+        if self.finished or self._disconnected:
+            return reason
+        if not self.startedWriting:
+            site = self._proxySite
+            message = f"internal error in tabbyproxy (request {self.requestId}): see its log"
+            body = site.errorBody(pathOf(self.uri), 500, message) if site is not None else message.encode()
+            self.setResponseCode(500)
+            self.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+            self.setHeader(b"Content-Length", b"%d" % len(body))
+            self.write(body)
+        self.finish()
+        return reason
+
     @property
     def arrivedAt(self) -> float:
         return self._arrivedAt

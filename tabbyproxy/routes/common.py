@@ -13,6 +13,7 @@ a 500 in the same shape, never with twisted.web's HTML page.
 from __future__ import annotations
 
 import json
+import math
 import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -64,6 +65,22 @@ class RouteTable(Klein):
             name = self._routeNames[endpoint] = _RULE_VARIABLE.sub(r"{\1}", rule)
         noteRoute(request, name)
         return super().execute_endpoint(endpoint, request, *args, **kwargs)
+
+
+def _refuseConstant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finiteNumber(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"the number {text} is out of range")
+    return number
+
+
+# JSON as RFC 8259 has it: Python's json module would also take NaN and Infinity, and read 1e400
+# as infinity; passed on, either would be a body TabbyAPI cannot read.
+_decodeStrict = json.JSONDecoder(parse_float=_finiteNumber, parse_constant=_refuseConstant).decode
 
 
 class ClientError(Exception):
@@ -140,12 +157,29 @@ def readJSONObject(request: IRequest, maxBodySize: int) -> dict[str, Any]:
         raise ClientError(400, "missing request body")
     noteBody(request, raw)
     try:
-        body = json.loads(raw)
+        # UTF-8 only, as JSON on the wire must be: json.loads would also take UTF-16 and let
+        # encoded surrogates through.
+        body = _decodeStrict(raw.decode("utf-8-sig"))
     except (ValueError, RecursionError) as e:
         raise ClientError(400, f"request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
         raise ClientError(400, f"request body must be a JSON object, not {describeJSON(body)}")
+    if b"\\ud" in raw or b"\\uD" in raw:
+        _refuseLoneSurrogates(body)
     return body
+
+
+def _refuseLoneSurrogates(body: dict[str, Any]) -> None:
+    """
+    @raise ClientError: 400 when a string of C{body} holds a lone UTF-16 surrogate (C{"\\ud800"}
+        without its pair), which JSON's escapes allow but is no character: no text can be
+        encoded with it, so no route and no model can use it.
+    """
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ClientError(400, f"request body is not valid JSON: \\u{ord(e.object[e.start]):04x} is a lone "
+                               "surrogate, not a character (strings must be valid Unicode)") from None
 
 
 def takeKeepAlive(body: dict[str, Any]) -> float | None:

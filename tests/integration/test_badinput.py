@@ -23,10 +23,13 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from tabbyproxy.routes.common import errorBodyFor
+from tabbyproxy.server import ProxySite
 from tabbyproxy.tap import Options
-from tests.support.fakes import FakeTabby, InMemoryProxy, writeProfiles
+from tests.support.fakes import FakeTabby, InMemoryClient, InMemoryProxy, SiteAgent, writeProfiles
 from tests.support.processes import waitUntil
 from tests.support.proxy import RunningProxy
 from tests.support.processes import reactor as _reactor
@@ -42,6 +45,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/token/encode", "/v1/token/decode")
 OLLAMA_ROUTES = ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/api/embeddings")
 PASSTHROUGH_ROUTES = ("/v1/embeddings", "/v1/token/encode", "/v1/token/decode")
+# Every route that reads a body.
+BODY_ROUTES = OPENAI_ROUTES + OLLAMA_ROUTES + (
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/ui/api/load", "/ui/api/unload")
 
 
 def assertRouteError(testCase: SynchronousTestCase, path: str, status: int, code: int, raw: bytes) -> str:
@@ -50,6 +56,10 @@ def assertRouteError(testCase: SynchronousTestCase, path: str, status: int, code
     """
     testCase.assertEqual(code, status, raw)
     document = json.loads(raw)
+    if path.startswith("/v1/messages"):
+        testCase.assertEqual(document["type"], "error")
+        testCase.assertEqual(set(document["error"]), {"type", "message"})
+        return str(document["error"]["message"])
     if path.startswith("/v1/"):
         error = document["error"]
         testCase.assertEqual(set(error), {"message", "type", "code", "param"})
@@ -119,6 +129,74 @@ class InMemoryBadInputTests(SynchronousTestCase):
             raw = json.dumps({"model": "qwen", "messages": [], "prompt": "x", "input": "x", "keep_alive": "5 minutes"})
             self.assertIn("keep_alive", assertRouteError(self, path, 400, *self.post(path, raw.encode("utf-8"))))
         self.assertEqual(self.proxy.reactor.spawned, [])
+
+    def test_loneSurrogatesAreA400Everywhere(self) -> None:
+        """
+        A lone UTF-16 surrogate anywhere in a body (a message, a tool call's name or arguments,
+        a key), escaped or as encoded bytes, or a number JSON does not have (NaN, Infinity,
+        1e400), is a 400 in the route's own shape on every route that reads a body, never a 500.
+        """
+        bodies = [
+            b'{"model":"qwen","messages":[{"role":"user","content":"hi"},'
+            b'{"role":"tool","tool_name":"\\ud800","content":"x"}]}',
+            b'{"model":"qwen","messages":[{"role":"assistant","content":"","tool_calls":'
+            b'[{"function":{"name":"\\udfff","arguments":{"a":"b"}}}]}]}',
+            b'{"model":"qwen","messages":[{"role":"assistant","content":"","tool_calls":'
+            b'[{"function":{"name":"f","arguments":{"a":"\\uD800x"}}}]}]}',
+            b'{"model":"qwen","prompt":"x","input":"x","\\udc00":1}',
+            b'{"model":"qwen","prompt":"\xed\xa0\x80","input":"x"}',
+        ]
+        numbers = [b'{"model":"qwen","prompt":"x","temperature":NaN}', b'{"model":"qwen","prompt":"x","top_p":-Infinity}',
+                   b'{"model":"qwen","prompt":"x","temperature":1e400}']
+        for path in BODY_ROUTES:
+            for body in bodies:
+                message = assertRouteError(self, path, 400, *self.post(path, body))
+                self.assertTrue("surrogate" in message or "utf-8" in message, (path, body, message))
+            for body in numbers:
+                message = assertRouteError(self, path, 400, *self.post(path, body))
+                self.assertTrue("not a JSON number" in message or "out of range" in message, (path, body, message))
+        # A surrogate pair is one character, and fine.
+        code, raw = self.post("/api/generate", b'{"model":"qwen","prompt":"\\ud83d\\ude00","stream":false}')
+        self.assertEqual(code, 200, raw)
+
+    def test_loneSurrogateInArgumentsText(self) -> None:
+        """
+        Tool call arguments given as a string of JSON may decode to a lone surrogate, which no
+        check of the body can see: the Ollama route still answers, it does not fail with a 500.
+        """
+        arguments = json.dumps(json.dumps({"a": "\ud800"}))
+        body = ('{"model":"qwen","stream":false,"messages":[{"role":"assistant","content":"","tool_calls":'
+                '[{"function":{"name":"f","arguments":%s}}]},{"role":"user","content":"x"}]}' % arguments)
+        code, raw = self.post("/api/chat", body.encode())
+        self.assertEqual(code, 200, raw)
+
+    def test_unexpectedFailureIsJSON(self) -> None:
+        """
+        A failure no route answers is a 500 in the shape of the path's API, logged with its
+        traceback, never twisted.web's HTML page.
+        """
+
+        class Broken(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                raise RuntimeError("broken on purpose")
+
+        client = InMemoryClient(SiteAgent(ProxySite(Broken(), errorBody=errorBodyFor)))
+        with capturedLogs() as events:
+            for path, shape in (("/v1/models", "error"), ("/api/tags", "error"), ("/v1/messages", "type")):
+                d = client.get("http://localhost" + path)
+                client.flush()
+                response = self.successResultOf(d)
+                raw = self.successResultOf(content(response))
+                self.assertEqual(response.code, 500)
+                self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
+                self.assertIn(shape, json.loads(raw))
+                self.assertIn(b"see its log", raw)
+        failures = [event for event in events if event.get("log_failure") is not None]
+        self.assertEqual(len(failures), 3)
+        self.assertTrue(all(event["log_failure"].check(RuntimeError) for event in failures))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
 
     def test_keepsServingAfterBadInput(self) -> None:
         """
@@ -391,9 +469,14 @@ class ConnectionLimitTests(TestCase):
 # ------------------------------------------------------------------------------------------------
 # Fuzz
 
-JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+# Text with anything JSON can carry, lone surrogates included (json.dumps escapes them as \\ud800).
+TEXT = st.text(st.characters(exclude_categories=()), max_size=20) | st.sampled_from(["\ud800", "a\udfffb", "\udc00\ud83d"])
+# Numbers as clients send them, and beyond: huge integers, 1e308, and json.dumps's NaN and
+# Infinity, which JSON does not have (1e+308 also becomes 1e999 in some bodies, below).
+NUMBERS = st.integers() | st.floats() | st.sampled_from([10**400, -(2**63), 2**64, 1e308, -1e308, 5e-324])
+JSON_LEAVES = st.none() | st.booleans() | NUMBERS | TEXT
 JSON_VALUES = st.recursive(JSON_LEAVES, lambda children: st.lists(children, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+                           | st.dictionaries(TEXT, children, max_size=4), max_leaves=12)
 
 
 def mostly(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -404,33 +487,107 @@ def mostly(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(good, good, good, JSON_VALUES)
 
 
-TEXT = st.text(max_size=20)
 MODELS = mostly(st.sampled_from(["qwen", "qwen:latest", "coding/llama"])) | st.sampled_from(
-    ["gpt-4", "../qwen", "/qwen", "", "qwen\0", "qwen:7b"])
+    ["gpt-4", "../qwen", "/qwen", "", "qwen\0", "qwen:7b", "qwen\ud800"])
+ARGUMENTS = mostly(st.dictionaries(TEXT, JSON_VALUES, max_size=3) | JSON_VALUES.map(json.dumps))
+TOOL_CALL = st.fixed_dictionaries(
+    {"function": mostly(st.fixed_dictionaries({"name": mostly(TEXT), "arguments": ARGUMENTS}))},
+    optional={"id": mostly(TEXT), "type": mostly(st.just("function"))},
+)
+# Content blocks of the Messages API and input items of the Responses API, tools included.
+BLOCK = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": mostly(TEXT)}),
+    st.fixed_dictionaries({"type": st.just("tool_use"), "id": mostly(TEXT), "name": mostly(TEXT), "input": JSON_VALUES}),
+    st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": mostly(TEXT), "content": mostly(TEXT)}),
+    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": mostly(TEXT), "name": mostly(TEXT),
+                           "arguments": ARGUMENTS}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": mostly(TEXT), "output": mostly(TEXT)}),
+)
 MESSAGE = st.fixed_dictionaries(
-    {"role": mostly(st.sampled_from(["system", "user", "assistant", "tool"])), "content": mostly(TEXT)},
+    {"role": mostly(st.sampled_from(["system", "user", "assistant", "tool"])),
+     "content": mostly(TEXT | st.lists(BLOCK, max_size=3))},
     optional={"images": mostly(st.lists(st.sampled_from(["aGVsbG8=", "not base64"]), max_size=2)),
-              "tool_calls": JSON_VALUES, "thinking": mostly(TEXT)},
+              "tool_calls": mostly(st.lists(TOOL_CALL, max_size=2)), "tool_name": mostly(TEXT),
+              "tool_call_id": mostly(TEXT), "thinking": mostly(TEXT)},
 )
 OPTIONS = st.fixed_dictionaries({}, optional={
-    "num_predict": mostly(st.integers(-2, 50)), "temperature": mostly(st.floats(0, 2)), "top_k": mostly(st.integers(0, 50)),
-    "stop": mostly(st.lists(TEXT, max_size=2)), "num_ctx": mostly(st.integers(0, 10**6)), "seed": mostly(st.integers()),
-    "unknown": JSON_VALUES,
+    "num_predict": mostly(st.integers(-2, 50)), "temperature": mostly(st.floats(0, 2)) | NUMBERS,
+    "top_k": mostly(st.integers(0, 50)) | NUMBERS, "stop": mostly(st.lists(TEXT, max_size=2)),
+    "num_ctx": mostly(st.integers(0, 10**6)), "seed": mostly(st.integers()) | NUMBERS, "unknown": JSON_VALUES,
 })
+TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": mostly(TEXT), "parameters": mostly(st.just({"type": "object"}))})})
 KNOWN_FIELDS = {
     "model": MODELS, "name": MODELS, "messages": mostly(st.lists(MESSAGE, max_size=3)), "prompt": mostly(TEXT),
-    "input": mostly(TEXT | st.lists(TEXT, max_size=3)), "stream": mostly(st.booleans()),
+    "input": mostly(TEXT | st.lists(TEXT | BLOCK | MESSAGE, max_size=3)), "stream": mostly(st.booleans()),
     "keep_alive": mostly(st.sampled_from([0, -1, 5, 0.5, "5m", "0", "-1m", "1h30m", "300ms", "5 minutes", "", 1e308])),
     "options": mostly(OPTIONS), "format": mostly(st.sampled_from(["json", "", {"type": "object"}])),
-    "think": mostly(st.booleans() | st.sampled_from(["low", "high"])), "tools": mostly(st.just([])), "system": mostly(TEXT),
-    "template": mostly(TEXT), "raw": mostly(st.booleans()), "suffix": mostly(TEXT), "images": mostly(st.lists(st.sampled_from(["aGVsbG8="]), max_size=1)),
-    "max_tokens": mostly(st.integers(0, 50)), "temperature": mostly(st.floats(0, 2)), "tokens": mostly(st.lists(st.integers(0, 9))),
-    "text": mostly(TEXT), "context": mostly(st.lists(st.integers(0, 9), max_size=3)), "truncate": mostly(st.booleans()), "stream_options": mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "think": mostly(st.booleans() | st.sampled_from(["low", "high"])), "tools": mostly(st.lists(TOOL, max_size=2)),
+    "system": mostly(TEXT), "template": mostly(TEXT), "raw": mostly(st.booleans()), "suffix": mostly(TEXT),
+    "images": mostly(st.lists(st.sampled_from(["aGVsbG8="]), max_size=1)),
+    "max_tokens": mostly(st.integers(0, 50)) | NUMBERS, "max_output_tokens": mostly(st.integers(1, 50)),
+    "temperature": mostly(st.floats(0, 2)) | NUMBERS, "tokens": mostly(st.lists(st.integers(0, 9) | NUMBERS)),
+    "text": mostly(TEXT), "context": mostly(st.lists(st.integers(0, 9), max_size=3)), "truncate": mostly(st.booleans()),
+    "stream_options": mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "instructions": mostly(TEXT), "previous_response_id": mostly(TEXT),
 }
 OBJECTS = st.fixed_dictionaries({}, optional=KNOWN_FIELDS).map(lambda body: json.dumps(body).encode())
-BODIES = st.one_of(OBJECTS, OBJECTS, OBJECTS, OBJECTS, JSON_VALUES.map(lambda value: json.dumps(value).encode()),
-                   st.binary(max_size=40))
-ROUTES = st.sampled_from(OPENAI_ROUTES + OLLAMA_ROUTES + ("/unload",))
+BODIES = st.one_of(OBJECTS, OBJECTS, OBJECTS, OBJECTS.map(lambda raw: raw.replace(b"1e+308", b"1e999")),
+                   JSON_VALUES.map(lambda value: json.dumps(value).encode()), st.binary(max_size=40))
+ROUTES = st.sampled_from(BODY_ROUTES + ("/unload",))
+
+# Well-formed conversations of each API with tool use, every string drawn from TEXT: bodies that
+# pass validation and reach the translations, the tool call ids and TabbyAPI.
+_TOOLS = st.lists(TOOL, min_size=1, max_size=2)
+_OLLAMA_CHAT = st.fixed_dictionaries({
+    "model": st.just("qwen"), "stream": st.booleans(), "tools": _TOOLS,
+    "messages": st.tuples(
+        st.fixed_dictionaries({"role": st.just("user"), "content": TEXT}),
+        st.fixed_dictionaries({"role": st.just("assistant"), "content": TEXT, "tool_calls": st.lists(
+            st.fixed_dictionaries({"function": st.fixed_dictionaries({"name": TEXT, "arguments": ARGUMENTS})}),
+            min_size=1, max_size=2)}),
+        st.fixed_dictionaries({"role": st.just("tool"), "tool_name": TEXT, "content": TEXT}),
+    ).map(list),
+})
+_OPENAI_CHAT = st.fixed_dictionaries({
+    "model": st.just("qwen"), "stream": st.booleans(), "tools": _TOOLS,
+    "messages": st.tuples(
+        st.fixed_dictionaries({"role": st.just("user"), "content": TEXT}),
+        st.fixed_dictionaries({"role": st.just("assistant"), "content": TEXT, "tool_calls": st.lists(
+            st.fixed_dictionaries({"id": TEXT, "type": st.just("function"), "function": st.fixed_dictionaries(
+                {"name": TEXT, "arguments": JSON_VALUES.map(json.dumps)})}), min_size=1, max_size=2)}),
+        st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": TEXT, "content": TEXT}),
+    ).map(list),
+})
+_MESSAGES = st.fixed_dictionaries({
+    "model": st.just("qwen"), "max_tokens": st.integers(1, 50), "stream": st.booleans(), "system": TEXT,
+    "tools": st.lists(st.fixed_dictionaries({"name": TEXT, "input_schema": st.just({"type": "object"})}), max_size=2),
+    "messages": st.tuples(
+        st.fixed_dictionaries({"role": st.just("user"), "content": TEXT}),
+        st.fixed_dictionaries({"role": st.just("assistant"), "content": st.lists(st.fixed_dictionaries(
+            {"type": st.just("tool_use"), "id": TEXT, "name": TEXT, "input": st.dictionaries(TEXT, JSON_VALUES)}),
+            min_size=1, max_size=2)}),
+        st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(st.fixed_dictionaries(
+            {"type": st.just("tool_result"), "tool_use_id": TEXT, "content": TEXT}), min_size=1, max_size=2)}),
+    ).map(list),
+})
+_RESPONSES = st.fixed_dictionaries({
+    "model": st.just("qwen"), "stream": st.booleans(), "instructions": TEXT,
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "name": TEXT,
+                                             "parameters": st.just({"type": "object"})}), max_size=2),
+    "input": st.tuples(
+        st.fixed_dictionaries({"role": st.just("user"), "content": TEXT}),
+        st.fixed_dictionaries({"type": st.just("function_call"), "call_id": TEXT, "name": TEXT,
+                               "arguments": JSON_VALUES.map(json.dumps)}),
+        st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": TEXT, "output": TEXT}),
+    ).map(list),
+})
+CONVERSATIONS = st.one_of(
+    st.tuples(st.sampled_from(["/api/chat"]), _OLLAMA_CHAT),
+    st.tuples(st.sampled_from(["/v1/chat/completions"]), _OPENAI_CHAT),
+    st.tuples(st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]), _MESSAGES),
+    st.tuples(st.sampled_from(["/v1/responses"]), _RESPONSES),
+).map(lambda pair: (pair[0], json.dumps(pair[1]).encode()))
 
 
 class FuzzTests(SynchronousTestCase):
@@ -439,9 +596,28 @@ class FuzzTests(SynchronousTestCase):
     @given(route=ROUTES, body=BODIES)
     def test_noBodyBreaksARoute(self, route: str, body: bytes) -> None:
         """
-        Whatever body a client sends to whichever route, the answer is not a 5xx, nothing is
-        logged as a failure (no traceback), errors are JSON in the route's shape, and the proxy
-        answers the next request normally.
+        Whatever body a client sends to whichever route that reads one (text with lone
+        surrogates, huge and non-finite numbers, tool calls and content blocks of every API
+        included), the answer is not a 5xx and not HTML, nothing is logged as a failure (no
+        traceback), errors are JSON in the route's shape, and the proxy answers the next request
+        normally.
+        """
+        self.assertAnswered(route, body)
+
+    @settings(max_examples=200,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(exchange=CONVERSATIONS)
+    def test_noTextBreaksAConversation(self, exchange: tuple[str, bytes]) -> None:
+        """
+        A well-formed conversation with tool calls on each API, its every string (messages, tool
+        names, call ids, arguments) drawn from any text, lone surrogates included, gets an
+        answer as L{test_noBodyBreaksARoute} has it.
+        """
+        self.assertAnswered(*exchange)
+
+    def assertAnswered(self, route: str, body: bytes) -> None:
+        """
+        Post C{body} to C{route} and check the answer as L{test_noBodyBreaksARoute} says.
         """
         proxy = self.fuzzProxy()
         with capturedLogs() as events:
@@ -456,6 +632,7 @@ class FuzzTests(SynchronousTestCase):
             self.assertIn(b"no model is loaded", raw)
         else:
             self.assertLess(response.code, 500, (route, body, raw))
+        self.assertFalse(raw.lstrip().startswith(b"<"), (route, body, raw))
         failures = [e["log_failure"].getTraceback() for e in events if e.get("log_failure") is not None]
         self.assertEqual(failures, [], (route, body))
         if response.code >= 400:
