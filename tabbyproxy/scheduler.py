@@ -38,6 +38,7 @@ from tabbyproxy.config import Profile, TabbyInstall
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
 from tabbyproxy.listener import listenerOwnedBy
 from tabbyproxy.metrics import Metrics
+from tabbyproxy.tabbywire import causeLine
 
 
 class SchedulingError(Exception):
@@ -554,9 +555,10 @@ class Scheduler(Service):
         """
         Fail the requests waiting for C{child}'s start, which the scheduler gives up.
         """
-        full = child.withLastLines(message)
-        self.lastError = full
-        self._failWaitersFor(child.profile, full)
+        self.lastError = child.withLastLines(message)
+        # Clients get the cause; the whole output (a traceback with the server's paths) is the admin's.
+        cause = causeLine(child.protocol.lastLines)
+        self._failWaitersFor(child.profile, f"{message}; TabbyAPI said: {cause}" if cause else message)
 
     def _failWaitersFor(self, profile: Profile, message: str) -> None:
         failing = [w for w in self._waiting if w.profile.id == profile.id]

@@ -3,7 +3,8 @@ What TabbyAPI says on the wire and how to read it: its server-sent event stream,
 payloads of its events; its chat (and completions) stream decoded into typed events that every
 translated API encodes in its own shape (L{ChatStreamDecoder}); its error bodies (FastAPI's
 C{{"detail": ...}}, validation error lists, OpenAI-style documents), turned into one message for
-the client; and the framing of the events the proxy adds to a stream it relays.
+the client; the line of its last output that says why it failed (L{causeLine}); and the framing
+of the events the proxy adds to a stream it relays.
 
 The rest of the proxy never parses TabbyAPI's bytes itself.
 """
@@ -11,7 +12,8 @@ The rest of the proxy never parses TabbyAPI's bytes itself.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Union
+import re
+from typing import Any, Mapping, Sequence, Union
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -44,6 +46,53 @@ def upstreamErrorMessage(status: int, raw: bytes) -> str:
         if isinstance(detail, list):
             return "; ".join(_validationProblem(problem) for problem in detail)
     return f"TabbyAPI answered {status}: {raw.decode('utf-8', 'replace')}"
+
+
+# Lines of a Python traceback that say where, not what: its frames and their code (indented), its
+# header, and the links between chained exceptions.
+_TRACEBACK_LINE = re.compile(r"\s|Traceback \(most recent call last\):|The above exception|During handling of the above")
+# The line a traceback ends with: the exception and its message.
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure)(?::|$)")
+# TabbyAPI's log lines: a time stamp and a level before the message.
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? ([A-Z]+):\s+")
+# The folders of an absolute path.
+_FOLDERS = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+")
+_MAX_CAUSE = 400
+
+
+def causeLine(lines: Sequence[str]) -> str | None:
+    """
+    Why a TabbyAPI child failed, in one line fit for a client, from the last lines it printed:
+    the exception its last traceback ends with or its last ERROR line (with the lines its
+    console wrapped onto), whichever came last, else its last line; without the time stamp and
+    level, and with the folders of absolute paths left out (C{.../config.json}), as they are the
+    server's business.  The whole output stays in the log and in C{/status} for the admin.
+
+    @return: C{None} when the child printed nothing.
+    """
+    chosen: str | None = None
+    for index in range(len(lines) - 1, -1, -1):
+        line = lines[index]
+        if not line.strip() or _TRACEBACK_LINE.match(line):
+            continue
+        logged = _LOG_LINE.match(line)
+        if logged is None and _EXCEPTION_LINE.match(line):
+            chosen = line
+            break
+        if logged is not None and logged.group(1) in ("ERROR", "CRITICAL"):
+            wrapped = []
+            for following in lines[index + 1:]:
+                if not following.strip() or _LOG_LINE.match(following) or _TRACEBACK_LINE.match(following):
+                    break
+                wrapped.append(following.strip())
+            chosen = " ".join([line[logged.end():].strip(), *wrapped])
+            break
+        if chosen is None:
+            chosen = line[logged.end():] if logged is not None else line
+    if chosen is None:
+        return None
+    cause = _FOLDERS.sub(".../", chosen.strip())
+    return cause if len(cause) <= _MAX_CAUSE else cause[: _MAX_CAUSE - 3] + "..."
 
 
 def _validationProblem(problem: object) -> str:

@@ -4,6 +4,10 @@ C{/health} (the proxy itself answers), C{/metrics} (Prometheus), C{/logs} and C{
 (the recent and the live log, the proxy's and TabbyAPI's), and C{/}, which answers as Ollama's
 root does so Ollama clients find the server.
 
+With auth on, C{/status} without the admin key shows what a dashboard needs (models, states,
+timers, counts) and leaves out what only helps someone attack or debug the child: its port, its
+pid, and the last error with TabbyAPI's output.
+
 A C{/logs/stream} client costs the proxy a bounded amount of memory, however slowly it reads:
 while its connection takes no more (the transport paused it), at most L{MAX_PENDING_LINES} lines
 wait, the oldest dropped first, and on resume one line says how many were dropped.
@@ -23,7 +27,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from tabbyproxy import __version__
-from tabbyproxy.auth import Permission
+from tabbyproxy.auth import Permission, permissionOf
 from tabbyproxy.keepalive import FOREVER
 from tabbyproxy.logbuffer import Record
 from tabbyproxy.routes.common import (
@@ -39,6 +43,22 @@ from tabbyproxy.routes.common import (
 from tabbyproxy.routes.loading import startEventStream
 
 LogFilter = Callable[[Record], bool]
+
+# What /status shows to the admin only: where the child listens, which process it is, and the
+# last error, which holds TabbyAPI's output with the server's paths.
+_ADMIN_ONLY = frozenset({"pid", "port", "last_error", "last_lines"})
+
+
+def forDashboards(document: Any) -> Any:
+    """
+    C{document} without the admin's fields (L{_ADMIN_ONLY}), at any depth.
+    """
+    if isinstance(document, dict):
+        return {key: forDashboards(value) for key, value in document.items() if key not in _ADMIN_ONLY}
+    if isinstance(document, list):
+        return [forDashboards(value) for value in document]
+    return document
+
 
 # How many lines wait for a /logs/stream client whose connection is full.
 MAX_PENDING_LINES = 1000
@@ -141,6 +161,8 @@ class AdminRoutes:
             for profile in profiles
         ]
         document["version"] = __version__
+        if permissionOf(request, self.state.keys) is not Permission.ADMIN:
+            document = forDashboards(document)
         return writeJSON(request, 200, document)
 
     @app.route("/metrics", methods=["GET"])

@@ -157,8 +157,8 @@ class OpenAIClientTests(TestCase):
 
     async def test_failedLoadAnswersWithChildOutput(self) -> None:
         """
-        A model whose load fails answers 503 with TabbyAPI's exit status and last lines, and the
-        next request tries again.
+        A model whose load fails answers 503 with TabbyAPI's exit status and the cause from its
+        last lines, and the next request tries again.
         """
         proxy = RunningProxy(self, {"broken": {"model": {"model_name": "Broken"}, "simulator": {"fail_load": True}}})
         for attempt in (1, 2):

@@ -216,15 +216,26 @@ class OpenAIRouteTests(SynchronousTestCase):
     def test_failedStartIs503WithChildOutput(self) -> None:
         """
         A model that fails to load answers the waiting request with the exit status and the
-        child's last lines.
+        cause from the child's last lines, not its traceback and not the server's folders; the
+        whole output is in /status's last_error.
         """
         self.proxy.tabby.healthy = False
         d = self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"})
         [process] = self.proxy.reactor.spawned
-        process.print("ValueError: Failed to load config.json\n")
+        process.print("Traceback (most recent call last):\n"
+                      '  File "/srv/tabbyAPI/main.py", line 59, in entrypoint_async\n'
+                      "    await model.load_model(\n"
+                      "ValueError: Failed to load config.json from /srv/tabbyAPI/models/Qwen\n")
         process.exit(1)
         self.proxy.flush()
-        self.assertOpenAIError(self.successResultOf(d), 503, "exited with status 1")
+        response = self.successResultOf(d)
+        self.assertOpenAIError(response, 503, "exited with status 1")
+        message = self.successResultOf(json_content(response))["error"]["message"]
+        self.assertTrue(message.endswith("; TabbyAPI said: ValueError: Failed to load config.json from .../Qwen"), message)
+        self.assertNotIn("/srv", message)
+        self.assertNotIn("Traceback", message)
+        lastError = self.proxy.supervisor.status()["last_error"]
+        self.assertIn('File "/srv/tabbyAPI/main.py"', lastError)
 
     def test_modelsList(self) -> None:
         """
@@ -304,6 +315,47 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(self.get("/unload", "api-key", method="POST").code, 401)
         self.assertEqual(self.get("/unload", "admin-key", method="POST").code, 200)
         self.assertEqual(self.get("/status").code, 200)
+
+    def test_statusWithoutAdminKeyShowsNoInternals(self) -> None:
+        """
+        With auth on, /status without the admin key shows what a dashboard needs (model, state,
+        timer, counts) but not the child's port and pid, nor the last error with TabbyAPI's
+        output; the admin key sees them.
+        """
+        self.proxy.tabby.healthy = False
+        self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"},
+                               headers={"Authorization": "Bearer api-key"})
+        [process] = self.proxy.reactor.spawned
+        process.print("ValueError: Failed to load config.json from /srv/tabbyAPI/models/Qwen\n")
+        process.exit(1)
+        self.proxy.flush()
+        self.assertIn("/srv/tabbyAPI", self.successResultOf(json_content(self.get("/status", "admin-key")))["last_error"])
+        self.assertStatusShownWithout({"pid", "port", "last_error"})
+        self.proxy.tabby.healthy = True
+        self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"},
+                               headers={"Authorization": "Bearer api-key"})
+        self.proxy.flush()
+        self.proxy.reactor.advance(1)
+        self.proxy.flush()
+        admin = self.successResultOf(json_content(self.get("/status", "admin-key")))
+        self.assertEqual(admin["state"], "ready")
+        self.assertIsInstance(admin["port"], int)
+        self.assertIsInstance(admin["pid"], int)
+        self.assertStatusShownWithout({"pid", "port", "last_error"})
+
+    def assertStatusShownWithout(self, hidden: set[str]) -> None:
+        """
+        /status without the admin key is the admin's /status without C{hidden} (and nothing of
+        the server's folders).
+        """
+        admin = self.successResultOf(json_content(self.get("/status", "admin-key")))
+        for key in (None, "api-key", "wrong"):
+            shown = self.successResultOf(json_content(self.get("/status", key)))
+            self.assertEqual(set(shown), set(admin) - hidden, key)
+            # The timer's fires_at is read from the wall clock at each request.
+            self.assertEqual({name: value for name, value in shown.items() if name != "unload"},
+                             {name: value for name, value in admin.items() if name not in hidden | {"unload"}}, key)
+            self.assertNotIn("/srv", json.dumps(shown))
 
     def test_proxyAuthenticatesToTabby(self) -> None:
         """

@@ -21,6 +21,7 @@ from tabbyproxy.tabbywire import (
     ToolCallArguments,
     ToolCallStart,
     Usage,
+    causeLine,
 )
 
 
@@ -236,3 +237,51 @@ class ReplyTests(SynchronousTestCase):
         reply = {"choices": [{"finish_reason": "stop", "eos_reason": "stop_token", "stop_str": "<|im_end|>",
                               "message": {"content": None}}], "usage": None}
         self.assertEqual(ChatStreamDecoder().decode(reply), [Finish("stop")])
+
+
+# TabbyAPI's output when a model folder lacks config.json (reference/tabbyapi-captures/load_failure.log),
+# with its placeholders for the server's folders made real.
+LOAD_FAILURE = """\
+2026-11-26 05:39:44.310 INFO:     Configured backend: cudaMallocAsync
+2026-11-26 05:39:44.310 WARNING:  If you aren't a developer, please keep this
+off!
+Traceback (most recent call last):
+  File "/srv/tabbyAPI/common/transformers_utils.py", line 136, in from_directory
+    self.hf_config = await HuggingFaceConfig.from_directory(model_directory)
+                     ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+FileNotFoundError: [Errno 2] No such file or directory: '/srv/tabbyAPI/models/tiny-model/config.json'
+
+The above exception was the direct cause of the following exception:
+
+Traceback (most recent call last):
+  File "/srv/tabbyAPI/main.py", line 209, in <module>
+    entrypoint()
+  File "/srv/tabbyAPI/common/transformers_utils.py", line 138, in from_directory
+    raise ValueError(f"Failed to load config.json from {model_directory}") from exc
+ValueError: Failed to load config.json from /srv/tabbyAPI/models/tiny-model""".splitlines()
+
+
+class CauseLineTests(SynchronousTestCase):
+    def test_tracebackEndsWithTheCause(self) -> None:
+        """
+        After a traceback, the cause is the exception it ends with, without the folders of
+        the server's paths.
+        """
+        self.assertEqual(causeLine(LOAD_FAILURE), "ValueError: Failed to load config.json from .../tiny-model")
+
+    def test_errorLineWithItsWrappedRest(self) -> None:
+        """
+        An ERROR line after the last traceback is the cause, without its time stamp, joined with
+        the lines the console wrapped it onto; later INFO lines are not.
+        """
+        lines = [*LOAD_FAILURE, "2026-11-26 05:39:45.001 ERROR:    Port 5000 is in use by another", "program",
+                 "2026-11-26 05:39:45.002 INFO:     Shutting down"]
+        self.assertEqual(causeLine(lines), "Port 5000 is in use by another program")
+
+    def test_otherwiseTheLastLine(self) -> None:
+        """
+        Without an exception or an error, the cause is the last line; with no output, none.
+        """
+        self.assertEqual(causeLine(["2026-11-26 05:39:44.310 INFO:     Loading /srv/models/Qwen", "  "]),
+                         "Loading .../Qwen")
+        self.assertIsNone(causeLine([]))
