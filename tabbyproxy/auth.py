@@ -2,16 +2,29 @@
 Who may use the proxy: the keys of TabbyAPI's C{api_tokens.yml}, checked on every request when
 TabbyAPI's auth is on.  API keys open the model routes; the admin key opens everything, including
 the routes that stop models.  Keys are compared in constant time and never logged.
+
+The file is followed as TabbyAPI follows it (L{KeyWatcher}): keys added or revoked while the proxy
+runs take effect within L{KEY_FILE_INTERVAL} seconds, for clients and for the admin key the proxy
+sends TabbyAPI; a file that is broken keeps the keys read last.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 from enum import IntEnum
+from pathlib import Path
 
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from tabbyproxy.config import Keys
+from tabbyproxy.config import ConfigError, Keys, readKeys
+
+KEY_FILE_INTERVAL = 2.0
+"""How often C{api_tokens.yml} is looked at, in seconds: as often as TabbyAPI looks."""
 
 _KEY_HEADERS = (b"x-admin-key", b"x-api-key")
 
@@ -74,3 +87,63 @@ def authProblem(request: IRequest, keys: Keys, needed: Permission) -> str | None
     if needed is Permission.ADMIN and granted is Permission.API:
         return "this route needs the admin key"
     return "invalid API key"
+
+
+def _fileVersion(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    # The inode too: a file replaced by a rename may keep its size and even its mtime.
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+class KeyWatcher(Service):
+    """
+    The keys of C{api_tokens.yml} as they are now: every L{KEY_FILE_INTERVAL} seconds (on the
+    injected clock) the file's modification time, size and inode are compared with what was
+    read, and a changed file is read again.  A file that is now missing or broken keeps the keys
+    read last, and the log says why, once per change of the file.  Calling the watcher gives the
+    current L{Keys}.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: Path, keys: Keys, clock: IReactorTime) -> None:
+        self.path = path
+        self.keys = keys
+        self._version = _fileVersion(path)
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = clock
+
+    def __call__(self) -> Keys:
+        return self.keys
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(KEY_FILE_INTERVAL, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        """
+        Read the file again if it changed since it was last read.
+        """
+        version = _fileVersion(self.path)
+        if version == self._version:
+            return
+        self._version = version
+        if version is None:
+            self.log.warn("{path} is gone; the proxy keeps the keys it read last", path=str(self.path))
+            return
+        try:
+            apiKeys, adminKey = readKeys(self.path)
+        except ConfigError as e:
+            self.log.warn("{problem}; the proxy keeps the keys it read last", problem=str(e))
+            return
+        self.keys = Keys(enabled=True, apiKeys=apiKeys, adminKey=adminKey)
+        self.log.info("Read the keys of {path} again: {count} API keys and the admin key",
+                      path=str(self.path), count=len(apiKeys))

@@ -232,7 +232,7 @@ class ProxyRequest(Request):
         if not self.startedWriting:
             site = self._proxySite
             message = f"internal error in tabbyproxy (request {self.requestId}): see its log"
-            body = site.errorBody(pathOf(self.uri), 500, message) if site is not None else message.encode()
+            body = site.errorBody(self.path, 500, message) if site is not None else message.encode()
             self.setResponseCode(500)
             self.setHeader(b"Content-Type", b"application/json; charset=utf-8")
             self.setHeader(b"Content-Length", b"%d" % len(body))

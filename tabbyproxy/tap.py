@@ -22,6 +22,7 @@ from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
 from tabbyproxy import channel
+from tabbyproxy.auth import KeyWatcher
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
 from tabbyproxy.gpus import parseGpuMemory, parseSimulatedGpus
 from tabbyproxy.history import RequestHistory
@@ -390,12 +391,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     elif options["preload"] is not None:
         _Preload(supervisor, options["preload"], profiles, None).setServiceParent(top)
 
+    currentKeys = None
+    if install.keys.enabled:
+        currentKeys = KeyWatcher(install.directory / "api_tokens.yml", install.keys, reactor)
+        currentKeys.setServiceParent(top)
+    keysNow = currentKeys if currentKeys is not None else (lambda: install.keys)
     state = ProxyState(
         catalog=lambda: profiles.catalog,
         install=install,
         supervisor=supervisor,
-        upstream=Upstream(agent, install.keys.upstreamHeaders, reactor,
+        upstream=Upstream(agent, lambda: keysNow().upstreamHeaders, reactor,
                           ReadTimeouts(options["first-token-timeout"], options["chunk-timeout"])),
+        currentKeys=currentKeys,
         clock=reactor,
         maxBodySize=options["max-body-size"],
         metrics=metrics,

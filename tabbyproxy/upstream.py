@@ -214,12 +214,13 @@ class Upstream:
     Sends requests to the leased TabbyAPI child.
     """
 
-    def __init__(self, agent: IAgent, headers: Mapping[bytes, list[bytes]], clock: IReactorTime,
+    def __init__(self, agent: IAgent, headers: Callable[[], Mapping[bytes, list[bytes]]], clock: IReactorTime,
                  timeouts: ReadTimeouts = ReadTimeouts()) -> None:
         """
         @param agent: reaches the children (the pooled agent of L{tabbyproxy.relaypool}; an
             in-memory agent in tests).
-        @param headers: sent with every request: TabbyAPI's key, when auth is on.
+        @param headers: gives what to send with every request: TabbyAPI's admin key as it is
+            now, when auth is on.
         @param clock: times the silences of an answer's body.
         @param timeouts: how long an answer's body may stay silent.
         """
@@ -236,7 +237,7 @@ class Upstream:
         @raise UpstreamUnreachable: when TabbyAPI did not answer.
         @raise UpstreamAnswered: when it answered with an error.
         """
-        headers = dict(self.headers)
+        headers = dict(self.headers())
         producer = None
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]

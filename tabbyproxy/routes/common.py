@@ -105,6 +105,8 @@ class ProxyState:
     @ivar catalog: a callable so a reload can swap the profiles under running routes.
     @ivar openModelList: whether the model lists (C{/api/tags}, C{/api/show}, C{/v1/models})
         answer without a key.
+    @ivar currentKeys: the keys as they are now (L{tabbyproxy.auth.KeyWatcher}), when they are
+        followed; else the install's.
     """
 
     catalog: Callable[[], Catalog]
@@ -117,10 +119,11 @@ class ProxyState:
     logs: LogBuffer = field(factory=LogBuffer)
     history: RequestHistory = field(factory=RequestHistory)
     openModelList: bool = False
+    currentKeys: Callable[[], Keys] | None = None
 
     @property
     def keys(self) -> Keys:
-        return self.install.keys
+        return self.install.keys if self.currentKeys is None else self.currentKeys()
 
     def requireKey(self, request: IRequest, needed: Permission = Permission.API) -> None:
         """

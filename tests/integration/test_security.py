@@ -11,13 +11,15 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, cast
 
+import yaml
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogEvent, capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tabbyproxy.auth import KeyWatcher
 from tabbyproxy.config import Keys
 from tabbyproxy.tap import Options
 from tests.support.fakes import InMemoryProxy, writeProfiles
@@ -178,6 +180,35 @@ class PortSquattingTests(TestCase):
         self.assertEqual({line.split()[1:4] == ["GET", "/health", "None"] for line in seen}, {True})
         for secret in (*keys.apiKeys, keys.adminKey, "a secret prompt"):
             self.assertNotIn(secret, squatter.text)
+
+
+class KeyFileTests(TestCase):
+    timeout = 60
+
+    async def test_keysFollowTheFile(self) -> None:
+        """
+        Keys added to or revoked from api_tokens.yml while the proxy runs take effect without a
+        restart, as in TabbyAPI: the new key is accepted and the revoked one refused.
+        """
+        proxy = RunningProxy(self, PROFILES, "--simulate-auth")
+        keys = proxy.supervisor.install.keys
+        old = keys.apiKeys[0]
+
+        async def models(key: str) -> int:
+            headers: dict[str | bytes, str | bytes] = {"Authorization": f"Bearer {key}"}
+            response = await proxy.http.get(proxy.url + "/v1/models", headers=headers)
+            await response.content()
+            code: int = response.code
+            return code
+
+        self.assertEqual(await models(old), 200)
+        path = proxy.supervisor.install.directory / "api_tokens.yml"
+        [watcher] = [service for service in cast(Iterable[object], proxy.service) if isinstance(service, KeyWatcher)]
+        self.assertEqual(await models("new-api-key"), 401)
+        path.write_text(yaml.safe_dump({"api_key": ["new-api-key"], "admin_key": keys.adminKey}))
+        await waitUntil(lambda: watcher().apiKeys == ("new-api-key",))
+        self.assertEqual(await models("new-api-key"), 200)
+        self.assertEqual(await models(old), 401)
 
 
 class AdminKeyTests(SynchronousTestCase):

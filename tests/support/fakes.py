@@ -264,7 +264,11 @@ class InMemoryProxy:
 
     def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
                  settings: SchedulerSettings = SchedulerSettings(), maxBodySize: int = DEFAULT_MAX_BODY,
-                 tabby: FakeTabby | None = None, openModelList: bool = False) -> None:
+                 tabby: FakeTabby | None = None, openModelList: bool = False,
+                 currentKeys: Callable[[], Keys] | None = None) -> None:
+        """
+        @param currentKeys: the keys as they are now, when a test changes them (else C{keys}).
+        """
         running = RunningScheduler(directory, profiles, keys, settings, tabby)
         self.catalog = running.catalog
         self.reactor = running.reactor
@@ -272,14 +276,16 @@ class InMemoryProxy:
         self.tabbyAgent = running.tabbyAgent
         self.supervisor = running.scheduler
         install = running.scheduler.install
+        keysNow = currentKeys if currentKeys is not None else (lambda: keys)
         self.state = ProxyState(
             catalog=lambda: self.catalog,
             install=install,
             supervisor=self.supervisor,
-            upstream=Upstream(self.tabbyAgent, keys.upstreamHeaders, self.reactor),
+            upstream=Upstream(self.tabbyAgent, lambda: keysNow().upstreamHeaders, self.reactor),
             clock=self.reactor,
             maxBodySize=maxBodySize,
             openModelList=openModelList,
+            currentKeys=currentKeys,
         )
         self.site = makeSite(self.state)
         self.site.reactor = self.reactor

@@ -5,14 +5,19 @@ when it may not.
 
 from __future__ import annotations
 
-from typing import cast
+import os
+from pathlib import Path
+from typing import Any, cast
 
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from tabbyproxy.auth import Permission, authProblem, permissionOf, presentedKey
+from tabbyproxy.auth import KEY_FILE_INTERVAL, KeyWatcher, Permission, authProblem, permissionOf, presentedKey
 from tabbyproxy.config import Keys
+from tests.support.fakes import InMemoryProxy
 
 KEYS = Keys(enabled=True, apiKeys=("api-one", "api-two"), adminKey="admin-key")
 
@@ -239,3 +244,78 @@ class AuthProblemTests(SynchronousTestCase):
         """
         request = requestWith(x_admin_key="admin-key", authorization="Bearer nope")
         self.assertIsNone(authProblem(request, KEYS, Permission.ADMIN))
+
+
+class KeyWatcherTests(SynchronousTestCase):
+    """
+    api_tokens.yml followed as TabbyAPI follows it: looked at every two seconds on the clock,
+    read again when it changed, its previous keys kept while it is broken or gone.
+    """
+
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+        self.stamp = 1_700_000_000 * 10**9
+        self.write("api_key: api-one\nadmin_key: admin-one\n")
+        self.clock = Clock()
+        self.watcher = KeyWatcher(self.path, Keys(enabled=True, apiKeys=("api-one",), adminKey="admin-one"), self.clock)
+        self.watcher.startService()
+        self.addCleanup(self.watcher.stopService)
+
+    def write(self, text: str) -> None:
+        self.path.write_text(text)
+        # A new modification time for each version, whatever the file system's resolution.
+        self.stamp += 10**9
+        os.utime(self.path, ns=(self.stamp, self.stamp))
+
+    def test_changedFileIsReadAgain(self) -> None:
+        """
+        A new key and a rotated admin key take effect at the next look, not before.
+        """
+        self.write("api_key: [api-one, api-two]\nadmin_key: admin-two\n")
+        self.clock.advance(KEY_FILE_INTERVAL - 0.1)
+        self.assertEqual(self.watcher().adminKey, "admin-one")
+        self.clock.advance(0.1)
+        self.assertEqual(self.watcher(), Keys(enabled=True, apiKeys=("api-one", "api-two"), adminKey="admin-two"))
+
+    def test_brokenOrMissingFileKeepsTheKeys(self) -> None:
+        """
+        A file that is not valid, or is gone, keeps the keys read last and says why once; a
+        fixed file is read again.
+        """
+        kept = self.watcher()
+        with capturedLogs() as events:
+            for broken in ("api_key: [\n", "admin_key: only\n"):
+                self.write(broken)
+                self.clock.advance(KEY_FILE_INTERVAL)
+                self.clock.advance(KEY_FILE_INTERVAL)
+                self.assertEqual(self.watcher(), kept)
+            self.path.unlink()
+            self.clock.advance(KEY_FILE_INTERVAL)
+            self.assertEqual(self.watcher(), kept)
+        warnings = [event for event in events if event["log_level"] is LogLevel.warn]
+        self.assertEqual(len(warnings), 3)
+        self.write("api_key: api-three\nadmin_key: admin-three\n")
+        self.clock.advance(KEY_FILE_INTERVAL)
+        self.assertEqual(self.watcher().apiKeys, ("api-three",))
+
+    def test_proxyFollowsTheFile(self) -> None:
+        """
+        Through the proxy, a revoked key is refused, a new key accepted, and the rotated admin
+        key is the one sent to TabbyAPI.
+        """
+        proxy = InMemoryProxy(Path(self.mktemp()), {"qwen": {"model": {"model_name": "Qwen"}}},
+                              keys=self.watcher(), currentKeys=self.watcher)
+
+        def complete(key: str) -> Any:
+            d = proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"},
+                                  headers={"Authorization": f"Bearer {key}"})
+            proxy.flush()
+            return self.successResultOf(d)
+
+        self.assertEqual(complete("api-one").code, 200)
+        self.write("api_key: api-two\nadmin_key: admin-two\n")
+        self.clock.advance(KEY_FILE_INTERVAL)
+        self.assertEqual(complete("api-one").code, 401)
+        self.assertEqual(complete("api-two").code, 200)
+        self.assertEqual([headers["authorization"] for _, _, headers in proxy.tabby.requests],
+                         [["Bearer admin-one"], ["Bearer admin-two"]])
