@@ -35,6 +35,9 @@ _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 # The route label of a request no route table matched (a 404, a 403 before routing).
 UNMATCHED = "unmatched"
 
+# An absolute-form request target (GET http://host:port/path HTTP/1.1): its authority and the rest.
+_ABSOLUTE_FORM = re.compile(rb"(?i)https?://([^/?#]*)(.*)", re.S)
+
 # Answers whose body is a stream of events, counted per event for the chunk metrics.
 _EVENT_SEPARATORS = {b"text/event-stream": b"data:", b"application/x-ndjson": b"\n"}
 
@@ -288,6 +291,13 @@ class ProxyRequest(Request):
         if self._refused:
             # The answer went out already and the connection is closing.
             return
+        absolute = _ABSOLUTE_FORM.fullmatch(path)
+        if absolute is not None:
+            # RFC 9112 3.2.2: a server takes the target's authority for the Host header, and the
+            # rest as the origin-form target.
+            authority, target = absolute.groups()
+            self.requestHeaders.setRawHeaders(b"host", [authority.rpartition(b"@")[2]])
+            path = target if target.startswith(b"/") else b"/" + target
         super().requestReceived(command, path, version)
 
     @property

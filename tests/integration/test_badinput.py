@@ -375,6 +375,22 @@ class HTTPGuardTests(TestCase):
             self.assertIn(fragment, assertRouteError(self, path, code, status, body))
         await self.assertStillServing()
 
+    async def test_absoluteFormTargetsAreServed(self) -> None:
+        """
+        An absolute-form request target (RFC 9112 3.2.2) is served as its path and query, with
+        the target's authority as the Host, so the browser policy judges that host.
+        """
+        port = self.proxy.port
+        raw = await exchange(port, (
+            b"GET http://127.0.0.1:%d/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET HTTP://localhost:%d/logs?source=proxy HTTP/1.1\r\n\r\n"
+            b"GET http://evil.example:%d/api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Connection: close\r\n\r\n" % (port, port, port)))
+        answers = responses(raw)
+        self.assertEqual([status for status, _, _ in answers], [200, 200, 403])
+        self.assertEqual(json.loads(answers[0][2]), {"status": "ok"})
+        self.assertIn("logs", json.loads(answers[1][2]))
+
     async def test_pipelinedRequestsAnsweredInOrder(self) -> None:
         """
         Requests pipelined on one connection, bodies included, are answered in order.
