@@ -390,12 +390,14 @@ class TabbyInstall:
     modelDirOverride: str | None = None
 
     @classmethod
-    def fromCheckout(cls, directory: Path, python: str | None) -> TabbyInstall:
+    def fromCheckout(cls, directory: Path, python: str | None, createKeys: bool = True) -> TabbyInstall:
         """
         Inspect a TabbyAPI checkout: C{main.py}, C{config.yml} and C{api_tokens.yml}.
 
         @param python: the interpreter to run TabbyAPI with; by default the checkout's
             C{venv/bin/python} when it exists, else the proxy's own.
+        @param createKeys: whether to create a missing C{api_tokens.yml} (as a start does); if
+            not, the install has auth on and no keys yet.
         @raise ConfigError: when the checkout or one of its files is unusable.
         """
         if not directory.is_dir():
@@ -405,22 +407,23 @@ class TabbyInstall:
         if python is None:
             venvPython = directory / "venv" / "bin" / "python"
             python = str(venvPython) if venvPython.exists() else sys.executable
-        return cls.inDirectory(directory, (python, "main.py"), cls._readBaseConfig(directory))
+        return cls.inDirectory(directory, (python, "main.py"), cls._readBaseConfig(directory), createKeys=createKeys)
 
     @classmethod
     def inDirectory(
         cls, directory: Path, command: tuple[str, ...], baseConfig: Mapping[str, Any],
-        modelDirOverride: str | None = None,
+        modelDirOverride: str | None = None, createKeys: bool = True,
     ) -> TabbyInstall:
         """
         The install whose child runs C{command} in C{directory} under C{baseConfig}, with the keys
-        that config asks for (C{api_tokens.yml} in C{directory}, created as TabbyAPI would).
+        that config asks for (C{api_tokens.yml} in C{directory}, created as TabbyAPI would unless
+        not C{createKeys}).
         """
         return cls(
             directory=directory,
             command=command,
             baseConfig=baseConfig,
-            keys=cls._keysFor(directory, baseConfig),
+            keys=cls._keysFor(directory, baseConfig, createKeys),
             modelDirOverride=modelDirOverride,
         )
 
@@ -435,12 +438,14 @@ class TabbyInstall:
         return document
 
     @staticmethod
-    def _keysFor(directory: Path, baseConfig: Mapping[str, Any]) -> Keys:
+    def _keysFor(directory: Path, baseConfig: Mapping[str, Any], createKeys: bool) -> Keys:
         network = baseConfig.get("network") or {}
         if network.get("disable_auth") is True:
             return Keys(enabled=False)
         path = directory / "api_tokens.yml"
         if not path.exists():
+            if not createKeys:
+                return Keys(enabled=True)
             writeNewKeys(path)
         apiKeys, adminKey = readKeys(path)
         return Keys(enabled=True, apiKeys=apiKeys, adminKey=adminKey)

@@ -178,6 +178,8 @@ class Options(usage.Options):
 
     catalog: Catalog
     install: TabbyInstall | None
+    # Whether reading the options may create files (a missing api_tokens.yml, as TabbyAPI would).
+    createsFiles = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -226,7 +228,8 @@ class Options(usage.Options):
                 "--tabby-dir is required (the TabbyAPI checkout), or --simulate to try the proxy without one"
             )
         try:
-            self.install = TabbyInstall.fromCheckout(Path(self["tabby-dir"]).absolute(), self["python"])
+            self.install = TabbyInstall.fromCheckout(Path(self["tabby-dir"]).absolute(), self["python"],
+                                                     createKeys=self.createsFiles)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from e
 

@@ -5,6 +5,8 @@ The operations helpers on their own: the config check, the in-memory log, the me
 from __future__ import annotations
 
 import io
+import json
+import sys
 import weakref
 from pathlib import Path
 from typing import cast
@@ -84,6 +86,93 @@ class CheckTests(SynchronousTestCase):
         self.assertIn("ok: profile big: GPU 0, 1, persistent, GPU memory 36.0 GiB, declared: 18.0 GiB on each of GPU 0, 1",
                       report)
         self.assertNotIn("profile good: any GPU", report)
+
+    def checkout(self, config: dict[str, object], models: dict[str, str]) -> Path:
+        """
+        A TabbyAPI folder with C{config} as its config.yml and a model folder per profile, each
+        of the given quantization (C{exl2} or C{exl3}).
+        """
+        tabby = self.root / "tabby"
+        tabby.mkdir(parents=True, exist_ok=True)
+        (tabby / "main.py").write_text("")
+        (tabby / "config.yml").write_text(yaml.safe_dump(config))
+        for name, method in models.items():
+            writeProfile(self.config, name.lower(), f"model: {{model_name: {name}}}\n")
+            (tabby / "models" / name).mkdir(parents=True, exist_ok=True)
+            (tabby / "models" / name / "config.json").write_text(
+                json.dumps({"quantization_config": {"quant_method": method}}))
+        return tabby
+
+    def interpreter(self, **packages: str) -> str:
+        """
+        An interpreter for TabbyAPI: this one, seeing stand-in packages whose __init__ holds the
+        given code (C{raise ImportError(...)} for a broken install).
+        """
+        stubs = self.root / "stubs"
+        for name, code in packages.items():
+            (stubs / name).mkdir(parents=True)
+            (stubs / name / "__init__.py").write_text(code)
+        wrapper = self.root.absolute() / "python"
+        wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={stubs.absolute()} exec {sys.executable} "$@"\n')
+        wrapper.chmod(0o755)
+        return str(wrapper)
+
+    def test_writesNothing(self) -> None:
+        """
+        With auth on and no api_tokens.yml yet, the check creates no file: it says a start will
+        create the keys.
+        """
+        tabby = self.checkout({}, {"Good": "exl3"})
+        before = sorted(tabby.rglob("*"))
+        code, report = self.check("--tabby-dir", str(tabby), "--config-dir", str(self.config),
+                                  "--python", self.interpreter(torch="", exllamav3=""))
+        self.assertEqual(sorted(tabby.rglob("*")), before)
+        self.assertIn("it does not exist yet", report)
+        self.assertEqual(code, 0, report)
+
+    def test_backendThatCannotBeImported(self) -> None:
+        """
+        An exllamav3 that is installed but fails to import fails the check with its error line.
+        """
+        tabby = self.checkout({"network": {"disable_auth": True}}, {"Good": "exl3"})
+        python = self.interpreter(torch="", exllamav3="raise ImportError('libcudart.so.13: cannot open shared object file')")
+        code, report = self.check("--tabby-dir", str(tabby), "--config-dir", str(self.config), "--python", python)
+        self.assertEqual(code, 1, report)
+        self.assertIn("cannot import exllamav3 (ImportError: libcudart.so.13: cannot open shared object file): "
+                      "every model would fail to load", report)
+
+    def test_missingDependenciesWithoutUnsafeLaunch(self) -> None:
+        """
+        Without torch and exllamav3, TabbyAPI refuses to start unless developer.unsafe_launch:
+        the check says so, and with unsafe_launch says that loads would fail.
+        """
+        tabby = self.checkout({"network": {"disable_auth": True}}, {"Good": "exl3"})
+        python = self.interpreter()
+        code, report = self.check("--tabby-dir", str(tabby), "--config-dir", str(self.config), "--python", python)
+        self.assertEqual(code, 1, report)
+        self.assertIn("TabbyAPI would refuse to start", report)
+        self.assertIn("has no torch or exllamav3", report)
+        self.checkout({"network": {"disable_auth": True}, "developer": {"unsafe_launch": True}}, {})
+        code, report = self.check("--tabby-dir", str(tabby), "--config-dir", str(self.config), "--python", python)
+        self.assertEqual(code, 1, report)
+        self.assertNotIn("refuse to start", report)
+        self.assertIn("has no exllamav3: every model would fail to load", report)
+
+    def test_exl2Models(self) -> None:
+        """
+        An exl2 model needs a TabbyAPI with the exllamav2 backend, and exllamav2 in its
+        interpreter.
+        """
+        tabby = self.checkout({"network": {"disable_auth": True}}, {"Good": "exl3", "Old": "exl2"})
+        python = self.interpreter(torch="", exllamav3="")
+        code, report = self.check("--tabby-dir", str(tabby), "--config-dir", str(self.config), "--python", python)
+        self.assertEqual(code, 1, report)
+        self.assertIn("profiles old: exl2 models, and this TabbyAPI has no exllamav2 backend", report)
+        (tabby / "backends" / "exllamav2").mkdir(parents=True)
+        code, report = self.check("--tabby-dir", str(tabby), "--config-dir", str(self.config), "--python", python)
+        self.assertEqual(code, 1, report)
+        self.assertIn("has no exllamav2: the exl2 models of old would fail to load", report)
+        self.assertIn("imports exllamav3", report)
 
 
 class LogBufferTests(SynchronousTestCase):
