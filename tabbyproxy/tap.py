@@ -254,6 +254,24 @@ class _RuntimeDirectory(Service):
         return self.supervisor.whenStopped().addCallback(remove)
 
 
+class _ProxyService(MultiService):
+    """
+    The proxy's services.  A start that fails (a busy C{--listen} port fails the privileged
+    start, before any service runs) removes the private runtime directory, as a stop does.
+    """
+
+    def __init__(self, runtime: Path) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+            raise
+
+
 class _Preload(Service):
     """
     Loads a model when the proxy starts (C{--preload}, C{--default-model}).
@@ -347,7 +365,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = globalReactor
     runtime = Path(tempfile.mkdtemp(prefix="tabbyproxy-"))
-    top = MultiService()
+    top = _ProxyService(runtime)
 
     install = options.install
     if install is None:

@@ -329,3 +329,33 @@ class GpuOptionTests(SynchronousTestCase):
         ]:
             with self.subTest(arguments=arguments):
                 self.assertIn(message, str(self.assertRaises(UsageError, self.parse, *arguments)))
+
+
+class FailedStartTests(SynchronousTestCase):
+    def test_busyListenPortLeavesNoRuntimeDirectory(self) -> None:
+        """
+        A start that fails because the --listen port is busy leaves no runtime directory
+        behind in the temp folder.
+        """
+        import socket
+
+        from twisted.internet.error import CannotListenError
+
+        from tabbyproxy.tap import _ProxyService, makeService
+
+        configDir = Path(self.mktemp())
+        configDir.mkdir()
+        (configDir / "alpha.yml").write_text("model: {model_name: Alpha}\n")
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            options = Options()
+            options.parseOptions(["--simulate", "--config-dir", str(configDir),
+                                  "--listen", f"tcp:{port}:interface=127.0.0.1"])
+            service = makeService(options)
+            assert isinstance(service, _ProxyService)
+            runtime = service.runtime
+            self.assertTrue(runtime.is_dir())
+            self.assertRaises(CannotListenError, service.privilegedStartService)
+        self.assertFalse(runtime.exists())
