@@ -184,6 +184,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["cors-origin"] = []
+        # usage takes an opt_ method's docstring as it is, its indentation included.
+        self.docs["cors-origin"] = " ".join(self.docs["cors-origin"].split()) + " [default: local pages only]"
 
     def opt_cors_origin(self, origin: str) -> None:
         """

@@ -89,6 +89,18 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.install.command, ("/opt/py", "main.py"))
         self.assertEqual(options.install.keys, Keys(enabled=False))
 
+    def test_helpShowsEveryOptionWithItsDefault(self) -> None:
+        """
+        C{twistd tabbyproxy --help} shows each option that has a default with it, --cors-origin
+        included, each as one readable paragraph.
+        """
+        usage = " ".join(Options().getUsage().split())
+        for text in ("--cors-origin= Also let browser pages from ORIGIN", "any other origin gets a 403. "
+                     "[default: local pages only]", "--client-timeout=", "[default: 60.0]", "--max-body-size=",
+                     "[default: 16777216]", "--max-waiting=", "[default: 512]", "--stop-grace=", "[default: 10.0]"):
+            self.assertIn(text, usage)
+        self.assertNotRegex(Options().getUsage(), r"\S {3,}\S.*extensions")
+
     def test_defaults(self) -> None:
         """
         Without options: listen on loopback port 9000, unload after 15 minutes, give a model
