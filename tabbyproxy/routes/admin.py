@@ -35,6 +35,7 @@ from tabbyproxy.routes.common import (
     ClientError,
     ProxyState,
     RouteTable,
+    forDashboards,
     producing,
     queryFlag,
     registerErrorAnswers,
@@ -43,22 +44,6 @@ from tabbyproxy.routes.common import (
 from tabbyproxy.routes.loading import startEventStream
 
 LogFilter = Callable[[Record], bool]
-
-# What /status shows to the admin only: where the child listens, which process it is, and the
-# last error, which holds TabbyAPI's output with the server's paths.
-_ADMIN_ONLY = frozenset({"pid", "port", "last_error", "last_lines"})
-
-
-def forDashboards(document: Any) -> Any:
-    """
-    C{document} without the admin's fields (L{_ADMIN_ONLY}), at any depth.
-    """
-    if isinstance(document, dict):
-        return {key: forDashboards(value) for key, value in document.items() if key not in _ADMIN_ONLY}
-    if isinstance(document, list):
-        return [forDashboards(value) for value in document]
-    return document
-
 
 # How many lines wait for a /logs/stream client whose connection is full.
 MAX_PENDING_LINES = 1000

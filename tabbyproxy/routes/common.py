@@ -141,6 +141,23 @@ class ProxyState:
             self.requireKey(request)
 
 
+# What /status and the dashboard show to the admin only: where the child listens, which process
+# it is, and the last error, which holds TabbyAPI's output with the server's paths.
+_ADMIN_ONLY = frozenset({"pid", "port", "last_error", "last_lines"})
+
+
+def forDashboards(document: Any) -> Any:
+    """
+    C{document} without the admin's fields (L{_ADMIN_ONLY}), at any depth.
+    """
+    if isinstance(document, dict):
+        return {key: forDashboards(value) for key, value in document.items() if key not in _ADMIN_ONLY}
+    if isinstance(document, list):
+        return [forDashboards(value) for value in document]
+    return document
+
+
+
 def readJSONObject(request: IRequest, maxBodySize: int) -> dict[str, Any]:
     """
     The request's body as a JSON object.

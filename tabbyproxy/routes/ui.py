@@ -43,6 +43,7 @@ from tabbyproxy.routes.common import (
     ClientError,
     ProxyState,
     RouteTable,
+    forDashboards,
     producing,
     queryFlag,
     readJSONObject,
@@ -294,8 +295,9 @@ class ModelWatch:
         if document != before:
             self.last = document
             stamped = {**document, "now": _iso(self.state.clock.seconds())}
+            shown = forDashboards(stamped)
             for viewer in list(self.viewers):
-                viewer.send("models", stamped, coalesce=True)
+                viewer.send("models", stamped if viewer.admin else shown, coalesce=True)
 
     def _scheduleTick(self) -> None:
         self._tick = self.state.clock.callLater(TICK_SECONDS, self._ticked)
@@ -384,7 +386,9 @@ class UIRoutes:
     @app.route("/ui/api/models", methods=["GET"])
     def models(self, request: IRequest) -> bytes:
         self.state.requireKey(request)
-        return writeJSON(request, 200, {**modelsSnapshot(self.state), "now": _iso(self.state.clock.seconds())})
+        snapshot = {**modelsSnapshot(self.state), "now": _iso(self.state.clock.seconds())}
+        admin = permissionOf(request, self.state.keys) is Permission.ADMIN
+        return writeJSON(request, 200, snapshot if admin else forDashboards(snapshot))
 
     @app.route("/ui/api/requests", methods=["GET"])
     def requests(self, request: IRequest) -> bytes:
@@ -442,8 +446,8 @@ class UIRoutes:
         with producing(request, viewer):
             try:
                 viewer.send("hello", {"permission": _PERMISSION_NAMES[permission], "version": __version__})
-                viewer.send("models", {**modelsSnapshot(self.state), "now": _iso(self.state.clock.seconds())},
-                            coalesce=True)
+                snapshot = {**modelsSnapshot(self.state), "now": _iso(self.state.clock.seconds())}
+                viewer.send("models", snapshot if admin else forDashboards(snapshot), coalesce=True)
                 if admin:
                     viewer.send("requests", [record.toJSON() for record in self.state.history])
                 if viewer.logs:

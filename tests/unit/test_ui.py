@@ -281,6 +281,26 @@ class AuthTests(_Base):
         self.assertEqual(self.get("/ui/api/requests", ADMIN).code, 200)
         self.assertEqual(self.proxy.reactor.spawned, [])
 
+    def test_apiKeySeesNoInternals(self) -> None:
+        """
+        With an API key, the models (C{/ui/api/models} and C{/events}) carry no pid and no last
+        error with TabbyAPI's output, as C{/status} without the admin key; the admin key sees them.
+        """
+        self.proxy.tabby.healthy = False
+        self.post("/ui/api/load", {"model": "alpha"}, ADMIN)
+        [process] = self.proxy.reactor.spawned
+        process.print("ValueError: Failed to load config.json from /srv/tabbyAPI/models/Alpha\n")
+        process.exit(1)
+        self.proxy.flush()
+        self.assertIn("/srv/tabbyAPI", self.jsonOf(self.get("/ui/api/models", ADMIN))["last_error"])
+        self.assertIn("pid", self.jsonOf(self.get("/ui/api/models", ADMIN))["models"][0])
+        shown = self.jsonOf(self.get("/ui/api/models", API))
+        self.assertNotIn("last_error", shown)
+        self.assertNotIn("pid", shown["models"][0])
+        [models] = [data for kind, data in parseEvents(b"".join(self.startEvents("/events", API))) if kind == "models"]
+        self.assertNotIn("last_error", models)
+        self.assertNotIn("/srv", json.dumps(models))
+
     def test_apiKeyStreamHasNoHistoryNorLogs(self) -> None:
         """
         With an API key, C{/events} carries the models only: no request history, no log, even
