@@ -47,6 +47,8 @@ from tabbyproxy.listener import listenerOwnedBy
 from tabbyproxy.metrics import Metrics
 
 LAST_LINES = 30
+# Where a failure's message ends and TabbyAPI's last lines begin (L{Child.withLastLines}).
+LAST_OUTPUT = "; last output of TabbyAPI:\n"
 
 
 class ChildState(Enum):
@@ -454,7 +456,7 @@ class Child:
 
     def withLastLines(self, message: str) -> str:
         lines = self.lastLines()
-        return f"{message}; last output of TabbyAPI:\n{lines}" if lines else message
+        return f"{message}{LAST_OUTPUT}{lines}" if lines else message
 
     def _kill(self) -> None:
         self.log.warn(

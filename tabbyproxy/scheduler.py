@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
-from tabbyproxy.child import Child, ChildSettings, ChildState, StopReason, pickFreePort
+from tabbyproxy.child import LAST_OUTPUT, Child, ChildSettings, ChildState, StopReason, pickFreePort
 from tabbyproxy.config import Profile, TabbyInstall
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
 from tabbyproxy.listener import listenerOwnedBy
@@ -388,7 +388,7 @@ class Scheduler(Service):
 
     def childFailed(self, child: Child, message: str) -> None:
         self.lastError = message
-        self._failWaitersFor(child.profile, message)
+        self._failWaitersFor(child.profile, self._forClients(child, message.partition(LAST_OUTPUT)[0]))
 
     def childCrashed(self, child: Child, message: str) -> None:
         self.lastError = message
@@ -556,9 +556,16 @@ class Scheduler(Service):
         Fail the requests waiting for C{child}'s start, which the scheduler gives up.
         """
         self.lastError = child.withLastLines(message)
-        # Clients get the cause; the whole output (a traceback with the server's paths) is the admin's.
+        self._failWaitersFor(child.profile, self._forClients(child, message))
+
+    @staticmethod
+    def _forClients(child: Child, message: str) -> str:
+        """
+        What the clients of a failed start are told: C{message} and the cause from TabbyAPI's
+        last lines; the whole output (a traceback with the server's paths) is the admin's.
+        """
         cause = causeLine(child.protocol.lastLines)
-        self._failWaitersFor(child.profile, f"{message}; TabbyAPI said: {cause}" if cause else message)
+        return f"{message}; TabbyAPI said: {cause}" if cause else message
 
     def _failWaitersFor(self, profile: Profile, message: str) -> None:
         failing = [w for w in self._waiting if w.profile.id == profile.id]
