@@ -14,7 +14,7 @@ stops it, which closes the connection to TabbyAPI so it stops generating.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, cast
+from typing import Callable, Mapping, cast
 
 import treq
 from attrs import frozen
