@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 PROC = Path("/proc")
 
@@ -58,21 +59,37 @@ def listeningInodes(port: int, proc: Path = PROC) -> set[int]:
     return inodes
 
 
+def processStat(pid: int, proc: Path = PROC) -> list[str] | None:
+    """
+    The fields of C{/proc/PID/stat} after the command name (the state first, then the parent's
+    pid, ...), or C{None} when the process is gone.
+    """
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name, in parentheses, may hold spaces and parentheses: fields follow the last ")".
+    return stat.rsplit(")", 1)[1].split()
+
+
+def processStats(proc: Path = PROC) -> Iterator[tuple[int, list[str]]]:
+    """
+    Every process now alive (zombies included) with its L{processStat} fields.
+    """
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            fields = processStat(int(entry.name), proc)
+            if fields is not None:
+                yield int(entry.name), fields
+
+
 def processTree(pid: int, proc: Path = PROC) -> set[int]:
     """
     C{pid} and all its descendants now alive, from each process's parent in C{/proc/PID/stat}.
     """
     children: dict[int, list[int]] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name, in parentheses, may hold spaces and parentheses: fields follow the last ")".
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+    for process, fields in processStats(proc):
+        children.setdefault(int(fields[1]), []).append(process)
     tree = {pid}
     pending = [pid]
     while pending:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tabbyproxy.listener import processStats
 from tests.support.simulator import REPO_ROOT
 
 TOOLS = ("wrk", "curl")
@@ -26,19 +27,7 @@ def sessionMembers(session: int) -> list[int]:
     The live processes of a session, read from /proc (fields 3 and 6 of each process's stat);
     a zombie has exited, only its parent has not reaped it yet.
     """
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name, in parentheses, may itself hold spaces.
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[3]) == session:
-            members.append(int(entry.name))
-    return members
+    return [pid for pid, fields in processStats() if fields[0] != "Z" and int(fields[3]) == session]
 
 
 def nginxInstalled() -> bool:

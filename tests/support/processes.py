@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import reactor as _globalReactor
@@ -20,6 +19,8 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
+
+from tabbyproxy.listener import processStat
 
 # The default reactor, typed loosely: it provides process, TCP and time interfaces at once.
 reactor: Any = _globalReactor
@@ -155,11 +156,8 @@ def pidAlive(pid: int) -> bool:
     """
     Whether a process with this pid exists and is not a zombie.
     """
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
+    fields = processStat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def killIfAlive(pid: int) -> None:
