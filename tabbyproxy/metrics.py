@@ -4,7 +4,7 @@ and waiting; model starts, stops, failed starts and crashes; load time, time to 
 request duration as histograms; chunks relayed; and the loaded model as a labelled gauge.
 
 The proxy's parts report what happens through the small L{Metrics} methods; the live state
-(in flight, waiting, which model runs) is read from the supervisor when Prometheus scrapes.
+(in flight, waiting, which model runs) is read from the scheduler when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ class Metrics:
 
     def watch(self, state: Callable[[], dict[str, Any]]) -> None:
         """
-        Report the supervisor's live state at each scrape.
+        Report the scheduler's live state at each scrape.
 
-        @param state: returns the supervisor's status document.
+        @param state: returns the scheduler's status document.
         """
         self.registry.register(_LiveState(state))
 

@@ -25,10 +25,10 @@ class ProfileReloader(Service):
 
     log = Logger()
 
-    def __init__(self, catalog: Catalog, configDir: Path, supervisor: Scheduler, simulated: bool) -> None:
+    def __init__(self, catalog: Catalog, configDir: Path, scheduler: Scheduler, simulated: bool) -> None:
         self.catalog = catalog
         self.configDir = configDir
-        self.supervisor = supervisor
+        self.scheduler = scheduler
         self.simulated = simulated
         self._previousHandler: Any = None
 
@@ -57,7 +57,7 @@ class ProfileReloader(Service):
             self.log.error("Profile reload: {problem}", problem=problem)
         new = catalog.profiles
         if self.simulated:
-            addModelFolders(self.supervisor.install, catalog)
+            addModelFolders(self.scheduler.install, catalog)
         self.catalog = catalog
         added = sorted(new.keys() - old.keys())
         removed = sorted(old.keys() - new.keys())
@@ -66,7 +66,7 @@ class ProfileReloader(Service):
             "Reloaded the profiles in {directory}: added {added}, removed {removed}, changed {changed}",
             directory=str(self.configDir), added=added, removed=removed, changed=changed,
         )
-        for running in self.supervisor.snapshot():
+        for running in self.scheduler.snapshot():
             if running.profile.id in removed:
                 self.log.info("Unloading {model}: its profile was removed", model=running.profile.id)
-                self.supervisor.unload(running.profile.id)
+                self.scheduler.unload(running.profile.id)

@@ -1,6 +1,6 @@
 """
 The twistd plugin's glue: the command-line options of C{twistd tabbyproxy} and the service they
-build (the web site, the TabbyAPI supervisor, and the private runtime directory).
+build (the web site, the TabbyAPI scheduler, and the private runtime directory).
 """
 
 from __future__ import annotations
@@ -239,13 +239,13 @@ class Options(usage.Options):
 class _RuntimeDirectory(Service):
     """
     The private directory (mode 0700) for generated TabbyAPI configs (and the simulator's working
-    directory), removed when the proxy stops, once the supervisor's child, which reads them, has
+    directory), removed when the proxy stops, once the scheduler's child, which reads them, has
     exited.
     """
 
-    def __init__(self, path: Path, supervisor: Scheduler) -> None:
+    def __init__(self, path: Path, scheduler: Scheduler) -> None:
         self.path = path
-        self.supervisor = supervisor
+        self.scheduler = scheduler
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -253,7 +253,7 @@ class _RuntimeDirectory(Service):
         def remove(result: None) -> None:
             shutil.rmtree(self.path, ignore_errors=True)
 
-        return self.supervisor.whenStopped().addCallback(remove)
+        return self.scheduler.whenStopped().addCallback(remove)
 
 
 class _ProxyService(MultiService):
@@ -280,9 +280,9 @@ class _Preload(Service):
     """
 
     def __init__(
-        self, supervisor: Scheduler, profileId: str, profiles: ProfileReloader, keepAlive: float | None
+        self, scheduler: Scheduler, profileId: str, profiles: ProfileReloader, keepAlive: float | None
     ) -> None:
-        self.supervisor = supervisor
+        self.scheduler = scheduler
         self.profileId = profileId
         self.profiles = profiles
         self.keepAlive = keepAlive
@@ -291,7 +291,7 @@ class _Preload(Service):
         super().startService()
         profile = self.profiles.catalog.resolve(self.profileId)
         if profile is not None:
-            self.supervisor.preload(profile, self.keepAlive)
+            self.scheduler.preload(profile, self.keepAlive)
 
 
 class _ConnectionPool(Service):
@@ -386,7 +386,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     pool = makeConnectionPool(reactor)
     _ConnectionPool(pool).setServiceParent(top)
     agent = makeAgent(reactor, pool)
-    supervisor = Scheduler(
+    scheduler = Scheduler(
         install,
         reactor,
         reactor,
@@ -400,19 +400,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         wrapCommand=diesWithParent,
         metrics=metrics,
     )
-    metrics.watch(supervisor.status)
-    # Stopped after the supervisor (services stop in reverse order), and waits for it.
-    _RuntimeDirectory(runtime, supervisor).setServiceParent(top)
-    supervisor.setServiceParent(top)
+    metrics.watch(scheduler.status)
+    # Stopped after the scheduler (services stop in reverse order), and waits for it.
+    _RuntimeDirectory(runtime, scheduler).setServiceParent(top)
+    scheduler.setServiceParent(top)
 
-    profiles = ProfileReloader(options.catalog, Path(options["config-dir"]), supervisor, options.install is None)
+    profiles = ProfileReloader(options.catalog, Path(options["config-dir"]), scheduler, options.install is None)
     profiles.setServiceParent(top)
     defaultModel = options["default-model"]
     if defaultModel is not None:
-        supervisor.defaultModel = lambda: profiles.catalog.resolve(defaultModel)
-        _Preload(supervisor, defaultModel, profiles, FOREVER).setServiceParent(top)
+        scheduler.defaultModel = lambda: profiles.catalog.resolve(defaultModel)
+        _Preload(scheduler, defaultModel, profiles, FOREVER).setServiceParent(top)
     elif options["preload"] is not None:
-        _Preload(supervisor, options["preload"], profiles, None).setServiceParent(top)
+        _Preload(scheduler, options["preload"], profiles, None).setServiceParent(top)
 
     currentKeys = None
     if install.keys.enabled:
@@ -422,7 +422,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     state = ProxyState(
         catalog=lambda: profiles.catalog,
         install=install,
-        supervisor=supervisor,
+        scheduler=scheduler,
         upstream=Upstream(agent, lambda: keysNow().upstreamHeaders, reactor,
                           ReadTimeouts(options["first-token-timeout"], options["chunk-timeout"])),
         currentKeys=currentKeys,

@@ -129,11 +129,11 @@ class AdminRoutes:
 
     @app.route("/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
-        supervisor = self.state.supervisor
-        document: dict[str, Any] = supervisor.status()
+        scheduler = self.state.scheduler
+        document: dict[str, Any] = scheduler.status()
         profiles = sorted(self.state.catalog(), key=lambda profile: profile.id)
         document["models"] = [profile.id for profile in profiles]
-        default = supervisor.defaultModel()
+        default = scheduler.defaultModel()
         document["default_model"] = default.id if default is not None else None
         document["profiles"] = [
             {
@@ -191,10 +191,10 @@ class AdminRoutes:
     @app.route("/unload", methods=["POST"])
     async def unload(self, request: IRequest) -> bytes:
         self.state.requireKey(request, Permission.ADMIN)
-        running = self.state.supervisor.snapshot()
+        running = self.state.scheduler.snapshot()
         if not running:
             return writeJSON(request, 200, {"status": "success", "unloaded": None})
-        await self.state.supervisor.unload()
+        await self.state.scheduler.unload()
         return writeJSON(request, 200, {"status": "success", "unloaded": running[0].profile.id})
 
 

@@ -100,7 +100,7 @@ class ClientError(Exception):
 @frozen
 class ProxyState:
     """
-    What the routes share: the profiles, the keys, the child's supervisor, the upstream client.
+    What the routes share: the profiles, the keys, the child's scheduler, the upstream client.
 
     @ivar catalog: a callable so a reload can swap the profiles under running routes.
     @ivar openModelList: whether the model lists (C{/api/tags}, C{/api/show}, C{/v1/models})
@@ -111,7 +111,7 @@ class ProxyState:
 
     catalog: Callable[[], Catalog]
     install: TabbyInstall
-    supervisor: Scheduler
+    scheduler: Scheduler
     upstream: Upstream
     clock: IReactorTime
     maxBodySize: int = DEFAULT_MAX_BODY

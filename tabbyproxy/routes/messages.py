@@ -112,7 +112,7 @@ class MessagesRoutes:
         except MessagesRequestError as e:
             raise ClientError(400, e.message) from e
         messages = applySystemPrompt(messages, profile.template, self.now)
-        lease = await self.state.supervisor.acquire(profile, keepAlive)
+        lease = await self.state.scheduler.acquire(profile, keepAlive)
         try:
             upstream = self.state.upstream
             response = await upstream.call(lease, "POST", ENCODE_PATH, json.dumps({"text": messages}).encode("utf-8"))
@@ -136,7 +136,7 @@ class MessagesRoutes:
         """
         A non-streamed message: errors are raised, for Anthropic's error document.
         """
-        lease = await self.state.supervisor.acquire(profile, keepAlive)
+        lease = await self.state.scheduler.acquire(profile, keepAlive)
         try:
             problem = await relayChat(self.state.upstream, relay, lease, CHAT_PATH, payload)
         finally:
@@ -174,7 +174,7 @@ class MessagesRoutes:
         @return: what went wrong and its Anthropic error type, C{None} when the answer is whole.
         """
         try:
-            lease = await self.state.supervisor.acquire(profile, keepAlive)
+            lease = await self.state.scheduler.acquire(profile, keepAlive)
         except SchedulingError as e:
             return str(e), "overloaded_error"
         try:

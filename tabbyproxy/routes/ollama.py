@@ -158,7 +158,7 @@ class OllamaRoutes:
     def ps(self, request: IRequest) -> bytes:
         self.state.requireKey(request)
         models = []
-        for running in self.state.supervisor.snapshot():
+        for running in self.state.scheduler.snapshot():
             # A stopping model will never answer again: a client that just unloaded it (or a swap
             # that is under way) should not see it as loaded.
             if running.state is not ChildState.STOPPING:
@@ -189,7 +189,7 @@ class OllamaRoutes:
             )
         if isEmptyRequest(what, body):
             return await self._loadOrUnload(request, what, name, profile, keepAlive)
-        lease = await self.state.supervisor.acquire(profile, keepAlive)
+        lease = await self.state.scheduler.acquire(profile, keepAlive)
         try:
             translator = StreamTranslator(
                 what=what, modelName=name, clock=self._seconds, startedAt=startedAt,
@@ -278,15 +278,15 @@ class OllamaRoutes:
         An empty request: load the model and say so, or with C{keep_alive: 0} unload it
         without loading it first.  One JSON object, even when the client asked for a stream.
         """
-        supervisor = self.state.supervisor
+        scheduler = self.state.scheduler
         if keepAlive == 0:
             # Like Ollama, answer at once; the child stops now if idle, else after its last
             # request.  The Deferred only says when it has exited.
-            if supervisor.runningModel(profile.id) is not None:
+            if scheduler.runningModel(profile.id) is not None:
                 self.log.info("Unloading {model}: an empty request asked with keep_alive 0", model=profile.id)
-            supervisor.unloadIdle(profile)
+            scheduler.unloadIdle(profile)
             return writeJSON(request, 200, unloadReply(what, name, self._seconds))
-        lease = await supervisor.acquire(profile, keepAlive)
+        lease = await scheduler.acquire(profile, keepAlive)
         lease.release()
         return writeJSON(request, 200, loadReply(what, name, self._seconds))
 
@@ -347,7 +347,7 @@ class OllamaRoutes:
         if not hasEmbeddings(profile):
             # TabbyAPI would load the model only to answer that it has no embedding model.
             raise ClientError(400, f"{json.dumps(name)} does not support embedding")
-        lease = await self.state.supervisor.acquire(profile, keepAlive)
+        lease = await self.state.scheduler.acquire(profile, keepAlive)
         try:
             vectors: list[list[float]] = []
             promptTokens = 0

@@ -76,7 +76,7 @@ class OpenAIRoutes:
     def _profileFor(self, body: dict[str, Any]) -> Profile:
         name = body.pop("model", None)
         if name is None:
-            running = self.state.supervisor.snapshot()
+            running = self.state.scheduler.snapshot()
             if not running:
                 raise ClientError(400, "model is required: GET /v1/models lists the available ids")
             return running[0].profile
@@ -117,7 +117,7 @@ class OpenAIRoutes:
         C{rewriter}; other answers pass as they are.
         """
         noteModel(request, profile.id)
-        acquiring = self.state.supervisor.acquire(profile, keepAlive)
+        acquiring = self.state.scheduler.acquire(profile, keepAlive)
         comments = None
         if streaming and not acquiring.called:
             startEventStream(request)
@@ -174,7 +174,7 @@ class OpenAIRoutes:
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: IRequest) -> bytes:
         self.state.requireListingKey(request)
-        loaded = {running.profile.id for running in self.state.supervisor.snapshot()}
+        loaded = {running.profile.id for running in self.state.scheduler.snapshot()}
         return writeJSON(
             request,
             200,
@@ -190,7 +190,7 @@ class OpenAIRoutes:
         profile = self.state.catalog().resolve(name)
         if profile is None:
             raise ClientError(404, f"model '{name}' not found")
-        return writeJSON(request, 200, self._card(profile, self.state.supervisor.runningModel(profile.id) is not None))
+        return writeJSON(request, 200, self._card(profile, self.state.scheduler.runningModel(profile.id) is not None))
 
     @staticmethod
     def _card(profile: Profile, loaded: bool) -> dict[str, Any]:
@@ -228,7 +228,7 @@ class OpenAIRoutes:
             profile = self._profileFor(body)
             keepAlive = takeKeepAlive(body)
         else:
-            running = self.state.supervisor.snapshot()
+            running = self.state.scheduler.snapshot()
             if not running:
                 raise ClientError(503, "no model is loaded; name one with \"model\" to start it")
             profile = running[0].profile

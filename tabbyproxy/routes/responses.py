@@ -134,7 +134,7 @@ class ResponsesRoutes:
         """
         A non-streamed response: errors are raised, for OpenAI's error document.
         """
-        lease = await self.state.supervisor.acquire(profile, keepAlive)
+        lease = await self.state.scheduler.acquire(profile, keepAlive)
         try:
             problem = await relayChat(self.state.upstream, relay, lease, CHAT_PATH, _payload(relay))
         finally:
@@ -151,7 +151,7 @@ class ResponsesRoutes:
         startEventStream(request)
         encoder = relay.encoder
         relay.send(encoder.start())
-        acquiring = self.state.supervisor.acquire(profile, keepAlive)
+        acquiring = self.state.scheduler.acquire(profile, keepAlive)
         comments = None
         if not acquiring.called:
             comments = LoadingTicks(request, self.state.clock, loadingComment(profile.id), now=False)

@@ -113,7 +113,7 @@ def modelsSnapshot(state: ProxyState) -> dict[str, Any]:
     Every profile with its state, as the dashboard shows it: one row per profile, whether it
     runs or not, with what the scheduler knows of the one that runs.
     """
-    status = state.supervisor.status()
+    status = state.scheduler.status()
     running = status.get("model")
     waitingFor = set(status.get("waiting_models") or ())
     rows = []
@@ -403,7 +403,7 @@ class UIRoutes:
         self.state.requireKey(request, Permission.ADMIN)
         profile = self._profileIn(request)
         self.log.info("Loading {model}: asked from the dashboard", model=profile.id)
-        self.state.supervisor.preload(profile)
+        self.state.scheduler.preload(profile)
         self.watch.poke()
         return writeJSON(request, 202, {"status": "loading", "model": profile.id})
 
@@ -414,10 +414,10 @@ class UIRoutes:
         """
         self.state.requireKey(request, Permission.ADMIN)
         profile = self._profileIn(request)
-        if self.state.supervisor.runningModel(profile.id) is None:
+        if self.state.scheduler.runningModel(profile.id) is None:
             return writeJSON(request, 200, {"status": "not loaded", "model": profile.id})
         self.log.info("Unloading {model}: asked from the dashboard", model=profile.id)
-        self.state.supervisor.unload(profile.id)
+        self.state.scheduler.unload(profile.id)
         self.watch.poke()
         return writeJSON(request, 202, {"status": "unloading", "model": profile.id})
 

@@ -16,7 +16,7 @@ class Console:
     Lines look like ``2026-11-26 05:39:36.812 INFO:     message``.  They are not wrapped at 80
     columns the way Rich does on a pipe, because nothing gains from reproducing that; a consumer
     that copes with wrapped lines copes with unwrapped ones too.  Every line is flushed at once
-    since stdout is a pipe and the supervisor reads it live.
+    since stdout is a pipe and the scheduler reads it live.
     """
 
     def line(self, level: str, message: str) -> None:

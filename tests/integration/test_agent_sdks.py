@@ -120,7 +120,7 @@ class MessagesSDKTests(TestCase):
         Anthropic's 413, a missing key AuthenticationError: each in Anthropic's shape.
         """
         proxy = RunningProxy(self, PROFILES, "--simulate-auth", "--max-body-size", "4000")
-        key = proxy.supervisor.install.keys.apiKeys[0]
+        key = proxy.scheduler.install.keys.apiKeys[0]
         client = anthropicClient(proxy, key)
         for call, kind in (
             (lambda: client.messages.create(model="claude-opus-9", max_tokens=5, messages=user("x")),
@@ -155,7 +155,7 @@ class MessagesSDKTests(TestCase):
             return -1
 
         self.assertEqual(await inThread(partial), 3)
-        await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
+        await waitUntil(lambda: proxy.scheduler.status()["in_flight"] == 0)
 
 
 class ResponsesSDKTests(TestCase):
@@ -217,7 +217,7 @@ class ResponsesSDKTests(TestCase):
         413, a wrong key AuthenticationError.
         """
         proxy = RunningProxy(self, PROFILES, "--simulate-auth", "--max-body-size", "4000")
-        client = openaiClient(proxy, proxy.supervisor.install.keys.apiKeys[0])
+        client = openaiClient(proxy, proxy.scheduler.install.keys.apiKeys[0])
         for call, kind, status in (
             (lambda: client.responses.create(model="gpt-9", input="x"), openai.NotFoundError, 404),
             (lambda: client.responses.create(model="alpha", input=NOT_INPUT), openai.BadRequestError, 400),
@@ -245,4 +245,4 @@ class ResponsesSDKTests(TestCase):
             return -1
 
         self.assertEqual(await inThread(partial), 3)
-        await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
+        await waitUntil(lambda: proxy.scheduler.status()["in_flight"] == 0)

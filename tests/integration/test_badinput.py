@@ -655,7 +655,7 @@ class FuzzTests(SynchronousTestCase):
             assertRouteError(self, route, response.code, response.code, raw)
         healthy = self.successResultOf(proxy.client.get("http://localhost/health"))
         self.assertEqual(healthy.code, 200)
-        self.assertEqual(proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(proxy.scheduler.status()["in_flight"], 0)
 
     _proxy: InMemoryProxy | None = None
 

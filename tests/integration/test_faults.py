@@ -64,7 +64,7 @@ def streamedText(body: bytes) -> tuple[str, list[str]]:
 class UnhealthyChildTests(SynchronousTestCase):
     """
     TabbyAPI turns its C{/health} to 503 for good after a generation fails inside it; the
-    supervisor notices and replaces the child, without cutting requests in flight.
+    scheduler notices and replaces the child, without cutting requests in flight.
     """
 
     def setUp(self) -> None:
@@ -73,7 +73,7 @@ class UnhealthyChildTests(SynchronousTestCase):
             {"a": {"model": {"model_name": "A", "unload_timer": 60}}},
             settings=SchedulerSettings(unloadTimer=300, child=ChildSettings(loadTimeout=100, stopGrace=GRACE)),
         )
-        self.reactor, self.tabby, self.supervisor = self.fake.reactor, self.fake.tabby, self.fake.scheduler
+        self.reactor, self.tabby, self.scheduler = self.fake.reactor, self.fake.tabby, self.fake.scheduler
 
     def acquire(self) -> Deferred[Lease]:
         return self.fake.acquire("a")
@@ -88,7 +88,7 @@ class UnhealthyChildTests(SynchronousTestCase):
         self.tabby.healthy = False
         lease.release()
         self.assertEqual(first.signals, ["TERM"])
-        status = self.supervisor.status()
+        status = self.scheduler.status()
         self.assertEqual(status["state"], "stopped")
         self.assertIn("is unhealthy: GET /health answered 503", status["last_error"])
 
@@ -103,11 +103,11 @@ class UnhealthyChildTests(SynchronousTestCase):
         """
         self.successResultOf(self.acquire()).release()
         self.assertEqual(self.reactor.spawned[0].signals, [])
-        self.assertEqual(self.supervisor.status()["unload"]["fires_in_seconds"], 60)
+        self.assertEqual(self.scheduler.status()["unload"]["fires_in_seconds"], 60)
 
     def test_suspectWaitsForRequestsInFlight(self) -> None:
         """
-        A request that reports a suspect answer (L{Lease.suspect}) makes the supervisor check
+        A request that reports a suspect answer (L{Lease.suspect}) makes the scheduler check
         C{/health}; an unhealthy child keeps serving its requests in flight, new requests wait,
         and once the last one ends the child is replaced and they are served by the new one.
         """
@@ -137,7 +137,7 @@ class UnhealthyChildTests(SynchronousTestCase):
         self.assertEqual(self.reactor.spawned[0].signals, [])
         self.reactor.advance(0.2)
         self.assertEqual(self.reactor.spawned[0].signals, ["TERM"])
-        self.assertIn("GET /health failed", self.supervisor.status()["last_error"])
+        self.assertIn("GET /health failed", self.scheduler.status()["last_error"])
 
     def test_dyingChildIsReportedAsACrash(self) -> None:
         """
@@ -151,13 +151,13 @@ class UnhealthyChildTests(SynchronousTestCase):
         process.exit(1)
         self.reactor.advance(0.2)
         self.assertEqual(process.signals, [])
-        self.assertEqual(self.supervisor.status()["last_error"], "TabbyAPI for a (pid 1000) exited with status 1 unexpectedly")
+        self.assertEqual(self.scheduler.status()["last_error"], "TabbyAPI for a (pid 1000) exited with status 1 unexpectedly")
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_crashWhileBeingReplacedIsReported(self) -> None:
         """
         When the failing health check was only a symptom of the child dying (killed by a signal
-        the supervisor never sent), the status reports the death, not just "unhealthy".
+        the scheduler never sent), the status reports the death, not just "unhealthy".
         """
         lease = self.successResultOf(self.acquire())
         process = self.reactor.spawned[0]
@@ -166,7 +166,7 @@ class UnhealthyChildTests(SynchronousTestCase):
         lease.release()
         self.assertEqual(process.signals, ["TERM"])
         process.exit(signal=9)
-        self.assertEqual(self.supervisor.status()["last_error"], "TabbyAPI for a (pid 1000) was killed by signal 9 unexpectedly")
+        self.assertEqual(self.scheduler.status()["last_error"], "TabbyAPI for a (pid 1000) was killed by signal 9 unexpectedly")
 
     def test_timerFiringJustAfterARequestArrives(self) -> None:
         """
@@ -217,7 +217,7 @@ class ChildFaultTests(TestCase):
         received: list[bytes] = []
         done = treq.collect(response, received.append)
         await waitUntil(lambda: b"".join(received).count(b"data: ") >= 3)
-        pid = proxy.supervisor.status()["pid"]
+        pid = proxy.scheduler.status()["pid"]
         os.kill(pid, signal.SIGKILL)
         await done
         text, events = streamedText(b"".join(received))
@@ -225,7 +225,7 @@ class ChildFaultTests(TestCase):
         self.assertNotIn("[DONE]", events)
         self.assertIn("connection to TabbyAPI broke", json.loads(events[-1])["error"]["message"])
 
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
         status = await (await proxy.http.get(proxy.url + "/status")).json()
         self.assertEqual(status["state"], "stopped")
         self.assertIn(f"(pid {pid}) was killed by signal 9 unexpectedly", status["last_error"])
@@ -233,7 +233,7 @@ class ChildFaultTests(TestCase):
         response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"})
         self.assertEqual(response.code, 200)
         self.assertTrue((await response.json())["choices"][0]["text"].startswith("Alpha "))
-        self.assertNotEqual(proxy.supervisor.status()["pid"], pid)
+        self.assertNotEqual(proxy.scheduler.status()["pid"], pid)
 
     async def test_failedLoadFailsEveryWaiter(self) -> None:
         """
@@ -250,12 +250,12 @@ class ChildFaultTests(TestCase):
             message = (await response.json())["error"]["message"]
             self.assertIn("exited with status 1 while loading the model", message)
             self.assertIn("ValueError: Failed to load config.json", message)
-        self.assertEqual(proxy.supervisor.starts, 1)
-        self.assertEqual(proxy.supervisor.status()["waiting"], 0)
+        self.assertEqual(proxy.scheduler.starts, 1)
+        self.assertEqual(proxy.scheduler.status()["waiting"], 0)
 
         response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "broken", "prompt": "again"})
         await response.content()
-        self.assertEqual((response.code, proxy.supervisor.starts), (503, 2))
+        self.assertEqual((response.code, proxy.scheduler.starts), (503, 2))
 
     async def test_hangAtStartTimesOutAndIsKilled(self) -> None:
         """
@@ -273,14 +273,14 @@ class ChildFaultTests(TestCase):
         )
         waiting = [proxy.http.post(proxy.url + "/v1/completions", json={"model": "stuck", "prompt": "x"})
                    for _ in range(2)]
-        await waitUntil(lambda: proxy.supervisor.status()["pid"] is not None)
-        pid = proxy.supervisor.status()["pid"]
-        port = proxy.supervisor.status()["port"]
+        await waitUntil(lambda: proxy.scheduler.status()["pid"] is not None)
+        pid = proxy.scheduler.status()["pid"]
+        port = proxy.scheduler.status()["port"]
         for response in await gatherResults(waiting):
             self.assertEqual(response.code, 503)
             self.assertIn("did not become ready within 5s (--load-timeout)", (await response.json())["error"]["message"])
         await waitForExit(pid, timeout=5)
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
         self.assertEqual(events.stops(), ["load timeout"])
         self.assertTrue(any("ignoring it (simulator.ignore_sigterm)" in line for line in events.childLines()))
         self.assertTrue(any("sending SIGKILL" in e.get("log_format", "") for e in events.events))
@@ -297,13 +297,13 @@ class ChildFaultTests(TestCase):
         proxy = RunningProxy(self, profiles, "--stop-grace", "0.5")
         response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "deaf", "prompt": "x"})
         await response.content()
-        pid = proxy.supervisor.status()["pid"]
+        pid = proxy.scheduler.status()["pid"]
         started = reactor.seconds()
         response = await proxy.http.post(proxy.url + "/unload")
         self.assertEqual((await response.json())["unloaded"], "deaf")
         self.assertGreaterEqual(reactor.seconds() - started, 0.5)
         self.assertFalse(pidAlive(pid))
-        self.assertEqual(proxy.supervisor.status()["state"], "stopped")
+        self.assertEqual(proxy.scheduler.status()["state"], "stopped")
 
     async def test_stickyUnhealthyChildIsReplaced(self) -> None:
         """
@@ -315,20 +315,20 @@ class ChildFaultTests(TestCase):
         chat = {"model": "flaky", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}
         response = await proxy.http.post(proxy.url + "/v1/chat/completions", json=chat)
         self.assertTrue(streamedText(await response.content())[0].startswith("Flaky "))
-        firstPid = proxy.supervisor.status()["pid"]
+        firstPid = proxy.scheduler.status()["pid"]
 
         response = await proxy.http.post(proxy.url + "/v1/chat/completions", json=chat)
         _, events = streamedText(await response.content())
         self.assertIn("error", json.loads(events[-1]))
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
-        self.assertIn("is unhealthy: GET /health answered 503", proxy.supervisor.status()["last_error"])
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
+        self.assertIn("is unhealthy: GET /health answered 503", proxy.scheduler.status()["last_error"])
         self.assertFalse(pidAlive(firstPid))
 
         # (The fresh child has the same knob, so only its first generation succeeds.)
         response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "flaky", "prompt": "x"})
         self.assertEqual(response.code, 200)
         self.assertTrue((await response.json())["choices"][0]["text"].startswith("Flaky "))
-        self.assertEqual(proxy.supervisor.starts, 2)
+        self.assertEqual(proxy.scheduler.starts, 2)
 
     async def test_disconnectWhileQueued(self) -> None:
         """
@@ -349,13 +349,13 @@ class ChildFaultTests(TestCase):
         received: list[bytes] = []
         done = treq.collect(response, received.append)
         queued = proxy.http.post(proxy.url + "/v1/completions", json={"model": "beta", "prompt": "x"})
-        await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 1)
+        await waitUntil(lambda: proxy.scheduler.status()["waiting"] == 1)
         queued.cancel()
         await DeferredList([queued], consumeErrors=True)
-        await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 0)
+        await waitUntil(lambda: proxy.scheduler.status()["waiting"] == 0)
         await done
         self.assertIn(b"[DONE]", b"".join(received))
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
         self.assertEqual(events.starts(), ["alpha"])
         self.assertEqual(len(events.stops()), 1)
         self.assertTrue(events.stops()[0].startswith("idle for"))
@@ -370,12 +370,12 @@ class ChildFaultTests(TestCase):
                              "--unload-timer", "0.2")
         request = proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x"})
         await waitUntil(lambda: any("Loading model:" in line for line in events.childLines()))
-        self.assertEqual(proxy.supervisor.status()["state"], "starting")
+        self.assertEqual(proxy.scheduler.status()["state"], "starting")
         request.cancel()
         await DeferredList([request], consumeErrors=True)
-        await waitUntil(lambda: proxy.supervisor.status()["waiting"] == 0)
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
-        self.assertEqual(proxy.supervisor.status()["in_flight"], 0)
+        await waitUntil(lambda: proxy.scheduler.status()["waiting"] == 0)
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
+        self.assertEqual(proxy.scheduler.status()["in_flight"], 0)
         self.assertEqual(len(events.stops()), 1)
         self.assertTrue(events.stops()[0].startswith("idle for"))
 
@@ -410,7 +410,7 @@ class HungChildTests(TestCase):
             json={"model": "slow", "stream": True, "max_tokens": 5000, "messages": [{"role": "user", "content": "x"}]})
         body = StreamedBody.of(response)
         await waitUntil(lambda: len(body.data) > 500)
-        pid = proxy.supervisor.status()["pid"]
+        pid = proxy.scheduler.status()["pid"]
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(self.resumeAndKill, pid)
 
@@ -418,9 +418,9 @@ class HungChildTests(TestCase):
         error = json.loads(ssePayloads(body.data)[-1])["error"]
         self.assertIn("TabbyAPI sent nothing for 1s (--chunk-timeout)", error["message"])
         await waitForExit(pid, timeout=30)
-        self.assertIn("is unhealthy", proxy.supervisor.status()["last_error"])
+        self.assertIn("is unhealthy", proxy.scheduler.status()["last_error"])
 
         again = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 2})
         self.assertEqual(again.code, 200)
         await again.content()
-        self.assertNotEqual(proxy.supervisor.status()["pid"], pid)
+        self.assertNotEqual(proxy.scheduler.status()["pid"], pid)

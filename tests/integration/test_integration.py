@@ -45,7 +45,7 @@ class OpenAIClientTests(TestCase):
                 model="alpha", messages=[{"role": "user", "content": "Hello"}], max_tokens=5))
             self.assertTrue((reply.choices[0].message.content or "").startswith("Alpha-exl3 "))
             self.assertEqual(reply.choices[0].finish_reason, "length")
-        status = proxy.supervisor.status()
+        status = proxy.scheduler.status()
         self.assertEqual((status["model"], status["state"], status["starts"]), ("alpha", "ready", 1))
 
     async def test_streamingChatAndSwap(self) -> None:
@@ -61,9 +61,9 @@ class OpenAIClientTests(TestCase):
             return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
         self.assertTrue((await inThread(lambda: stream("alpha"))).startswith("Alpha-exl3 "))
-        firstPid = proxy.supervisor.status()["pid"]
+        firstPid = proxy.scheduler.status()["pid"]
         self.assertTrue((await inThread(lambda: stream("beta"))).startswith("Beta-exl3 "))
-        status = proxy.supervisor.status()
+        status = proxy.scheduler.status()
         self.assertEqual((status["model"], status["starts"]), ("beta", 2))
         self.assertFalse(_alive(firstPid))
 
@@ -88,9 +88,9 @@ class OpenAIClientTests(TestCase):
         await inThread(lambda: client.chat.completions.create(
             model="alpha", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
             extra_body={"keep_alive": 0}))
-        pid = proxy.supervisor.status()["pid"] or proxy.supervisor.starts
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
-        self.assertEqual(proxy.supervisor.status()["state"], "stopped")
+        pid = proxy.scheduler.status()["pid"] or proxy.scheduler.starts
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
+        self.assertEqual(proxy.scheduler.status()["state"], "stopped")
         self.assertFalse(_alive(pid))
 
     async def test_disconnectMidStreamClosesUpstream(self) -> None:
@@ -108,11 +108,11 @@ class OpenAIClientTests(TestCase):
         self.assertEqual(response.code, 200)
         body = StreamedBody.of(response)
         await waitUntil(lambda: len(body.data) > 200)
-        self.assertEqual(proxy.supervisor.status()["in_flight"], 1)
+        self.assertEqual(proxy.scheduler.status()["in_flight"], 1)
         body.hangUp()
         await self.assertFailure(body.ended, ResponseFailed)
         await waitUntil(lambda: events.childSaid("cancelled by user"))
-        await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
+        await waitUntil(lambda: proxy.scheduler.status()["in_flight"] == 0)
 
     async def test_crashMidStreamIsReportedInStream(self) -> None:
         """
@@ -129,14 +129,14 @@ class OpenAIClientTests(TestCase):
         error = json.loads(events[-1])["error"]
         self.assertIn("connection to TabbyAPI broke", error["message"])
         self.assertNotIn("[DONE]", events)
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
-        self.assertIn("unexpectedly", proxy.supervisor.status()["last_error"])
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
+        self.assertIn("unexpectedly", proxy.scheduler.status()["last_error"])
 
         response = await proxy.http.post(
             proxy.url + "/v1/completions", json={"model": "fragile", "prompt": "x", "max_tokens": 2})
         self.assertEqual(response.code, 200)
         self.assertTrue(json.loads(await response.content())["choices"][0]["text"].startswith("Fragile "))
-        self.assertEqual(proxy.supervisor.starts, 2)
+        self.assertEqual(proxy.scheduler.starts, 2)
 
     async def test_crashMidBodyIs502(self) -> None:
         """
@@ -152,8 +152,8 @@ class OpenAIClientTests(TestCase):
         self.assertEqual(response.code, 502)
         error = (await response.json())["error"]
         self.assertIn("connection to TabbyAPI broke", error["message"])
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
-        self.assertIn("unexpectedly", proxy.supervisor.status()["last_error"])
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
+        self.assertIn("unexpectedly", proxy.scheduler.status()["last_error"])
 
     async def test_failedLoadAnswersWithChildOutput(self) -> None:
         """
@@ -168,7 +168,7 @@ class OpenAIClientTests(TestCase):
             message = (await response.json())["error"]["message"]
             self.assertIn("exited with status 1", message)
             self.assertIn("Failed to load config.json", message)
-            self.assertEqual(proxy.supervisor.starts, attempt)
+            self.assertEqual(proxy.scheduler.starts, attempt)
 
     async def test_stopServiceLeavesNoChild(self) -> None:
         """
@@ -177,7 +177,7 @@ class OpenAIClientTests(TestCase):
         proxy = RunningProxy(self, PROFILES)
         response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"})
         await response.content()
-        pid = proxy.supervisor.status()["pid"]
+        pid = proxy.scheduler.status()["pid"]
         self.assertTrue(_alive(pid))
         await proxy.service.stopService()
         self.assertFalse(_alive(pid))

@@ -75,7 +75,7 @@ class ConcurrentLoadTests(TestCase):
             first = [Deferred.fromCoroutine(one(client, loaded)) for client in range(CLIENTS // 2)]
             # The second half goes out once the proxy has granted every request of the first half
             # (each is in flight or done): arrival order across connections is not send order.
-            await waitUntil(lambda: proxy.supervisor.status()["in_flight"] + sum(d.called for d in first)
+            await waitUntil(lambda: proxy.scheduler.status()["in_flight"] + sum(d.called for d in first)
                             >= CLIENTS // 2)
             second = [Deferred.fromCoroutine(one(client, following)) for client in range(CLIENTS // 2, CLIENTS)]
             await gatherResults(first + second).addTimeout(30, reactor)
@@ -83,9 +83,9 @@ class ConcurrentLoadTests(TestCase):
         self.assertEqual(failures, [])
         expected = [MODELS[0]] + [MODELS[(round + 1) % 3] for round in range(ROUNDS)]
         self.assertEqual(events.starts(), expected)
-        self.assertEqual(proxy.supervisor.starts, ROUNDS + 1)
+        self.assertEqual(proxy.scheduler.starts, ROUNDS + 1)
         self.assertEqual(set(events.stops()), {f"swapping to {model}" for model in MODELS})
-        status = proxy.supervisor.status()
+        status = proxy.scheduler.status()
         self.assertEqual((status["in_flight"], status["waiting"], status["last_error"]), (0, 0, None))
 
 

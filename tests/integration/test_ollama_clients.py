@@ -125,7 +125,7 @@ class OllamaClientTests(TestCase):
         [running] = (await inThread(client.ps)).models
         self.assertEqual((running.model, running.context_length), ("alpha:latest", 4096))
         self.assertTrue(890 < secondsUntil(running.expires_at) <= 900, running.expires_at)  # type: ignore[arg-type]
-        self.assertEqual(proxy.supervisor.starts, 1)
+        self.assertEqual(proxy.scheduler.starts, 1)
 
     async def test_embed(self) -> None:
         """
@@ -144,7 +144,7 @@ class OllamaClientTests(TestCase):
         self.assertEqual(len(legacy.embedding), 8)
         error = await responseError(lambda: client.embed(model="alpha", input="x"))
         self.assertEqual((error.status_code, error.error), (400, '"alpha" does not support embedding'))
-        self.assertEqual([model.profile.id for model in proxy.supervisor.snapshot()], ["beta"])
+        self.assertEqual([model.profile.id for model in proxy.scheduler.snapshot()], ["beta"])
         self.assertEqual((await inThread(lambda: client.show("beta"))).capabilities,
                          ["completion", "tools", "thinking", "embedding"])
 
@@ -157,30 +157,30 @@ class OllamaClientTests(TestCase):
         client = ollamaClient(self, proxy)
         loaded = await inThread(lambda: client.generate(model="alpha", prompt=""))
         self.assertEqual((loaded.done, loaded.done_reason, loaded.response), (True, "load", ""))
-        self.assertEqual(proxy.supervisor.status()["state"], "ready")
+        self.assertEqual(proxy.scheduler.status()["state"], "ready")
 
         messages = [{"role": "user", "content": "Hi"}]
         await inThread(lambda: client.chat(model="alpha", messages=messages, keep_alive="5m"))
         [running] = (await inThread(client.ps)).models
         self.assertTrue(290 < secondsUntil(running.expires_at) <= 300, running.expires_at)  # type: ignore[arg-type]
-        self.assertTrue(290 < proxy.supervisor.status()["unload"]["fires_in_seconds"] <= 300)
+        self.assertTrue(290 < proxy.scheduler.status()["unload"]["fires_in_seconds"] <= 300)
 
         await inThread(lambda: client.chat(model="alpha", messages=messages, keep_alive=-1))
         [running] = (await inThread(client.ps)).models
         self.assertGreaterEqual(running.expires_at.year, 2300)  # type: ignore[union-attr]
-        self.assertEqual(proxy.supervisor.status()["unload"]["keep_alive"], "forever")
+        self.assertEqual(proxy.scheduler.status()["unload"]["keep_alive"], "forever")
 
         unloaded = await inThread(lambda: client.generate(model="alpha", keep_alive=0))
         self.assertEqual(unloaded.done_reason, "unload")
         self.assertEqual((await inThread(client.ps)).models, [])
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
 
         chatLoad = await inThread(lambda: client.chat(model="alpha", messages=[]))
         self.assertEqual((chatLoad.done_reason, chatLoad.message.content), ("load", ""))
         await inThread(lambda: client.chat(model="alpha", messages=messages, keep_alive=0))
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
-        self.assertEqual(proxy.supervisor.status()["state"], "stopped")
-        self.assertEqual(proxy.supervisor.starts, 2)
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
+        self.assertEqual(proxy.scheduler.status()["state"], "stopped")
+        self.assertEqual(proxy.scheduler.starts, 2)
 
     async def test_toolsRoundTrip(self) -> None:
         """
@@ -248,7 +248,7 @@ class OllamaClientTests(TestCase):
 
         error = await responseError(crash)
         self.assertIn("connection to TabbyAPI broke", error.error)
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
 
     async def test_disconnectMidStreamStopsGeneration(self) -> None:
         """
@@ -264,11 +264,11 @@ class OllamaClientTests(TestCase):
         self.assertEqual(response.code, 200)
         body = StreamedBody.of(response)
         await waitUntil(lambda: body.data.count(b"\n") >= 3)
-        self.assertEqual(proxy.supervisor.status()["in_flight"], 1)
+        self.assertEqual(proxy.scheduler.status()["in_flight"], 1)
         body.hangUp()
         await self.assertFailure(body.ended, ResponseFailed)
         await waitUntil(lambda: events.childSaid("cancelled by user"))
-        await waitUntil(lambda: proxy.supervisor.status()["in_flight"] == 0)
+        await waitUntil(lambda: proxy.scheduler.status()["in_flight"] == 0)
 
 
 class OpenWebUIReplayTests(TestCase):
@@ -338,7 +338,7 @@ class OpenWebUIReplayTests(TestCase):
         self.assertEqual(response.code, 200)
         unloaded = json.loads(await response.content())
         self.assertEqual((unloaded["model"], unloaded["done"], unloaded["done_reason"]), (model, True, "unload"))
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
         self.assertEqual(await get("/api/ps"), {"models": []})
 
 
@@ -378,5 +378,5 @@ class CopilotReplayTests(TestCase):
             "model": "alpha", "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(response.code, 401)
         await response.content()
-        self.assertEqual(proxy.supervisor.snapshot(), ())
+        self.assertEqual(proxy.scheduler.snapshot(), ())
 

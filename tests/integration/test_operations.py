@@ -189,8 +189,8 @@ class ModelsAtStartTests(TestCase):
         --preload starts the model with the proxy, before any request.
         """
         proxy = RunningProxy(self, PROFILES, "--preload", "beta")
-        await waitUntil(lambda: proxy.supervisor.status()["state"] == "ready")
-        self.assertEqual(proxy.supervisor.status()["model"], "beta")
+        await waitUntil(lambda: proxy.scheduler.status()["state"] == "ready")
+        self.assertEqual(proxy.scheduler.status()["model"], "beta")
 
     async def test_defaultModelReturnsAfterIdleUnload(self) -> None:
         """
@@ -198,13 +198,13 @@ class ModelsAtStartTests(TestCase):
         used and unloaded when idle, the default model is started again.
         """
         proxy = RunningProxy(self, PROFILES, "--default-model", "alpha")
-        await waitUntil(lambda: proxy.supervisor.status()["state"] == "ready")
-        self.assertEqual([m.keepAlive for m in proxy.supervisor.snapshot()], [FOREVER])
+        await waitUntil(lambda: proxy.scheduler.status()["state"] == "ready")
+        self.assertEqual([m.keepAlive for m in proxy.scheduler.snapshot()], [FOREVER])
         response = await chat(proxy, "beta", keep_alive=0)
         self.assertIn("Beta ", (await response.json())["choices"][0]["message"]["content"])
-        await waitUntil(lambda: proxy.supervisor.status()["model"] == "alpha"
-                        and proxy.supervisor.status()["state"] == "ready")
-        self.assertEqual(proxy.supervisor.starts, 3)
+        await waitUntil(lambda: proxy.scheduler.status()["model"] == "alpha"
+                        and proxy.scheduler.status()["state"] == "ready")
+        self.assertEqual(proxy.scheduler.starts, 3)
 
     def test_unknownModelOptionsAreRefused(self) -> None:
         """

@@ -55,7 +55,7 @@ class KeysNeverLoggedTests(TestCase):
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         proxy = RunningProxy(self, PROFILES, "--simulate-auth", "--stop-grace", "1")
-        keys = proxy.supervisor.install.keys
+        keys = proxy.scheduler.install.keys
         self.assertTrue(keys.enabled)
         secrets = [*keys.apiKeys, keys.adminKey, WRONG_KEY]
         api, admin = keys.apiKeys[0], keys.adminKey
@@ -94,7 +94,7 @@ class KeysNeverLoggedTests(TestCase):
         keys = Keys(enabled=True, apiKeys=("api-secret-1",), adminKey="admin-secret-2")
         proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=keys)
         proxy.tabby.healthy = False
-        waiting = proxy.supervisor.acquire(proxy.catalog.profiles["alpha"])
+        waiting = proxy.scheduler.acquire(proxy.catalog.profiles["alpha"])
         [process] = proxy.reactor.spawned
         with capturedLogs() as events:
             process.print("Your API key is: api-secret-1\nYour admin key is: admin-secret-2\n")
@@ -157,12 +157,12 @@ class PortSquattingTests(TestCase):
         """
         proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"load_time": 60}}},
                              "--simulate-auth", "--stop-grace", "1")
-        keys = proxy.supervisor.install.keys
+        keys = proxy.scheduler.install.keys
         headers: dict[str | bytes, str | bytes] = {"Authorization": f"Bearer {keys.apiKeys[0]}"}
         waiting = proxy.http.post(proxy.url + "/v1/completions", headers=headers,
                                   json={"model": "slow", "prompt": "a secret prompt"})
-        await waitUntil(lambda: proxy.supervisor.status()["pid"] is not None)
-        status = proxy.supervisor.status()
+        await waitUntil(lambda: proxy.scheduler.status()["pid"] is not None)
+        status = proxy.scheduler.status()
         squatter = ChildProcess("squatter")
         reactor.spawnProcess(squatter, sys.executable, [sys.executable, "-c", _SQUATTER, str(status["port"])],
                              env=dict(os.environ))
@@ -173,7 +173,7 @@ class PortSquattingTests(TestCase):
         self.assertEqual(response.code, 503)
         message = (await response.json())["error"]["message"]
         self.assertIn(f"port {status['port']} is held by a process that is not TabbyAPI for slow", message)
-        await waitUntil(lambda: not proxy.supervisor.snapshot())
+        await waitUntil(lambda: not proxy.scheduler.snapshot())
         self.assertFalse(pidAlive(status["pid"]))
         seen = [line for line in squatter.text.splitlines() if line.startswith("GOT")]
         self.assertTrue(seen)
@@ -191,7 +191,7 @@ class KeyFileTests(TestCase):
         restart, as in TabbyAPI: the new key is accepted and the revoked one refused.
         """
         proxy = RunningProxy(self, PROFILES, "--simulate-auth")
-        keys = proxy.supervisor.install.keys
+        keys = proxy.scheduler.install.keys
         old = keys.apiKeys[0]
 
         async def models(key: str) -> int:
@@ -202,7 +202,7 @@ class KeyFileTests(TestCase):
             return code
 
         self.assertEqual(await models(old), 200)
-        path = proxy.supervisor.install.directory / "api_tokens.yml"
+        path = proxy.scheduler.install.directory / "api_tokens.yml"
         [watcher] = [service for service in cast(Iterable[object], proxy.service) if isinstance(service, KeyWatcher)]
         self.assertEqual(await models("new-api-key"), 401)
         path.write_text(yaml.safe_dump({"api_key": ["new-api-key"], "admin_key": keys.adminKey}))
@@ -337,12 +337,12 @@ class PrivateFilesTests(TestCase):
         self.addCleanup(os.umask, previous)
         proxy = RunningProxy(self, PROFILES, "--simulate-auth")
         os.umask(previous)
-        apiKey: dict[str | bytes, str | bytes] = {"x-api-key": proxy.supervisor.install.keys.apiKeys[0]}
+        apiKey: dict[str | bytes, str | bytes] = {"x-api-key": proxy.scheduler.install.keys.apiKeys[0]}
         response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"},
                                          headers=apiKey)
         self.assertEqual(response.code, 200)
         await response.content()
-        runtime = proxy.supervisor.runtimeDirectory
+        runtime = proxy.scheduler.runtimeDirectory
         childConfig = runtime / "tabby-1.yml"
         self.assertTrue(childConfig.exists())
         seen = 0
@@ -365,9 +365,9 @@ class PrivateFilesTests(TestCase):
                              "--stop-grace", "0.5")
         response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "deaf", "prompt": "x"})
         await response.content()
-        runtime = proxy.supervisor.runtimeDirectory
+        runtime = proxy.scheduler.runtimeDirectory
         stopped = proxy.service.stopService()
-        await waitUntil(lambda: proxy.supervisor.status()["state"] == "stopping")
+        await waitUntil(lambda: proxy.scheduler.status()["state"] == "stopping")
         self.assertTrue(runtime.exists())
         await stopped
         self.assertFalse(runtime.exists())

@@ -458,7 +458,7 @@ class GenerationTests(SimulatorTestCase):
 
 class ProcessBehaviourTests(SimulatorTestCase):
     """
-    The knobs and process-level behaviour a supervisor has to handle.
+    The knobs and process-level behaviour a scheduler has to handle.
     """
 
     async def test_failLoad(self) -> None:

@@ -116,7 +116,7 @@ class DashboardTests(TestCase):
             page.wait_for_selector("tr[data-model=alpha] .state[data-state=stopped]", timeout=WAIT_MS)
 
         await self.browse(proxy.url, scenario)
-        self.assertEqual(proxy.supervisor.status()["state"], "stopped")
+        self.assertEqual(proxy.scheduler.status()["state"], "stopped")
 
     async def test_phoneWidthDarkMode(self) -> None:
         """
@@ -145,7 +145,7 @@ class DashboardTests(TestCase):
         asks nothing; the admin key shows the actions.
         """
         proxy = RunningProxy(self, PROFILES, "--simulate-auth")
-        keys = proxy.supervisor.install.keys
+        keys = proxy.scheduler.install.keys
 
         def scenario(browser: Any) -> None:
             page = self.page(browser)

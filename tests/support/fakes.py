@@ -257,7 +257,7 @@ class RunningScheduler:
 
 class InMemoryProxy:
     """
-    The whole proxy wired in memory: its site behind C{client}, the supervisor on a fake process
+    The whole proxy wired in memory: its site behind C{client}, the scheduler on a fake process
     reactor, and L{FakeTabby} as every child's HTTP server, reached by the production relay over a
     C{RequestTraversalAgent}.
     """
@@ -274,13 +274,13 @@ class InMemoryProxy:
         self.reactor = running.reactor
         self.tabby = running.tabby
         self.tabbyAgent = running.tabbyAgent
-        self.supervisor = running.scheduler
+        self.scheduler = running.scheduler
         install = running.scheduler.install
         keysNow = currentKeys if currentKeys is not None else (lambda: keys)
         self.state = ProxyState(
             catalog=lambda: self.catalog,
             install=install,
-            supervisor=self.supervisor,
+            scheduler=self.scheduler,
             upstream=Upstream(self.tabbyAgent, lambda: keysNow().upstreamHeaders, self.reactor),
             clock=self.reactor,
             maxBodySize=maxBodySize,

@@ -20,13 +20,13 @@ class CapturedEvents:
 
     def starts(self) -> list[str]:
         """
-        The models the supervisor started, in order.
+        The models the scheduler started, in order.
         """
         return [e["model"] for e in self.events if e.get("log_format", "").startswith("Starting {model}")]
 
     def stops(self) -> list[str]:
         """
-        Why the supervisor stopped each child, in order.
+        Why the scheduler stopped each child, in order.
         """
         return [e["why"] for e in self.events if e.get("log_format", "").startswith("Stopping {model}")]
 

@@ -57,9 +57,9 @@ class RunningProxy:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def supervisor(self) -> Scheduler:
-        [supervisor] = [s for s in self.service if isinstance(s, Scheduler)]  # type: ignore[attr-defined]
-        return supervisor
+    def scheduler(self) -> Scheduler:
+        [scheduler] = [s for s in self.service if isinstance(s, Scheduler)]  # type: ignore[attr-defined]
+        return scheduler
 
     @property
     def site(self) -> ProxySite:

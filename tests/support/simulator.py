@@ -135,7 +135,7 @@ async def waitForHealth(
     port: int | None = None,
 ) -> None:
     """
-    Poll C{GET /health} every 50 ms until it answers 200, as a supervisor should; fail when
+    Poll C{GET /health} every 50 ms until it answers 200, as a scheduler should; fail when
     C{timeout} passes or the process exits first.
     """
     clock: IReactorTime = reactor

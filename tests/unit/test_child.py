@@ -23,7 +23,7 @@ class ChildTests(_SchedulerTestCase):
         lease = self.ready("b")
         [process] = self.reactor.spawned
         self.assertEqual(process.args[:2], ["python", "main.py"])
-        self.assertEqual(process.path, str(self.supervisor.install.directory))
+        self.assertEqual(process.path, str(self.scheduler.install.directory))
         config = process.config()
         self.assertEqual(config["model"], {"model_name": "B"})
         self.assertEqual(config["sampling"], {"override_preset": "x"})
@@ -32,8 +32,8 @@ class ChildTests(_SchedulerTestCase):
         self.assertEqual(lease.baseURL, "http://127.0.0.1:7001")
 
         profileA = self.profile("a")
-        self.assertNotIn("unload_timer", self.supervisor.install.childConfig(profileA, 1)["model"])
-        self.assertNotIn("template", self.supervisor.install.childConfig(profileA, 1))
+        self.assertNotIn("unload_timer", self.scheduler.install.childConfig(profileA, 1)["model"])
+        self.assertNotIn("template", self.scheduler.install.childConfig(profileA, 1))
 
     def test_exitDuringStartFailsWaitersWithLastLines(self) -> None:
         """
@@ -49,7 +49,7 @@ class ChildTests(_SchedulerTestCase):
             failure = self.failureResultOf(d, StartFailed)
             self.assertIn("exited with status 1", str(failure.value))
             self.assertIn("ValueError: Failed to load config.json", str(failure.value))
-        self.assertIn("exited with status 1", self.supervisor.status()["last_error"])
+        self.assertIn("exited with status 1", self.scheduler.status()["last_error"])
         self.assertFalse(process.configPath.exists())
 
         self.tabby.healthy = True
@@ -73,7 +73,7 @@ class ChildTests(_SchedulerTestCase):
         self.reactor.advance(GRACE)
         self.assertEqual(process.signals, ["TERM", "KILL"])
         self.assertTrue(process.exited)
-        self.assertEqual(self.supervisor.snapshot(), ())
+        self.assertEqual(self.scheduler.snapshot(), ())
 
     def test_crashWhileReadyIsReportedAndRecovered(self) -> None:
         """
@@ -82,8 +82,8 @@ class ChildTests(_SchedulerTestCase):
         """
         lease = self.ready("a")
         self.reactor.spawned[0].exit(signal=9)
-        self.assertIn("killed by signal 9", self.supervisor.status()["last_error"])
-        self.assertEqual(self.supervisor.status()["state"], "stopped")
+        self.assertIn("killed by signal 9", self.scheduler.status()["last_error"])
+        self.assertEqual(self.scheduler.status()["state"], "stopped")
         lease.release()
         self.successResultOf(self.acquire("a"))
         self.assertEqual(len(self.reactor.spawned), 2)
@@ -97,7 +97,7 @@ class ChildTests(_SchedulerTestCase):
         process = self.reactor.spawned[0]
         process.obeys = {"KILL"}
         waiting = self.acquire("b")
-        stopped = self.supervisor.stopService()
+        stopped = self.scheduler.stopService()
         self.failureResultOf(waiting, ShuttingDown)
         self.assertNoResult(stopped)
         self.reactor.advance(GRACE)
@@ -149,7 +149,7 @@ class ChildTests(_SchedulerTestCase):
         self.assertIn("port 7001 is held by a process that is not TabbyAPI for a", message)
         self.assertIn("sends it no request and no key", message)
         self.assertEqual(process.signals, ["TERM"])
-        self.assertIn("port 7001 is held", self.supervisor.status()["last_error"])
+        self.assertIn("port 7001 is held", self.scheduler.status()["last_error"])
 
         lease = self.ready("a")
         self.assertEqual(lease.baseURL, "http://127.0.0.1:7002")

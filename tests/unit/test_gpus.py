@@ -109,7 +109,7 @@ class NvidiaSmiTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = FakeProcessReactor()
-        # The fake spawns as IReactorProcess says without declaring it (as the supervisor's tests use it).
+        # The fake spawns as IReactorProcess says without declaring it (as the scheduler's tests use it).
         self.processes = cast(IReactorProcess, self.reactor)
         self.probe = NvidiaSmi("/usr/bin/nvidia-smi", self.processes, {"PATH": "/usr/bin"})
 

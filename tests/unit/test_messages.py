@@ -91,7 +91,7 @@ class CreateTests(MessagesTestCase):
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
             "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 50, "temperature": 0.6,
         })
-        status = self.proxy.supervisor.status()
+        status = self.proxy.scheduler.status()
         self.assertEqual((status["in_flight"], status["unload"]["fires_in_seconds"]), (0, 300))
         [record] = list(self.proxy.state.history)
         self.assertEqual((record.tokensIn, record.tokensOut, record.tokensExact), (3, 2, True))
@@ -110,7 +110,7 @@ class CreateTests(MessagesTestCase):
         document = self.create({"model": "qwen", "max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]})
         self.assertEqual(streamed, document["content"][0]["text"])
         self.assertEqual(events[-2]["usage"]["output_tokens"], 2)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
         self.assertEqual([(r.tokensOut, r.tokensExact) for r in self.proxy.state.history], [(2, True), (2, True)])
 
     def test_toolUse(self) -> None:
@@ -325,11 +325,11 @@ class DisconnectTests(MessagesTestCase):
         self.proxy.flush()
         response = self.successResultOf(d)
         body = StreamedBody.of(response)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 1)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 1)
         self.assertIn(b"content_block_delta", body.data)
         body.hangUp()
         self.proxy.flush()
         self.proxy.flush()
         self.failureResultOf(body.ended)
         self.assertEqual(len(upstreamGone), 1)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)

@@ -1,6 +1,6 @@
 """
 The Ollama routes, end to end in memory: a StubTreq client against the proxy's resource, the
-supervisor on a fake process reactor, and a TabbyAPI stand-in answering with streams recorded
+scheduler on a fake process reactor, and a TabbyAPI stand-in answering with streams recorded
 from both TabbyAPI generations (HEAD and 2025-02).
 """
 
@@ -248,7 +248,7 @@ class ListingTests(OllamaTestCase):
         self.assertEqual((entry["name"], entry["model"]), ("qwen:latest", "qwen:latest"))
         self.assertEqual(entry["context_length"], 32768)
         self.assertEqual(entry["size_vram"], entry["size"])
-        expiresIn = _epoch(entry["expires_at"]) - self.proxy.supervisor.wallClock()
+        expiresIn = _epoch(entry["expires_at"]) - self.proxy.scheduler.wallClock()
         self.assertTrue(295 < expiresIn <= 300.001, expiresIn)
         self.post("/api/generate", {"model": "qwen", "prompt": "hi", "keep_alive": -1})
         [entry] = self.assertJSON(*self.call("GET", "/api/ps"))["models"]
@@ -472,14 +472,14 @@ class GenerationTests(OllamaTestCase):
         done = treq.collect(self.successResultOf(d), received.append)
         self.proxy.flush()
         self.assertEqual([json.loads(line)["message"]["content"] for line in received], ["Hel"])
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 1)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 1)
         for chunk in rest:
             upstream.write(chunk)
         upstream.finish()
         self.proxy.flush()
         self.successResultOf(done)
         self.assertEqual(ndjsonDocuments(b"".join(received))[-1]["done"], True)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_loadDuration(self) -> None:
         """
@@ -517,13 +517,13 @@ class GenerationTests(OllamaTestCase):
         self.proxy.flush()
         response = self.successResultOf(d)
         body = StreamedBody.of(response)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 1)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 1)
         body.hangUp()
         self.proxy.flush()
         self.proxy.flush()
         self.failureResultOf(body.ended, ResponseFailed)
         self.assertEqual(len(upstreamGone), 1)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
 
 class EmptyRequestTests(OllamaTestCase):
@@ -546,7 +546,7 @@ class EmptyRequestTests(OllamaTestCase):
             self.assertIn(key, document)
             self.assertRegex(document["created_at"], TIMESTAMP)
         self.assertEqual(len(self.proxy.reactor.spawned), 1)
-        self.assertEqual(self.proxy.supervisor.status()["state"], "ready")
+        self.assertEqual(self.proxy.scheduler.status()["state"], "ready")
         self.assertEqual(self.upstreamBodies(), [])
 
     def test_unloadWithoutLoading(self) -> None:
@@ -563,7 +563,7 @@ class EmptyRequestTests(OllamaTestCase):
         self.assertEqual((document["message"], document["done_reason"]),
                          ({"role": "assistant", "content": ""}, "unload"))
         self.assertEqual(process.signals, ["TERM"])
-        self.assertEqual(self.proxy.supervisor.status()["state"], "stopped")
+        self.assertEqual(self.proxy.scheduler.status()["state"], "stopped")
         self.assertEqual(self.assertJSON(*self.call("GET", "/api/ps")), {"models": []})
 
     def test_unloadLeavesOtherModel(self) -> None:
@@ -573,7 +573,7 @@ class EmptyRequestTests(OllamaTestCase):
         self.post("/api/chat", {"model": "qwen", "messages": []})
         self.post("/api/chat", {"model": "llama", "messages": [], "keep_alive": 0})
         self.assertEqual(self.proxy.reactor.spawned[0].signals, [])
-        self.assertEqual(self.proxy.supervisor.status()["model"], "qwen")
+        self.assertEqual(self.proxy.scheduler.status()["model"], "qwen")
 
 
 class KeepAliveTests(OllamaTestCase):
@@ -582,7 +582,7 @@ class KeepAliveTests(OllamaTestCase):
     """
 
     def unloadStatus(self) -> dict[str, Any]:
-        status: dict[str, Any] = self.proxy.supervisor.status()["unload"]
+        status: dict[str, Any] = self.proxy.scheduler.status()["unload"]
         return status
 
     def test_rules(self) -> None:
@@ -600,9 +600,9 @@ class KeepAliveTests(OllamaTestCase):
         self.post("/api/generate", {**body, "keep_alive": "-1m"})
         self.assertEqual((self.unloadStatus()["keep_alive"], self.unloadStatus()["fires_in_seconds"]),
                          ("forever", None))
-        self.assertEqual([m.keepAlive for m in self.proxy.supervisor.snapshot()], [FOREVER])
+        self.assertEqual([m.keepAlive for m in self.proxy.scheduler.snapshot()], [FOREVER])
         self.post("/api/chat", {"model": "qwen", "keep_alive": 0, "messages": [{"role": "user", "content": "x"}]})
-        self.assertEqual(self.proxy.supervisor.status()["state"], "stopped")
+        self.assertEqual(self.proxy.scheduler.status()["state"], "stopped")
         self.assertEqual(len(self.proxy.reactor.spawned), 1)
 
     def test_badKeepAlive(self) -> None:
@@ -686,7 +686,7 @@ class ErrorTests(OllamaTestCase):
             *self.post("/api/chat", {"model": "qwen", "stream": False,
                                      "messages": [{"role": "user", "content": "Hi"}]}),
             502, "Chat completion aborted")
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_truncatedStream(self) -> None:
         """
@@ -775,7 +775,7 @@ class EmbeddingTests(OllamaTestCase):
             "model": "qwen:latest", "embeddings": [[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]],
             "total_duration": 0, "load_duration": 0, "prompt_eval_count": 7})
         self.assertEqual(self.upstreamBodies(), [("/v1/embeddings", {"input": ["a", "b"], "encoding_format": "float"})])
-        self.assertEqual(self.proxy.supervisor.status()["unload"]["fires_in_seconds"], 60)
+        self.assertEqual(self.proxy.scheduler.status()["unload"]["fires_in_seconds"], 60)
         document = self.assertJSON(*self.embed(
             "/api/embed", {"model": "qwen", "input": "a", "dimensions": 1},
             {"data": [{"index": 0, "embedding": [-3.0, 4.0]}]}))
@@ -795,7 +795,7 @@ class EmbeddingTests(OllamaTestCase):
         """
         self.assertEqual(self.assertJSON(*self.post("/api/embed", {"model": "qwen", "input": []}))["embeddings"], [])
         self.assertEqual(self.assertJSON(*self.post("/api/embeddings", {"model": "qwen"})), {"embedding": []})
-        self.assertEqual(self.proxy.supervisor.status()["state"], "ready")
+        self.assertEqual(self.proxy.scheduler.status()["state"], "ready")
         self.assertEqual(self.upstreamBodies(), [])
 
     def test_noEmbeddingModel(self) -> None:

@@ -88,8 +88,8 @@ class OpenAIRouteTests(SynchronousTestCase):
             "temperature": 0.1, "top_k": 20, "stream_options": {"include_usage": True},
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
         })
-        self.assertEqual(self.proxy.supervisor.status()["unload"]["fires_in_seconds"], 300)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["unload"]["fires_in_seconds"], 300)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_streamIsRelayedWithRole(self) -> None:
         """
@@ -234,7 +234,7 @@ class OpenAIRouteTests(SynchronousTestCase):
         self.assertTrue(message.endswith("; TabbyAPI said: ValueError: Failed to load config.json from .../Qwen"), message)
         self.assertNotIn("/srv", message)
         self.assertNotIn("Traceback", message)
-        lastError = self.proxy.supervisor.status()["last_error"]
+        lastError = self.proxy.scheduler.status()["last_error"]
         self.assertIn('File "/srv/tabbyAPI/main.py"', lastError)
 
     def test_modelsList(self) -> None:
@@ -439,7 +439,7 @@ class SuspectAnswerTests(SynchronousTestCase):
             "model": "qwen", "prompt": "x", "stream": True}))
         self.successResultOf(content(response))
         self.assertEqual(proxy.reactor.spawned[0].signals, ["TERM"])
-        self.assertIn("is unhealthy", proxy.supervisor.status()["last_error"])
+        self.assertIn("is unhealthy", proxy.scheduler.status()["last_error"])
 
 
 class CutOffAnswerTests(TestCase):
@@ -482,7 +482,7 @@ class CutOffAnswerTests(TestCase):
         self.assertEqual(error["type"], "server_error")
         [logged] = self.errors()
         self.assertIn("TabbyAPI failed a request for qwen", logged)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_cutOffAnswerIs502(self) -> None:
         """
@@ -519,7 +519,7 @@ class CutOffAnswerTests(TestCase):
         [access] = [e for e in self.events.events if e.get("log_format", "").startswith("{method} {path} {status}")]
         self.assertEqual((access["status"], access["log_level"]), (499, LogLevel.info))
         self.assertEqual(len(upstreamGone), 1)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_clientLeavingMidStreamIsNoError(self) -> None:
         """
@@ -599,7 +599,7 @@ class StalledAnswerTests(TestCase):
         self.wait(1)
         self.assertIn("TabbyAPI sent nothing for 120s (--chunk-timeout)", self.error())
         self.assertEqual(len(self.upstreamGone), 1)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_firstTokenMayTakeLonger(self) -> None:
         """

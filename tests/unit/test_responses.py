@@ -109,7 +109,7 @@ class CreateTests(ResponsesTestCase):
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
             "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.6,
         })
-        status = self.proxy.supervisor.status()
+        status = self.proxy.scheduler.status()
         self.assertEqual((status["in_flight"], status["unload"]["fires_in_seconds"]), (0, 300))
 
     def test_streamed(self) -> None:
@@ -126,7 +126,7 @@ class CreateTests(ResponsesTestCase):
         ])
         streamed = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
         self.assertEqual(streamed, parseResponse(self.create({"model": "qwen", "input": "Hi"})).output_text)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_toolCall(self) -> None:
         """
@@ -242,7 +242,7 @@ class ErrorTests(ResponsesTestCase):
         self.assertEqual([e["type"] for e in events[-2:]], ["error", "response.failed"])
         self.assertEqual(events[-1]["response"]["error"]["message"], "Chat completion aborted.")
         self.assertOpenAIError(*self.post({"model": "qwen", "input": "x"}), 502, "Chat completion aborted.")
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
 
     def test_truncatedStream(self) -> None:
         """
@@ -349,10 +349,10 @@ class DisconnectTests(ResponsesTestCase):
         self.proxy.flush()
         response = self.successResultOf(d)
         collected = treq.collect(response, lambda data: None)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 1)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 1)
         response.original._transport.stopProducing()
         self.proxy.flush()
         self.proxy.flush()
         self.failureResultOf(collected)
         self.assertEqual(len(upstreamGone), 1)
-        self.assertEqual(self.proxy.supervisor.status()["in_flight"], 0)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)

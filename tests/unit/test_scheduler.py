@@ -35,7 +35,7 @@ class _SchedulerTestCase(SynchronousTestCase):
             ),
             ownsListener=lambda port, pid: port not in self.squatted,
         )
-        self.reactor, self.tabby, self.supervisor = self.fake.reactor, self.fake.tabby, self.fake.scheduler
+        self.reactor, self.tabby, self.scheduler = self.fake.reactor, self.fake.tabby, self.fake.scheduler
 
     def profile(self, name: str) -> Profile:
         return self.fake.catalog.profiles[name]
@@ -65,7 +65,7 @@ class SchedulerTests(_SchedulerTestCase):
         self.reactor.advance(0.2)
         leases = [self.successResultOf(d) for d in waiting]
         self.assertEqual(len(self.reactor.spawned), 1)
-        [running] = self.supervisor.snapshot()
+        [running] = self.scheduler.snapshot()
         self.assertEqual(running.inFlight, 3)
         self.assertEqual({lease.child.pid for lease in leases}, {running.pid})
 
@@ -126,7 +126,7 @@ class SchedulerTests(_SchedulerTestCase):
         waiting = self.acquire("b")
         waiting.cancel()
         self.failureResultOf(waiting)
-        self.assertEqual(self.supervisor.status()["waiting"], 0)
+        self.assertEqual(self.scheduler.status()["waiting"], 0)
         lease.release()
         self.assertEqual(self.reactor.spawned[0].signals, [])
         self.assertEqual(len(self.reactor.spawned), 1)
@@ -143,7 +143,7 @@ class SchedulerTests(_SchedulerTestCase):
         self.reactor.advance(1000)
         self.assertEqual(self.reactor.spawned[0].signals, [])
         lease.release()
-        self.assertEqual(self.supervisor.status()["unload"]["fires_in_seconds"], 60)
+        self.assertEqual(self.scheduler.status()["unload"]["fires_in_seconds"], 60)
 
         self.ready("a", keepAlive=120).release()
         self.ready("a").release()
@@ -157,7 +157,7 @@ class SchedulerTests(_SchedulerTestCase):
         A profile without unload_timer uses the global default.
         """
         self.ready("b").release()
-        self.assertEqual(self.supervisor.status()["unload"]["fires_in_seconds"], 300)
+        self.assertEqual(self.scheduler.status()["unload"]["fires_in_seconds"], 300)
 
     def test_keepAliveZeroUnloadsWhenLastRequestEnds(self) -> None:
         """
@@ -177,7 +177,7 @@ class SchedulerTests(_SchedulerTestCase):
         self.ready("a", keepAlive=FOREVER).release()
         self.reactor.advance(10**9)
         self.assertEqual(self.reactor.spawned[0].signals, [])
-        [running] = self.supervisor.snapshot()
+        [running] = self.scheduler.snapshot()
         self.assertIsNone(running.expiresAt)
 
     def test_timerRacingARequestNeverServesAStoppingChild(self) -> None:
@@ -203,7 +203,7 @@ class SchedulerTests(_SchedulerTestCase):
         model wait for the stop and start it again.
         """
         lease = self.ready("a")
-        done = self.supervisor.unload()
+        done = self.scheduler.unload()
         self.assertNoResult(done)
         self.assertEqual(self.reactor.spawned[0].signals, [])
         waiting = self.acquire("a")
@@ -220,8 +220,8 @@ class SchedulerTests(_SchedulerTestCase):
         waiting request gets a fresh child.
         """
         lease = self.ready("a")
-        self.supervisor.unload("a")
-        self.assertEqual([m.state for m in self.supervisor.snapshot()], [ChildState.DRAINING])
+        self.scheduler.unload("a")
+        self.assertEqual([m.state for m in self.scheduler.snapshot()], [ChildState.DRAINING])
         waiting = self.acquire("a")
         self.assertNoResult(waiting)
         lease.release()
@@ -233,6 +233,6 @@ class SchedulerTests(_SchedulerTestCase):
         An unload that names a model that does not run leaves the running one alone.
         """
         self.ready("a").release()
-        self.successResultOf(self.supervisor.unload("b"))
-        self.assertEqual([m.profile.id for m in self.supervisor.snapshot()], ["a"])
+        self.successResultOf(self.scheduler.unload("b"))
+        self.assertEqual([m.profile.id for m in self.scheduler.snapshot()], ["a"])
         self.assertEqual(self.reactor.spawned[0].signals, [])

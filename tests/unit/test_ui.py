@@ -241,7 +241,7 @@ class EventsTests(_Base):
         self.proxy.flush()
         self.proxy.flush()
         self.failureResultOf(body.ended)
-        # Only the supervisor's own timers remain.
+        # Only the scheduler's own timers remain.
         self.assertEqual([call for call in self.proxy.reactor.getDelayedCalls()
                           if getattr(getattr(call, "func", None), "__name__", "") in ("_ticked", "_compare")], [])
 
