@@ -116,6 +116,7 @@ class SimulatorConfig:
     cacheSize: int | None = None
     cacheMode: str = "FP16"
     chunkSize: int = 2048
+    outputChunking: bool = True
     maxBatchSize: int | None = None
     promptTemplate: str | None = None
     embeddingModelName: str | None = None
@@ -143,6 +144,7 @@ class SimulatorConfig:
             cacheSize=asOptionalInt(model.get("cache_size")),
             cacheMode=str(model.get("cache_mode", "FP16")),
             chunkSize=int(model.get("chunk_size", 2048)),
+            outputChunking=asBool(model.get("output_chunking", True)),
             maxBatchSize=asOptionalInt(model.get("max_batch_size")),
             promptTemplate=model.get("prompt_template"),
             embeddingModelName=section("embeddings").get("embedding_model_name") or None,

@@ -52,26 +52,80 @@ def chooseWords(prompt: str, count: int) -> list[str]:
     return [VOCABULARY[_digest(prompt, str(i)) % len(VOCABULARY)] for i in range(count)]
 
 
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = {IM_START: 151644, IM_END: 151645}
+"""
+ChatML's special tokens and their ids (Qwen's): one token each, wherever they stand.
+"""
+_SPECIAL_NAMES = {tokenId: name for name, tokenId in SPECIAL_TOKENS.items()}
+_SPECIAL = re.compile("(" + "|".join(re.escape(name) for name in SPECIAL_TOKENS) + ")")
+
+
 def encodeText(text: str) -> list[int]:
     """
-    One token id per word: vocabulary words get their index, others a stable hash above it.
+    One token id per word and per special token: vocabulary words get their index, special
+    tokens their id, other words a stable hash above the vocabulary.
     """
     ids = []
-    for word in text.split():
-        if word in VOCABULARY:
-            ids.append(VOCABULARY.index(word))
-        else:
-            ids.append(len(VOCABULARY) + zlib.crc32(word.encode()) % 30000)
+    for part in _SPECIAL.split(text):
+        if part in SPECIAL_TOKENS:
+            ids.append(SPECIAL_TOKENS[part])
+            continue
+        for word in part.split():
+            if word in VOCABULARY:
+                ids.append(VOCABULARY.index(word))
+            else:
+                ids.append(len(VOCABULARY) + zlib.crc32(word.encode()) % 30000)
     return ids
 
 
 def decodeTokens(tokens: Sequence[int]) -> str:
     """
-    The inverse of L{encodeText} for vocabulary words; other ids decode to a placeholder.
+    The inverse of L{encodeText} for vocabulary words and special tokens; other ids decode to
+    a placeholder.
     """
     return " ".join(
-        VOCABULARY[t] if 0 <= t < len(VOCABULARY) else f"<tok{t}>" for t in tokens
+        VOCABULARY[t] if 0 <= t < len(VOCABULARY) else _SPECIAL_NAMES.get(t, f"<tok{t}>") for t in tokens
     )
+
+
+def chatPrompt(messages: Sequence[Any], addGenerationPrompt: bool) -> str:
+    """
+    Chat messages through the simulator's ChatML template, as TabbyAPI renders a model's chat
+    template: each message C{<|im_start|>ROLE\nTEXT<|im_end|>\n}, then
+    C{<|im_start|>assistant\n} when a reply is to follow.
+    """
+    parts = [
+        f"{IM_START}{message.get('role', 'user')}\n{messageText(message.get('content'))}{IM_END}\n"
+        for message in messages if isinstance(message, dict)
+    ]
+    if addGenerationPrompt:
+        parts.append(f"{IM_START}assistant\n")
+    return "".join(parts)
+
+
+def contextProblem(contextLength: int, maxSeqLen: int, maxTokens: int, cacheSize: int,
+                   chunkSize: int | None, boundary: int = 256) -> str | None:
+    """
+    Why TabbyAPI refuses a prompt of C{contextLength} tokens before it generates (its
+    C{validate_context_requirements}, common/errors.py), or C{None} when it fits: longer than
+    C{max_seq_len}, or a first job allocation larger than the cache.  With output chunking
+    (TabbyAPI's default, C{chunkSize} given) the allocation is the prompt and one chunk, rounded
+    up to C{boundary}; without, the prompt and C{max_tokens} (0 fills the context).
+    """
+    if contextLength > maxSeqLen:
+        return (f"Prompt length {contextLength} exceeds the available context size "
+                f"of {maxSeqLen} tokens")
+    if maxTokens <= 0:
+        maxTokens = maxSeqLen - contextLength - 1
+    if chunkSize is not None:
+        required = (contextLength - 1 + chunkSize + boundary - 1) // boundary * boundary
+    else:
+        required = contextLength + maxTokens
+    if required > cacheSize:
+        return (f"Initial job allocation requires {required} cache tokens, "
+                f"which exceeds the available context size of {cacheSize} tokens")
+    return None
 
 
 def embeddingVector(text: str) -> list[float]:
@@ -265,6 +319,61 @@ def _reasoning(body: JSON, promptText: str) -> tuple[Piece, ...]:
         return ()
     thought = chooseWords("reasoning\0" + promptText, 1)[0]
     return (Piece("reasoning", "Thinking "), Piece("reasoning", "about "), Piece("reasoning", thought + ". "))
+
+
+def requestedLogprobs(body: JSON) -> int | None:
+    """
+    How many likeliest tokens each generated token's logprobs list, or C{None} when the request
+    asks for no logprobs: C{logprobs} (chat's boolean, an integer for completions) or
+    C{top_logprobs}; TabbyAPI takes C{logprobs} above 1 as the count (the older OpenAI form).
+    """
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    count = int(top) if isinstance(top, int) and not isinstance(top, bool) else 0
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs > 1:
+        count = logprobs
+    if not logprobs and not count:
+        return None
+    return count
+
+
+def tokenLogprob(text: str, top: int) -> JSON:
+    """
+    TabbyAPI's logprobs entry for one generated token (its C{ChatCompletionLogprob}): the token,
+    its id, a deterministic log probability, and C{top} alternatives, the token itself first.
+    """
+    def logprob(token: str) -> float:
+        return -round((_digest(token, "logprob") % 3000) / 1000, 3)
+
+    def tokenId(token: str) -> int:
+        ids = encodeText(token)
+        return ids[0] if ids else 0
+
+    value = logprob(text)
+    alternatives = [{"token": text, "token_id": tokenId(text), "logprob": value}]
+    for index, word in enumerate(chooseWords("alternatives\0" + text, max(top - 1, 0))):
+        alternatives.append({"token": word + " ", "token_id": tokenId(word),
+                             "logprob": round(value - 1.0 - index - logprob(word) / 10, 3)})
+    return {"token": text, "token_id": tokenId(text), "logprob": value,
+            "top_logprobs": alternatives[:top]}
+
+
+def completionLogprobs(entries: Sequence[JSON]) -> JSON:
+    """
+    Chat logprobs entries in the completions form, as TabbyAPI converts them
+    (C{chat_logprobs_to_completion_logprobs}): parallel lists, one map of alternatives per
+    token (C{None} without), offsets counted from the first token of C{entries}.
+    """
+    offsets, offset = [], 0
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {
+        "tokens": [entry["token"] for entry in entries],
+        "token_logprobs": [entry["logprob"] for entry in entries],
+        "top_logprobs": [{top["token"]: top["logprob"] for top in entry["top_logprobs"]} or None
+                         for entry in entries],
+        "text_offset": offsets,
+    }
 
 
 def usageObject(promptTokens: int, completionTokens: int, completionTime: float) -> JSON:

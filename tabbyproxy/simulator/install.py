@@ -19,6 +19,7 @@ from tabbyproxy.config import (
     makePrivateDirectories,
     writePrivate,
 )
+from tabbyproxy.simulator.knobs import SimulatorKnobs
 
 
 _CHAT_TEMPLATE = (
@@ -51,7 +52,8 @@ def addModelFolders(install: TabbyInstall, catalog: Catalog) -> None:
     """
     Give every profile of C{catalog} a model folder the simulator can load (profiles added by a
     reload need theirs too): a C{config.json} with the profile's context length, and a chat
-    template that takes tools and thinking, as the simulator answers both.
+    template that takes tools and thinking, as the simulator answers both (or the profile's
+    C{simulator: {chat_template: ...}}).
     """
     for profile in catalog:
         modelFolder = install.directory / "models" / profile.modelName
@@ -64,4 +66,6 @@ def addModelFolders(install: TabbyInstall, catalog: Catalog) -> None:
             json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                         "max_position_embeddings": maxSeqLen}),
         )
-        writePrivate(modelFolder / "chat_template.jinja", _CHAT_TEMPLATE)
+        section = profile.tabby.get("simulator")
+        knobs = SimulatorKnobs.fromSection(section if isinstance(section, dict) else {})
+        writePrivate(modelFolder / "chat_template.jinja", knobs.chatTemplate or _CHAT_TEMPLATE)

@@ -40,6 +40,9 @@ class SimulatorKnobs:
     @ivar ignoreSigterm: log and ignore SIGTERM and SIGINT; only SIGKILL ends the process.
     @ivar failGenerationAfter: the generation request after this many fails like a backend
         exception, and /health reports unhealthy from then on.
+    @ivar chatTemplate: the chat template of the model folder C{--simulate} makes for the
+        profile, instead of one that takes tools and thinking: the proxy reads a model's
+        capabilities from it.
     """
 
     loadTime: float = 0.0
@@ -53,6 +56,7 @@ class SimulatorKnobs:
     hangAtStart: bool = False
     ignoreSigterm: bool = False
     failGenerationAfter: int | None = None
+    chatTemplate: str | None = None
 
     @classmethod
     def fromSection(cls, section: JSON) -> SimulatorKnobs:
@@ -68,6 +72,7 @@ class SimulatorKnobs:
             hangAtStart=asBool(section.get("hang_at_start", False)),
             ignoreSigterm=asBool(section.get("ignore_sigterm", False)),
             failGenerationAfter=asOptionalInt(section.get("fail_generation_after")),
+            chatTemplate=str(section["chat_template"]) if section.get("chat_template") is not None else None,
         )
 
 

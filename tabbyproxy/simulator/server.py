@@ -29,7 +29,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from tabbyproxy.simulator.config import DEFAULT_SEQ_LEN, SimulatorConfig
 from tabbyproxy.simulator.console import Console
-from tabbyproxy.simulator.generation import Piece, Plan, decodeTokens, embeddingVector, encodeText, messageText, planGeneration, usageObject, wordCount
+from tabbyproxy.simulator.generation import (
+    Piece, Plan, chatPrompt, completionLogprobs, contextProblem, decodeTokens, embeddingVector, encodeText, messageText,
+    planGeneration, requestedLogprobs, requestedMaxTokens, tokenLogprob, usageObject, wordCount,
+)
 from tabbyproxy.simulator.httpwire import HTTPError, SimulatorSite, detail, dumpJson, parseBody, requireObject, sseEvent, startEventStream, startResponse, validateSampler
 from tabbyproxy.simulator.keys import AuthKeys
 from tabbyproxy.simulator.knobs import crashNow
@@ -406,7 +409,9 @@ class Simulator:
         self.requireModel()
         text = body["text"]
         if isinstance(text, list):
-            text = " ".join(messageText(m.get("content")) for m in text if isinstance(m, dict))
+            # Messages go through the chat template, without the generation prompt, as
+            # TabbyAPI's encode_tokens renders them.
+            text = chatPrompt(text, addGenerationPrompt=False)
         tokens = encodeText(str(text))
         return self.respond(request, 200, {"tokens": tokens, "length": len(tokens)})
 
@@ -434,7 +439,8 @@ class Simulator:
         else:
             if messages:
                 promptText = messageText(messages[-1].get("content"))
-        promptTokens = sum(wordCount(messageText(m.get("content"))) for m in messages)
+        addGenerationPrompt = asBool(body.get("add_generation_prompt", True))
+        promptTokens = len(encodeText(chatPrompt(messages, addGenerationPrompt)))
         tools = body.get("tools") if isinstance(body.get("tools"), list) else None
         return self.generate(request, body, "chat", promptText, promptTokens, tools)
 
@@ -444,7 +450,7 @@ class Simulator:
         validateSampler(body, ["prompt"])
         prompt = body["prompt"]
         promptText = "\n".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
-        return self.generate(request, body, "completion", promptText, wordCount(promptText),
+        return self.generate(request, body, "completion", promptText, len(encodeText(promptText)),
                              None)
 
     def generate(self, request: Request, body: JSON, kind: str, promptText: str,
@@ -461,11 +467,15 @@ class Simulator:
             request.setHeader("server", "uvicorn")
             return b"Internal Server Error"
         model = self.requireModel()
-        if promptTokens > model.maxSeqLen:
+        c = self.config
+        # TabbyAPI's chunk size is at least 256 and a multiple of it (adjust_chunk_size).
+        chunkSize = max(256, (c.chunkSize + 255) // 256 * 256) if c.outputChunking else None
+        problem = contextProblem(promptTokens, model.maxSeqLen, requestedMaxTokens(body) or 0,
+                                 c.cacheSize or model.maxSeqLen, chunkSize)
+        if problem is not None:
+            # TabbyAPI checks before it streams: a 400 in OpenAI's shape, never an SSE error.
             raise HTTPError(400, {"error": {
-                "message": f"Prompt length {promptTokens} exceeds the available context size "
-                           f"of {model.maxSeqLen} tokens",
-                "type": "invalid_request_error", "param": None,
+                "message": problem, "type": "invalid_request_error", "param": None,
                 "code": "context_length_exceeded"}})
         requestId = uuid.uuid4().hex
         plan = planGeneration(model.name, promptText, promptTokens, body,
@@ -478,7 +488,8 @@ class Simulator:
             self.generationCount == self.config.knobs.failGenerationAfter + 1
         label = "Chat completion" if kind == "chat" else "Completion"
         if asBool(body.get("stream", False)):
-            stream = EventStream(self, request, requestId, kind, model.name, plan, includeUsage)
+            stream = EventStream(self, request, requestId, kind, model.name, plan, includeUsage,
+                                 requestedLogprobs(body))
             if failing:
                 stream.failAtStart(label)
             else:
@@ -489,7 +500,7 @@ class Simulator:
             raise detail(503, f"{label} {requestId} aborted. Maybe the model was unloaded? "
                               "Please check the server console.", logged=True)
         return self.generateWhole(request, requestId, kind, model.name, plan, includeUsage,
-                                  label)
+                                  label, requestedLogprobs(body))
 
     def markUnhealthy(self) -> None:
         description = "RuntimeError: Simulated generation failure " \
@@ -512,7 +523,7 @@ class Simulator:
         )
 
     def generateWhole(self, request: Request, requestId: str, kind: str, modelName: str,
-                      plan: Plan, includeUsage: bool, label: str) -> int:
+                      plan: Plan, includeUsage: bool, label: str, logprobs: int | None = None) -> int:
         """
         A non-streaming answer: tokens are still produced on the clock (so token_delay and
         crash_after_tokens apply), then sent as one JSON body.
@@ -531,6 +542,8 @@ class Simulator:
             reasoning = "".join(p.text for p in collected if p.kind == "reasoning") or None
             usage = usageObject(plan.promptTokens, len(collected), elapsed) \
                 if includeUsage else None
+            entries = [tokenLogprob(p.text, logprobs) for p in collected if p.kind == "content"] \
+                if logprobs is not None and content and content.strip() else []
             choice: JSON
             if kind == "chat":
                 choice = {
@@ -540,14 +553,15 @@ class Simulator:
                     "message": {"role": "assistant", "content": content,
                                 "reasoning_content": reasoning, "tool_calls": plan.toolCalls,
                                 "tool_call_id": None},
-                    "logprobs": None,
+                    "logprobs": {"content": entries} if entries else None,
                 }
                 response = {"id": f"cmpl-{requestId}", "choices": [choice],
                             "created": int(time.time()), "model": modelName,
                             "object": "chat.completion", "usage": usage}
             else:
                 choice = {"index": 0, "finish_reason": plan.finishReason,
-                          "eos_reason": plan.eosReason, "logprobs": None,
+                          "eos_reason": plan.eosReason,
+                          "logprobs": completionLogprobs(entries) if entries else None,
                           "text": content or ""}
                 response = {"id": f"cmpl-{requestId}", "choices": [choice],
                             "created": int(time.time()), "model": modelName,

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from tabbyproxy.simulator.generation import Piece, Plan, usageObject
+from tabbyproxy.simulator.generation import Piece, Plan, completionLogprobs, tokenLogprob, usageObject
 from tabbyproxy.simulator.httpwire import pingComment, sseEvent, startEventStream
 from tabbyproxy.simulator.knobs import crashNow
 from tabbyproxy.simulator.values import JSON
@@ -126,6 +126,7 @@ class EventStream:
     modelName: str
     plan: Plan
     includeUsage: bool
+    logprobs: int | None = None
     producer: TokenProducer | None = None
     pingCall: IDelayedCall | None = None
     started: float = 0.0
@@ -171,6 +172,11 @@ class EventStream:
             choice["eos_reason"] = self.plan.eosReason
         else:
             choice["finish_reason"] = None
+        if piece is not None and piece.kind == "content" and self.logprobs is not None:
+            # Only the answer's tokens carry logprobs, not the reasoning's (TabbyAPI collects
+            # them in the content span).
+            entry = tokenLogprob(piece.text, self.logprobs)
+            choice["logprobs"] = {"content": [entry]} if self.kind == "chat" else completionLogprobs([entry])
         return choice
 
     def write(self, data: bytes) -> None:

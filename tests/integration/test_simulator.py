@@ -282,8 +282,9 @@ class GenerationTests(SimulatorTestCase):
         self.assertEqual(list(usage), [
             "prompt_tokens", "prompt_time", "prompt_tokens_per_sec", "completion_tokens",
             "completion_time", "completion_tokens_per_sec", "total_tokens", "total_time"])
+        # The templated prompt: <|im_start|> user hi <|im_end|> <|im_start|> assistant
         self.assertEqual((usage["prompt_tokens"], usage["completion_tokens"],
-                          usage["total_tokens"]), (1, 3, 4))
+                          usage["total_tokens"]), (6, 3, 9))
         self.assertIsInstance(usage["completion_time"], float)
 
     async def test_lengthOfWrongTypeIs422(self) -> None:
@@ -428,6 +429,85 @@ class GenerationTests(SimulatorTestCase):
         response = await self.client.get(process.url("/v1/model"), headers=API)
         card = json.loads(await response.content())
         self.assertEqual((card["id"], card["parameters"]["max_seq_len"]), ("alpha", 4096))
+
+    async def test_contextLimits(self) -> None:
+        """
+        Encoding a list of messages counts them through the chat template without the
+        generation prompt, as TabbyAPI does; a chat counts it with the generation prompt.  A
+        prompt longer than max_seq_len, or (without output chunking) one whose max_tokens do not
+        fit the cache, is TabbyAPI's 400 context_length_exceeded in OpenAI's shape.
+        """
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "amber basil cedar"}]
+        process = await self.start(models=["alpha"], modelName="alpha",
+                                   extra={"model": {"max_seq_len": 64, "output_chunking": False}})
+        code, _, raw = await self.post(process, "/v1/token/encode", {"text": messages})
+        # <|im_start|> system be brief <|im_end|> <|im_start|> user amber basil cedar <|im_end|>
+        self.assertEqual((code, json.loads(raw)["length"]), (200, 11))
+        code, _, raw = await self.post(process, "/v1/chat/completions", {
+            "messages": messages, "max_tokens": 1, "stream_options": {"include_usage": True}})
+        self.assertEqual((code, json.loads(raw)["usage"]["prompt_tokens"]), (200, 13))
+        long = [{"role": "user", "content": "word " * 70}]
+        code, contentType, raw = await self.post(process, "/v1/chat/completions", dict(CHAT, messages=long, stream=True))
+        self.assertEqual((code, contentType), (400, "application/json"))
+        self.assertEqual(json.loads(raw), {"error": {
+            "message": "Prompt length 75 exceeds the available context size of 64 tokens",
+            "type": "invalid_request_error", "param": None, "code": "context_length_exceeded"}})
+        code, _, raw = await self.post(process, "/v1/chat/completions", {"messages": messages, "max_tokens": 60})
+        self.assertEqual((code, json.loads(raw)["error"]["message"]),
+                         (400, "Initial job allocation requires 73 cache tokens, which exceeds the available "
+                               "context size of 64 tokens"))
+
+    async def test_contextLimitsWithChunking(self) -> None:
+        """
+        With output chunking (TabbyAPI's default) max_tokens does not count: the cache must
+        hold the prompt and one chunk, rounded up to 256 tokens.
+        """
+        messages = [{"role": "user", "content": "amber"}]
+        process = await self.start(models=["alpha"], modelName="alpha",
+                                   extra={"model": {"max_seq_len": 1024, "chunk_size": 256}})
+        code, _, raw = await self.post(process, "/v1/chat/completions", {"messages": messages, "max_tokens": 2000})
+        self.assertEqual(code, 200)
+        code, _, raw = await self.post(process, "/v1/completions", {"prompt": "word " * 800})
+        self.assertEqual((code, json.loads(raw)["error"]["message"]),
+                         (400, "Initial job allocation requires 1280 cache tokens, which exceeds the available "
+                               "context size of 1024 tokens"))
+
+    async def test_logprobs(self) -> None:
+        """
+        With logprobs, each chat chunk of the answer carries TabbyAPI's C{logprobs.content}
+        entries (token, token_id, logprob, top_logprobs as long as asked, the token first), the
+        reasoning none; completions carry the converted form (parallel lists, a map of
+        alternatives per token, offsets from the chunk's start); a whole answer carries them all.
+        """
+        process = await self.start(models=["alpha"], modelName="alpha")
+        code, _, raw = await self.post(process, "/v1/chat/completions", dict(
+            CHAT, stream=True, max_tokens=2, logprobs=True, top_logprobs=3,
+            template_vars={"enable_thinking": True}))
+        chunks = [event["choices"][0] for event in dataEvents(raw)[:-1]]
+        reasoning = [chunk for chunk in chunks if "reasoning_content" in chunk["delta"]]
+        content = [chunk for chunk in chunks if "content" in chunk["delta"]]
+        self.assertEqual((len(reasoning), len(content)), (3, 2))
+        self.assertTrue(all("logprobs" not in chunk for chunk in reasoning))
+        for chunk in content:
+            [entry] = chunk["logprobs"]["content"]
+            self.assertEqual(list(entry), ["token", "token_id", "logprob", "top_logprobs"])
+            self.assertEqual(entry["token"], chunk["delta"]["content"])
+            self.assertEqual(len(entry["top_logprobs"]), 3)
+            self.assertEqual(entry["top_logprobs"][0], {k: entry[k] for k in ("token", "token_id", "logprob")})
+            values = [top["logprob"] for top in entry["top_logprobs"]]
+            self.assertEqual(values, sorted(values, reverse=True))
+        code, _, raw = await self.post(process, "/v1/chat/completions", dict(CHAT, max_tokens=2, logprobs=True))
+        [choice] = json.loads(raw)["choices"]
+        self.assertEqual([(entry["token"], entry["top_logprobs"]) for entry in choice["logprobs"]["content"]],
+                         [("alpha ", []), (choice["message"]["content"].split(" ", 1)[1], [])])
+        code, _, raw = await self.post(process, "/v1/completions",
+                                       {"prompt": "once", "stream": True, "max_tokens": 2, "logprobs": 2})
+        first = dataEvents(raw)[0]["choices"][0]
+        self.assertEqual(list(first["logprobs"]), ["tokens", "token_logprobs", "top_logprobs", "text_offset"])
+        self.assertEqual((first["logprobs"]["tokens"], first["logprobs"]["text_offset"]), ([first["text"]], [0]))
+        self.assertEqual(len(first["logprobs"]["top_logprobs"][0]), 2)
+        code, _, raw = await self.post(process, "/v1/chat/completions", dict(CHAT, max_tokens=2))
+        self.assertIsNone(json.loads(raw)["choices"][0]["logprobs"])
 
     async def test_unload(self) -> None:
         """

@@ -49,6 +49,22 @@ class SimulatedTests(SynchronousTestCase):
         for profile in self.catalog:
             self.assertTrue((install.modelDirectory(profile) / "config.json").is_file())
 
+    def test_chatTemplateKnob(self) -> None:
+        """
+        A profile's C{simulator: {chat_template: ...}} is its model folder's chat template, so
+        a test can have a model without tools or thinking; other profiles get the template
+        that takes both.
+        """
+        configDir = Path(self.mktemp())
+        write(configDir / "plain.yml", "model: {model_name: Plain}\nsimulator: {chat_template: '{{ messages }}'}\n")
+        write(configDir / "x.yml", "model: {model_name: X}\n")
+        simulatedInstall(self.directory, Catalog.load(configDir), auth=False)
+        models = self.directory / "models"
+        self.assertEqual((models / "Plain" / "chat_template.jinja").read_text(), "{{ messages }}")
+        default = (models / "X" / "chat_template.jinja").read_text()
+        self.assertIn("tools", default)
+        self.assertIn("enable_thinking", default)
+
     def test_simulatorCommand(self) -> None:
         """
         The child is the project's simulator, run with the proxy's interpreter, in the
