@@ -21,6 +21,15 @@ Choices made where Ollama and TabbyAPI do not line up one to one:
     without its id gets one from its place in the history (C{call_<message>_<call>}), the same in
     every request of the conversation and never shared by two calls; each tool result gets the id
     of the call it answers.  No state is kept.
+  - A conversation too long for the context loses its oldest messages, by Ollama's rule (the
+    system messages and the latest message stay; L{keptMessages}), unless C{truncate: false}.
+    The route learns that it is too long from TabbyAPI's refusal, and by how much
+    (L{contextExcess}); TabbyAPI's tokenizer counts the candidates.  Ollama also counts 768
+    tokens per image for models with a vision projector: TabbyAPI's count includes the images'
+    own tokens, so no estimate is needed.  What still does not fit (a latest message too long
+    alone, a C{/api/generate} prompt, which is always the latest message) is Ollama's 400
+    without context shift; Ollama's default context shift instead cuts the middle of the
+    prompt's tokens, which TabbyAPI cannot do to a templated prompt per request.
 """
 
 from __future__ import annotations
@@ -30,10 +39,11 @@ import binascii
 import functools
 import json
 import math
+import re
 import secrets
 from datetime import datetime, timedelta, timezone
 from json.encoder import encode_basestring_ascii as _jsonString
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Literal, Mapping, Sequence
 
 from attrs import define, field, frozen
 
@@ -58,6 +68,7 @@ Clock = Callable[[], float]
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+ENCODE_PATH = "/v1/token/encode"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -275,12 +286,15 @@ class UpstreamRequest:
     @ivar ignoredOptions: L{MappedOptions.ignored}, for the route's debug log.
     @ivar profileSystem: whether the profile's system prompt (and time stamp) belongs in front
         of C{body["messages"]}: true for chat-templated requests, false for raw text.
+    @ivar truncate: Ollama's C{truncate}: whether a conversation too long for the context loses
+        its oldest messages (L{keptMessages}) rather than failing.
     """
 
     path: str
     body: dict[str, Any]
     ignoredOptions: Mapping[str, Any]
     profileSystem: bool = False
+    truncate: bool = True
 
 
 def isEmptyRequest(what: What, body: Mapping[str, Any]) -> bool:
@@ -308,6 +322,15 @@ def _flag(body: Mapping[str, Any], key: str) -> bool:
         return False
     if not isinstance(value, bool):
         raise OllamaRequestError(f"{key} must be a boolean, not {describeJSON(value)}")
+    return value
+
+
+def _truncate(body: Mapping[str, Any]) -> bool:
+    value = body.get("truncate")
+    if value is None:
+        return True  # Ollama truncates unless told not to.
+    if not isinstance(value, bool):
+        raise OllamaRequestError(f"truncate must be a boolean, not {describeJSON(value)}")
     return value
 
 
@@ -541,7 +564,8 @@ def chatRequest(body: Mapping[str, Any]) -> UpstreamRequest:
         upstream["tools"] = tools
     upstream.update(_think(body))
     return UpstreamRequest(
-        path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored, profileSystem=True
+        path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored, profileSystem=True,
+        truncate=_truncate(body),
     )
 
 
@@ -563,6 +587,7 @@ def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
     _string(body, "suffix")
     _string(body, "template")
     raw = _flag(body, "raw")
+    truncate = _truncate(body)
     images = _list(body.get("images"), "images")
     upstream.update(_think(body))
     upstream.update(_logprobs(body, chat=bool(images or not raw)))
@@ -573,10 +598,138 @@ def generateRequest(body: Mapping[str, Any]) -> UpstreamRequest:
         messages.append({"role": "user", "content": _content(prompt, images, "")})
         upstream["messages"] = messages
         return UpstreamRequest(
-            path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored, profileSystem=not raw
+            path=CHAT_PATH, body=upstream, ignoredOptions=options.ignored, profileSystem=not raw,
+            truncate=truncate,
         )
     upstream["prompt"] = prompt
-    return UpstreamRequest(path=COMPLETIONS_PATH, body=upstream, ignoredOptions=options.ignored)
+    return UpstreamRequest(path=COMPLETIONS_PATH, body=upstream, ignoredOptions=options.ignored,
+                           truncate=truncate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations longer than the context
+
+_PROMPT_TOO_LONG = re.compile(r"Prompt length (\d+) exceeds the available context size of (\d+) tokens")
+_ALLOCATION_TOO_LARGE = re.compile(
+    r"Initial job allocation requires (\d+) cache tokens, which exceeds the available context size of (\d+) tokens"
+)
+
+PROMPT_TOO_LONG = (
+    "the prompt is longer than the context length currently available to the model; shorten the "
+    "prompt, adjust the context length in settings, or use a model with a longer context length"
+)
+"""
+Ollama's answer (400) to a prompt that does not fit the context even truncated.
+"""
+
+
+def contextExcess(message: str) -> int | None:
+    """
+    By how many tokens TabbyAPI found a prompt too long, from its refusal (400
+    C{context_length_exceeded}, C{validate_context_requirements} in its common/errors.py), or
+    C{None} when C{message} is not such a refusal.
+
+    TabbyAPI checks two limits, and names the first that fails: the prompt against
+    C{max_seq_len}, then the cache its first job allocates against the cache size (the prompt
+    and one chunk with output chunking, its default; the prompt and C{max_tokens} without).
+    Either way the prompt must shrink by the difference, so the room an answer needs is
+    TabbyAPI's own rule rather than a guess.
+    """
+    for pattern in (_PROMPT_TOO_LONG, _ALLOCATION_TOO_LARGE):
+        found = pattern.search(message)
+        if found is not None:
+            return max(1, int(found.group(1)) - int(found.group(2)))
+    return None
+
+
+def keptMessages(messages: Sequence[Mapping[str, Any]], start: int) -> list[Mapping[str, Any]]:
+    """
+    The messages a conversation keeps when its oldest are dropped from C{start} on, by Ollama's
+    rule (C{chatPrompt} in its server/prompt.go): the system messages before C{start}, in
+    order, then every message from C{start}.
+    """
+    return [message for message in messages[:start] if message.get("role") == "system"] + list(messages[start:])
+
+
+def canDrop(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """
+    Whether Ollama's rule can make a conversation shorter: it has a message before the latest
+    that is not a system message.
+    """
+    return any(message.get("role") != "system" for message in messages[:-1])
+
+
+Counter = Callable[[Sequence[Mapping[str, Any]]], Awaitable[int]]
+
+
+async def fittingStart(messages: Sequence[Mapping[str, Any]], limit: int, count: Counter) -> int | None:
+    """
+    Where Ollama's rule starts a conversation that is too long whole: the first C{start} (from
+    1) whose L{keptMessages} count at most C{limit} tokens, or C{None} when even the system
+    messages and the latest message do not fit.
+
+    Ollama tries each start in turn; a conversation loses tokens with every message it drops,
+    so halving finds the same start with a count per halving (each a request to TabbyAPI's
+    tokenizer) instead of one per message.
+
+    @param count: the tokens of some messages (TabbyAPI's C{/v1/token/encode} of them).
+    """
+    last = len(messages) - 1
+    if last < 1:
+        return None
+    fits: dict[int, bool] = {}
+
+    async def fitting(start: int) -> bool:
+        if start not in fits:
+            fits[start] = await count(keptMessages(messages, start)) <= limit
+        return fits[start]
+
+    low, high = 1, last
+    while low < high:
+        middle = (low + high) // 2
+        if await fitting(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low if await fitting(low) else None
+
+
+def encodeRequest(body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """
+    The C{/v1/token/encode} body that counts C{messages} as the chat request C{body} templates
+    them: TabbyAPI renders a list of messages with the model's chat template and C{template_vars},
+    where the chat route puts C{tools} too (the encode route has no C{tools} of its own).
+    """
+    templateVars = dict(body.get("template_vars") or {})
+    if body.get("tools"):
+        templateVars["tools"] = body["tools"]
+    request: dict[str, Any] = {"text": list(messages)}
+    if templateVars:
+        request["template_vars"] = templateVars
+    return request
+
+
+def encodedLength(document: object) -> int:
+    """
+    The token count of TabbyAPI's C{/v1/token/encode} answer, C{{"tokens": [...], "length": n}}.
+
+    @raise UpstreamError: when the answer is not one.
+    """
+    if isinstance(document, dict):
+        length = document.get("length")
+        if isinstance(length, int) and not isinstance(length, bool):
+            return length
+        if isinstance(document.get("tokens"), list):
+            return len(document["tokens"])
+    raise UpstreamError(f"TabbyAPI's token count is not one: {str(document)[:200]}")
+
+
+def promptTooLong(refusal: str) -> str:
+    """
+    The error for a prompt that does not fit even truncated: Ollama's words, with TabbyAPI's
+    figures for the whole prompt.
+    """
+    return f"{PROMPT_TOO_LONG} (TabbyAPI: {refusal})"
 
 
 # ---------------------------------------------------------------------------------------------

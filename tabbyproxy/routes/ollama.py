@@ -22,28 +22,36 @@ from typing import Any, Callable, Literal
 
 from attrs import define, field
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IRequest, IResponse
 
 from tabbyproxy.config import Profile
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 from tabbyproxy.modelinfo import capabilities, hasEmbeddings, psEntry, showReply, tagsEntry
 from tabbyproxy.ollamawire import (
     EMBEDDINGS_PATH,
+    ENCODE_PATH,
     OllamaRequestError,
     StreamTranslator,
     UpstreamError,
     UpstreamRequest,
     What,
+    canDrop,
     chatRequest,
+    contextExcess,
     embedDimensions,
     embeddingsPrompt,
     embeddingsReply,
     embeddingsUpstreamBody,
     embedInputs,
     embedReply,
+    encodedLength,
+    encodeRequest,
+    fittingStart,
     generateRequest,
     isEmptyRequest,
+    keptMessages,
     loadReply,
+    promptTooLong,
     topLogprobs,
     unloadReply,
     upstreamEmbeddings,
@@ -64,7 +72,7 @@ from tabbyproxy.server import noteModel, requestIdOf
 from tabbyproxy.child import ChildState
 from tabbyproxy.scheduler import Lease
 from tabbyproxy.tabbywire import ChatStreamDecoder
-from tabbyproxy.upstream import UpstreamBroken
+from tabbyproxy.upstream import UpstreamAnswered, UpstreamBroken
 
 OLLAMA_VERSION = "0.12.11"
 """
@@ -79,6 +87,13 @@ NOT_MANAGED = (
 )
 
 NDJSON = b"application/x-ndjson"
+
+_CUTS = 2
+"""
+How many times a conversation TabbyAPI refuses as too long is cut and sent again: TabbyAPI
+checks two limits (C{max_seq_len}, then the cache the first job allocates) and names only the
+first that fails, so a cut that satisfies the first may meet the second.
+"""
 
 
 @define
@@ -298,8 +313,7 @@ class OllamaRoutes:
         translator: StreamTranslator,
         streaming: bool,
     ) -> bytes | None:
-        payload = json.dumps(upstreamRequest.body).encode("utf-8")
-        response = await self.state.upstream.call(lease, "POST", upstreamRequest.path, payload)
+        response = await self._send(request, lease, upstreamRequest)
         relay = _StreamRelay(request, translator, streaming)
         if streaming:
             request.setResponseCode(200)
@@ -325,6 +339,75 @@ class OllamaRoutes:
             relay.write(translator.finish())
             return None
         return writeJSON(request, 200, translator.aggregate())
+
+    async def _send(self, request: IRequest, lease: Lease, upstreamRequest: UpstreamRequest) -> IResponse:
+        """
+        Send the generation to TabbyAPI; when TabbyAPI refuses a conversation as too long for
+        the context, drop its oldest messages as Ollama does (unless C{truncate: false}) and
+        send it again.
+
+        The proxy counts only after TabbyAPI refused, rather than before every request: TabbyAPI
+        checks the prompt before it streams anything (a 400, so the client sees nothing of the
+        first try), a conversation that fits (nearly all) costs nothing more, and the refusal
+        carries TabbyAPI's own figures, from its template, its tokenizer, the images and its
+        rule for the room an answer needs (the cache must hold the prompt and one chunk, or the
+        prompt and C{num_predict} without output chunking).  A cheap bound from the prompt's
+        bytes would be no bound: templates add system prompts, dates and tool schemas the
+        messages do not hold, and an image is hundreds of tokens whatever its size.
+
+        @raise ClientError: 400 when the conversation does not fit even truncated.
+        @raise UpstreamAnswered: TabbyAPI's refusal as it came, with C{truncate: false}.
+        """
+        upstream = self.state.upstream
+        body = upstreamRequest.body
+        cuts = 0
+        while True:
+            payload = json.dumps(body).encode("utf-8")
+            try:
+                return await upstream.call(lease, "POST", upstreamRequest.path, payload)
+            except UpstreamAnswered as refusal:
+                excess = contextExcess(refusal.message) if refusal.status == 400 else None
+                if excess is None or not upstreamRequest.truncate or cuts == _CUTS:
+                    raise
+                cuts += 1
+                body = {**body, "messages": await self._cut(request, lease, body, excess, refusal)}
+
+    async def _cut(
+        self, request: IRequest, lease: Lease, body: dict[str, Any], excess: int, refusal: UpstreamAnswered
+    ) -> list[Any]:
+        """
+        The messages of C{body} that fit once the prompt is C{excess} tokens shorter: Ollama's
+        rule, the candidates counted by TabbyAPI's tokenizer.
+
+        @raise ClientError: 400 when nothing can be dropped or even the system messages and the
+            latest message do not fit.
+        @raise UpstreamAnswered: C{refusal}, when TabbyAPI could not count.
+        """
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not canDrop(messages):
+            raise ClientError(400, promptTooLong(refusal.message))
+        upstream = self.state.upstream
+
+        async def count(kept: Any) -> int:
+            payload = json.dumps(encodeRequest(body, kept)).encode("utf-8")
+            response = await upstream.call(lease, "POST", ENCODE_PATH, payload)
+            return encodedLength(json.loads(await upstream.read(response)))
+
+        try:
+            # Counted the same way, the whole and a candidate differ by the tokens of the
+            # messages dropped: the generation prompt and TabbyAPI's figures need not match.
+            start = await fittingStart(messages, await count(messages) - excess, count)
+        except (UpstreamAnswered, UpstreamError, ValueError) as e:
+            self.log.warn("Could not count {model}'s conversation to truncate it: {problem}",
+                          model=lease.profile.id, problem=str(e), request_id=requestIdOf(request))
+            raise refusal from e
+        if start is None:
+            raise ClientError(400, promptTooLong(refusal.message))
+        kept = keptMessages(messages, start)
+        self.log.info("Dropped the {dropped} oldest of {total} messages for {model}'s context: {refusal}",
+                      dropped=len(messages) - len(kept), total=len(messages), model=lease.profile.id,
+                      refusal=refusal.message, request_id=requestIdOf(request))
+        return kept
 
     # -- embeddings
 

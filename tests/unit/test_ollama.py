@@ -22,9 +22,10 @@ from twisted.web.server import Request
 
 from tabbyproxy.config import Keys
 from tabbyproxy.keepalive import FOREVER
+from tabbyproxy.ollamawire import PROMPT_TOO_LONG
 from tabbyproxy.routes.ollama import NOT_MANAGED, OLLAMA_VERSION
 from tabbyproxy.scheduler import SchedulerSettings
-from tests.support.fakes import InMemoryProxy
+from tests.support.fakes import FakeTabby, InMemoryProxy
 from tests.support.wire import StreamedBody, ndjsonDocuments
 from tests.unit.test_ollamawire import (
     HEAD_CHAT,
@@ -524,6 +525,195 @@ class GenerationTests(OllamaTestCase):
         self.failureResultOf(body.ended, ResponseFailed)
         self.assertEqual(len(upstreamGone), 1)
         self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
+
+
+class ContextTabby(FakeTabby):
+    """
+    A TabbyAPI with a small context: its tokenizer counts a message as its words and 3 tokens
+    of template, a chat prompt as its messages and 2 tokens of generation prompt; a prompt over
+    C{maxSeqLen} is its 400, and so is a prompt whose C{max_tokens} do not fit C{cacheSize}
+    (TabbyAPI without output chunking).
+
+    @ivar encodeFails: answer C{/v1/token/encode} with a 422, as TabbyAPI does for a model
+        without a chat template.
+    """
+
+    def __init__(self, maxSeqLen: int, cacheSize: int | None = None) -> None:
+        super().__init__()
+        self.maxSeqLen = maxSeqLen
+        self.cacheSize = maxSeqLen if cacheSize is None else cacheSize
+        self.encodeFails = False
+
+    @staticmethod
+    def tokens(messages: list[dict[str, Any]]) -> int:
+        return sum(len(str(message.get("content") or "").split()) + 3 for message in messages)
+
+    def render(self, request: Request) -> Any:
+        path = request.path.decode()
+        if path not in ("/v1/token/encode", "/v1/chat/completions", "/v1/completions"):
+            return super().render(request)
+        assert request.content is not None
+        body = json.loads(request.content.read())
+        request.content.seek(0)
+        request.setHeader(b"Content-Type", b"application/json")
+        if path == "/v1/token/encode":
+            self.requests.append((path, body, {}))
+            if self.encodeFails:
+                request.setResponseCode(422)
+                return b'{"detail":"Cannot tokenize chat completion message because a prompt template is not set."}'
+            count = self.tokens(body["text"])
+            return json.dumps({"tokens": list(range(count)), "length": count}).encode()
+        count = self.tokens(body["messages"]) + 2 if "messages" in body else len(body["prompt"].split())
+        required = count + body.get("max_tokens", 0)
+        if count > self.maxSeqLen:
+            problem = f"Prompt length {count} exceeds the available context size of {self.maxSeqLen} tokens"
+        elif body.get("max_tokens") and required > self.cacheSize:
+            problem = (f"Initial job allocation requires {required} cache tokens, which exceeds the "
+                       f"available context size of {self.cacheSize} tokens")
+        else:
+            return super().render(request)
+        self.requests.append((path, body, {}))
+        request.setResponseCode(400)
+        return json.dumps({"error": {"message": problem, "type": "invalid_request_error", "param": None,
+                                     "code": "context_length_exceeded"}}).encode()
+
+
+def words(count: int, word: str = "word") -> str:
+    return " ".join([word] * count)
+
+
+# Each message is its words and 3 tokens: 13, 13, 13, 13, 6, 4 (62, and 2 for the reply's prompt).
+LONG_CHAT = [
+    {"role": "system", "content": words(10, "first")},
+    {"role": "user", "content": words(10, "old")},
+    {"role": "assistant", "content": words(10, "older")},
+    {"role": "user", "content": words(10, "recent")},
+    {"role": "system", "content": words(3, "later")},
+    {"role": "user", "content": "latest"},
+]
+
+
+class TruncationTests(OllamaTestCase):
+    """
+    A conversation longer than the context loses its oldest messages, as in Ollama, unless
+    C{truncate: false} (issue 11, item 7).
+    """
+
+    def setUp(self) -> None:
+        self.tabby = ContextTabby(maxSeqLen=40)
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, tabby=self.tabby)
+        self.proxy.reactor.advance(STARTED)
+
+    def chats(self) -> list[Any]:
+        return [body for path, body in self.upstreamBodies() if path == "/v1/chat/completions"]
+
+    def encoded(self) -> list[Any]:
+        return [body for path, body in self.upstreamBodies() if path == "/v1/token/encode"]
+
+    def test_oldestDroppedSystemAndLatestKept(self) -> None:
+        """
+        TabbyAPI's refusal of the whole conversation (64 tokens of 40) makes the proxy drop the
+        oldest messages until it fits, counted by TabbyAPI's tokenizer: the system messages
+        before the cut stay, in order, and so does everything from the cut to the latest
+        message; the answer streams as usual, the client never sees the refusal.
+        """
+        self.proxy.tabby.chunks = events(HEAD_CHAT)
+        response, raw = self.post("/api/chat", {"model": "llama", "messages": LONG_CHAT})
+        self.assertEqual(response.code, 200)
+        self.assertEqual("".join(line["message"]["content"] for line in ndjsonDocuments(raw)), "Hello")
+        first, retried = self.chats()
+        self.assertEqual(len(first["messages"]), 6)
+        # 13 + 13 + 6 + 4 + 2 = 38: dropping "old" and "older" is enough, "recent" stays.
+        self.assertEqual([message["content"] for message in retried["messages"]],
+                         [words(10, "first"), words(10, "recent"), words(3, "later"), "latest"])
+        self.assertEqual({key: value for key, value in retried.items() if key != "messages"},
+                         {key: value for key, value in first.items() if key != "messages"})
+        # The whole, then a halving's candidates, each as TabbyAPI templates them.
+        counted = self.encoded()
+        self.assertEqual(counted[0], {"text": first["messages"]})
+        self.assertLessEqual(len(counted), 4)
+
+    def test_latestMessageEvenWhenAlone(self) -> None:
+        """
+        When only the system messages and the latest message fit, that is what is sent; the
+        profile's system prompt is a system message like the others.
+        """
+        self.tabby.maxSeqLen = 25
+        self.proxy.tabby.chunks = events(HEAD_CHAT)
+        response, raw = self.post("/api/chat", {"model": "qwen", "stream": False, "messages": LONG_CHAT[1:]})
+        self.assertEqual(self.assertJSON(response, raw)["message"]["content"], "Hello")
+        retried = self.chats()[-1]
+        self.assertEqual([message["content"] for message in retried["messages"]],
+                         ["Be brief.", words(3, "later"), "latest"])
+
+    def test_truncateFalseKeepsTheRefusal(self) -> None:
+        """
+        With C{truncate: false}, TabbyAPI's refusal is the answer, in Ollama's shape, and
+        nothing is counted; a C{truncate} that is not a boolean is a 400.
+        """
+        response, raw = self.post("/api/chat", {"model": "llama", "truncate": False, "messages": LONG_CHAT})
+        self.assertOllamaError(response, raw, 400, "Prompt length 64 exceeds the available context size of 40 tokens")
+        self.assertEqual((len(self.chats()), self.encoded()), (1, []))
+        response, raw = self.post("/api/chat", {"model": "llama", "truncate": "no", "messages": LONG_CHAT})
+        self.assertOllamaError(response, raw, 400, "truncate must be a boolean")
+
+    def test_tooLongAlone(self) -> None:
+        """
+        A latest message too long by itself is Ollama's 400, before any stream starts, with
+        TabbyAPI's figures: at once when there is nothing to drop, after counting otherwise;
+        nothing is sent to generate again.
+        """
+        alone = [{"role": "user", "content": words(60)}]
+        response, raw = self.post("/api/chat", {"model": "llama", "messages": alone})
+        self.assertOllamaError(response, raw, 400, PROMPT_TOO_LONG)
+        self.assertIn("Prompt length 65 exceeds the available context size of 40 tokens", json.loads(raw)["error"])
+        self.assertEqual((len(self.chats()), self.encoded()), (1, []))
+        response, raw = self.post("/api/chat", {"model": "llama", "messages": LONG_CHAT[:3] + alone})
+        self.assertOllamaError(response, raw, 400, PROMPT_TOO_LONG)
+        self.assertEqual(len(self.chats()), 2)
+        self.assertTrue(self.encoded())
+
+    def test_generate(self) -> None:
+        """
+        /api/generate's prompt is the latest message, so a prompt too long is Ollama's 400
+        (templated or raw); with C{truncate: false} TabbyAPI's refusal.
+        """
+        response, raw = self.post("/api/generate", {"model": "llama", "system": "Terse.", "prompt": words(60)})
+        self.assertOllamaError(response, raw, 400, PROMPT_TOO_LONG)
+        response, raw = self.post("/api/generate", {"model": "llama", "raw": True, "prompt": words(60)})
+        self.assertOllamaError(response, raw, 400, PROMPT_TOO_LONG)
+        response, raw = self.post("/api/generate", {"model": "llama", "truncate": False, "prompt": words(60)})
+        self.assertOllamaError(response, raw, 400, "Prompt length 65 exceeds the available context size")
+        self.assertNotIn(PROMPT_TOO_LONG, json.loads(raw)["error"])
+        self.assertEqual(self.encoded(), [])
+
+    def test_roomForNumPredict(self) -> None:
+        """
+        The room an answer needs is TabbyAPI's: when the prompt fits max_seq_len but not with
+        the C{num_predict} asked for in the cache, the refusal says by how much, and a second
+        cut follows a first when the conversation breaks both limits.
+        """
+        self.tabby.maxSeqLen = self.tabby.cacheSize = 70
+        self.proxy.tabby.chunks = events(HEAD_CHAT)
+        response, raw = self.post("/api/chat", {"model": "llama", "messages": LONG_CHAT, "options": {"num_predict": 30}})
+        self.assertEqual(response.code, 200, raw)
+        # 64 + 30 > 70: 40 tokens at most, as above.
+        self.assertEqual(len(self.chats()[-1]["messages"]), 4)
+        self.tabby.requests.clear()
+        self.tabby.maxSeqLen = 52
+        response, raw = self.post("/api/chat", {"model": "llama", "messages": LONG_CHAT, "options": {"num_predict": 30}})
+        self.assertEqual(response.code, 200, raw)
+        # 64 > 52 first, then 51 + 30 > 70: 40 at most.
+        self.assertEqual([len(body["messages"]) for body in self.chats()], [6, 5, 4])
+
+    def test_countFailing(self) -> None:
+        """
+        When TabbyAPI cannot count (no chat template), its refusal of the prompt is the answer.
+        """
+        self.tabby.encodeFails = True
+        response, raw = self.post("/api/chat", {"model": "llama", "messages": LONG_CHAT})
+        self.assertOllamaError(response, raw, 400, "Prompt length 64 exceeds the available context size of 40 tokens")
+        self.assertEqual(len(self.chats()), 1)
 
 
 class EmptyRequestTests(OllamaTestCase):

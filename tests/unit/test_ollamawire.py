@@ -16,6 +16,7 @@ import ollama
 from attrs import define, field
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,24 +24,32 @@ from tabbyproxy.routes.common import errorLine
 from tabbyproxy.ollamawire import (
     CHAT_PATH,
     COMPLETIONS_PATH,
+    PROMPT_TOO_LONG,
     SAMPLER_NAMES,
     OllamaRequestError,
     StreamTranslator,
     UpstreamError,
+    canDrop,
     chatRequest,
+    contextExcess,
     embedDimensions,
     embeddingsPrompt,
     embeddingsReply,
     embedInputs,
     embedReply,
+    encodedLength,
+    encodeRequest,
+    fittingStart,
     generateRequest,
+    historyCallId,
     imageDataURI,
     isEmptyRequest,
+    keptMessages,
     loadReply,
     mapOptions,
     normalized,
     ollamaTimestamp,
-    historyCallId,
+    promptTooLong,
     unloadReply,
     upstreamEmbeddings,
 )
@@ -1266,3 +1275,109 @@ class EmptyRequestReplyTests(SynchronousTestCase):
             {"model": "qwen:latest", "created_at": "1970-01-01T00:00:00.000000000Z", "response": "",
              "done": True, "done_reason": "unload"},
         )
+
+
+class TruncationTests(SynchronousTestCase):
+    """
+    What the routes use to cut a conversation too long for the context as Ollama does
+    (issue 11, item 7).
+    """
+
+    CHAT = [
+        {"role": "system", "content": "s1"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "system", "content": "s2"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "u3"},
+    ]
+
+    def test_truncateFlag(self) -> None:
+        """
+        C{truncate} is on unless the body says false, on chat and generate, raw or not; it must
+        be a boolean.
+        """
+        user = [{"role": "user", "content": "x"}]
+        self.assertTrue(chatRequest({"messages": user}).truncate)
+        self.assertTrue(chatRequest({"messages": user, "truncate": None}).truncate)
+        self.assertFalse(chatRequest({"messages": user, "truncate": False}).truncate)
+        self.assertFalse(generateRequest({"prompt": "x", "truncate": False}).truncate)
+        self.assertFalse(generateRequest({"prompt": "x", "raw": True, "truncate": False}).truncate)
+        with self.assertRaises(OllamaRequestError) as raised:
+            chatRequest({"messages": user, "truncate": 0})
+        self.assertEqual(str(raised.exception), "truncate must be a boolean, not a number")
+
+    def test_contextExcess(self) -> None:
+        """
+        Both of TabbyAPI's refusals say by how many tokens the prompt must shrink; other
+        messages are not refusals of the context.
+        """
+        self.assertEqual(contextExcess("Prompt length 9000 exceeds the available context size of 8192 tokens"), 808)
+        self.assertEqual(contextExcess("Initial job allocation requires 8448 cache tokens, which exceeds the "
+                                       "available context size of 8192 tokens"), 256)
+        self.assertIsNone(contextExcess("Chat completions are disabled because a prompt template is not set."))
+        self.assertIsNone(contextExcess("x. The request exceeds the available context size."))
+
+    def test_keptMessages(self) -> None:
+        """
+        Ollama's rule: the system messages before the cut, then everything from it; a cut just
+        after a system message keeps the same messages as one before it.
+        """
+        contents = [[message["content"] for message in keptMessages(self.CHAT, start)] for start in range(7)]
+        self.assertEqual(contents, [
+            ["s1", "u1", "a1", "s2", "u2", "a2", "u3"],
+            ["s1", "u1", "a1", "s2", "u2", "a2", "u3"],
+            ["s1", "a1", "s2", "u2", "a2", "u3"],
+            ["s1", "s2", "u2", "a2", "u3"],
+            ["s1", "s2", "u2", "a2", "u3"],
+            ["s1", "s2", "a2", "u3"],
+            ["s1", "s2", "u3"],
+        ])
+        self.assertTrue(canDrop(self.CHAT))
+        self.assertFalse(canDrop([{"role": "system", "content": "s"}, {"role": "user", "content": "long"}]))
+        self.assertFalse(canDrop([{"role": "user", "content": "long"}]))
+
+    def count(self, calls: list[int]) -> Any:
+        async def count(messages: Any) -> int:
+            calls.append(len(messages))
+            return sum(10 if message["role"] == "system" else 100 for message in messages)
+        return count
+
+    def fittingStart(self, limit: int, messages: Any = None) -> tuple[int | None, list[int]]:
+        calls: list[int] = []
+        start = self.successResultOf(Deferred.fromCoroutine(
+            fittingStart(self.CHAT if messages is None else messages, limit, self.count(calls))))
+        return start, calls
+
+    def test_fittingStart(self) -> None:
+        """
+        The first start whose messages fit, as Ollama's linear search finds it, with a count per
+        halving; C{None} when even the system messages and the latest do not fit.
+        """
+        # The whole is 520 tokens; each start as Ollama's loop sees it.
+        totals = [520, 520, 420, 320, 320, 220, 120]
+        for limit in (519, 420, 419, 320, 250, 220, 120):
+            expected = next(start for start in range(1, 7) if totals[start] <= limit)
+            start, calls = self.fittingStart(limit)
+            self.assertEqual(start, expected, limit)
+            self.assertLessEqual(len(calls), 4)
+        self.assertEqual(self.fittingStart(119)[0], None)
+        self.assertEqual(self.fittingStart(1000, self.CHAT[:1])[0], None)
+
+    def test_encodeRequest(self) -> None:
+        """
+        The encode body counts the messages as the chat request templates them: its
+        template_vars, with its tools among them.
+        """
+        body = chatRequest({"messages": self.CHAT, "think": True, "tools": [
+            {"type": "function", "function": {"name": "f"}}]}).body
+        self.assertEqual(encodeRequest(body, self.CHAT[-1:]), {
+            "text": self.CHAT[-1:],
+            "template_vars": {"enable_thinking": True, "tools": [{"type": "function", "function": {"name": "f"}}]}})
+        self.assertEqual(encodeRequest({"messages": self.CHAT}, self.CHAT), {"text": self.CHAT})
+        self.assertEqual(encodedLength({"tokens": [1, 2], "length": 2}), 2)
+        self.assertEqual(encodedLength({"tokens": [1, 2, 3]}), 3)
+        self.assertRaises(UpstreamError, encodedLength, {"detail": "x"})
+        self.assertIn("TabbyAPI: Prompt length 9", promptTooLong("Prompt length 9"))
+        self.assertTrue(promptTooLong("x").startswith(PROMPT_TOO_LONG))
