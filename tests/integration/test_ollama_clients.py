@@ -17,6 +17,7 @@ import ollama
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed
 
+from tabbyproxy.ollamawire import PROMPT_TOO_LONG
 from tests.support.logs import CapturedEvents
 from tests.support.processes import waitUntil
 from tests.support.proxy import RunningProxy, inThread
@@ -28,6 +29,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     "beta": {"model": {"model_name": "Beta-exl3"}, "embeddings": {"embedding_model_name": "bge-small"}},
     "fragile": {"model": {"model_name": "Fragile"}, "simulator": {"crash_after_tokens": 3}},
     "slow": {"model": {"model_name": "Slow"}, "simulator": {"token_delay": 0.05}},
+    # TabbyAPI's default output chunking: the cache must hold the prompt and a 256-token chunk,
+    # so prompts of up to 769 tokens fit.
+    "tiny": {"model": {"model_name": "Tiny", "max_seq_len": 1024, "chunk_size": 256}},
+    "plain": {"model": {"model_name": "Plain"},
+              "simulator": {"chat_template": "{% for message in messages %}{{ message.content }}{% endfor %}"}},
 }
 
 WEATHER_TOOL = {
@@ -82,7 +88,8 @@ class OllamaClientTests(TestCase):
 
         listed = await inThread(client.list)
         names = sorted(model.model or "" for model in listed.models)
-        self.assertEqual(names, ["alpha:latest", "beta:latest", "fragile:latest", "slow:latest"])
+        self.assertEqual(names, ["alpha:latest", "beta:latest", "fragile:latest", "plain:latest", "slow:latest",
+                                 "tiny:latest"])
         for model in listed.models:
             self.assertIsInstance(model.modified_at, datetime)
             self.assertIsNotNone(model.details)
@@ -249,6 +256,104 @@ class OllamaClientTests(TestCase):
         error = await responseError(crash)
         self.assertIn("connection to TabbyAPI broke", error.error)
         await waitUntil(lambda: not proxy.scheduler.snapshot())
+
+    async def test_longChatTruncated(self) -> None:
+        """
+        A conversation longer than the model's context is answered, as Ollama answers it: the
+        oldest messages are dropped, the system message and the latest message kept, until
+        TabbyAPI takes the prompt; with C{truncate: false} TabbyAPI's refusal is the answer; a
+        latest message too long alone (or a generate prompt) is Ollama's 400 (issue 11, item 7).
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+        history: list[dict[str, str]] = [{"role": "system", "content": "Be kind."}]
+        for turn in range(10):
+            history += [{"role": "user", "content": " ".join([f"question{turn}"] * 100)},
+                        {"role": "assistant", "content": " ".join([f"answer{turn}"] * 100)}]
+        messages = [*history, {"role": "user", "content": "Hello"}]
+        reply = await inThread(lambda: client.chat(model="tiny", messages=messages))
+        self.assertTrue((reply.message.content or "").startswith("Tiny "), reply)
+        self.assertTrue(0 < (reply.prompt_eval_count or 0) <= 769, reply.prompt_eval_count)
+        chunks = await inThread(lambda: list(client.chat(model="tiny", messages=messages, stream=True)))
+        self.assertTrue(chunks[-1].done)
+        self.assertEqual(chunks[-1].prompt_eval_count, reply.prompt_eval_count)
+
+        headers: dict[bytes | str, bytes | str] = {"Connection": "close"}
+        response = await proxy.http.post(proxy.url + "/api/chat", headers=headers, json={
+            "model": "tiny", "truncate": False, "messages": messages})
+        self.assertEqual(response.code, 400)
+        self.assertIn("exceeds the available context size of 1024 tokens", json.loads(await response.content())["error"])
+
+        alone = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "word " * 900}]
+        error = await responseError(lambda: client.chat(model="tiny", messages=alone))
+        self.assertEqual(error.status_code, 400)
+        self.assertTrue(error.error.startswith(PROMPT_TOO_LONG), error.error)
+        error = await responseError(lambda: client.generate(model="tiny", prompt="word " * 900))
+        self.assertEqual(error.status_code, 400)
+        self.assertTrue(error.error.startswith(PROMPT_TOO_LONG), error.error)
+        self.assertEqual(proxy.scheduler.starts, 1)
+
+    async def test_capabilityRefusals(self) -> None:
+        """
+        A model whose chat template takes neither tools nor thinking shows only
+        C{completion}, and refuses C{tools} and C{think} with Ollama's 400s, without loading
+        (issue 11, item 9).
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+        self.assertEqual((await inThread(lambda: client.show("plain"))).capabilities, ["completion"])
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        error = await responseError(lambda: client.chat(model="plain", messages=messages, tools=[WEATHER_TOOL]))
+        self.assertEqual((error.status_code, error.error), (400, '"plain" does not support tools'))
+        error = await responseError(lambda: client.chat(model="plain", messages=messages, think=True))
+        self.assertEqual((error.status_code, error.error), (400, '"plain" does not support thinking'))
+        error = await responseError(lambda: client.generate(model="plain", prompt="x", think="high"))
+        self.assertEqual((error.status_code, error.error), (400, '"plain" does not support thinking'))
+        self.assertEqual(proxy.scheduler.snapshot(), ())
+        reply = await inThread(lambda: client.chat(model="plain", messages=messages, think=False))
+        self.assertTrue((reply.message.content or "").startswith("Plain "), reply)
+
+    async def test_logprobs(self) -> None:
+        """
+        C{logprobs} and C{top_logprobs} come back from TabbyAPI on chat and generate, streamed
+        or not, raw or templated: one entry per token of the answer with its alternatives;
+        C{top_logprobs} outside 0-20 is Ollama's 400 (issue 11, item 8).
+        """
+        proxy = RunningProxy(self, PROFILES)
+        client = ollamaClient(self, proxy)
+        messages = [{"role": "user", "content": "Hello"}]
+        reply = await inThread(lambda: client.chat(model="alpha", messages=messages, logprobs=True, top_logprobs=2,
+                                                   options={"num_predict": 3}))
+        entries = reply.logprobs or []
+        self.assertEqual("".join(entry.token for entry in entries), reply.message.content)
+        self.assertEqual(len(entries), 3)
+        for entry in entries:
+            self.assertLessEqual(entry.logprob, 0)
+            top = entry.top_logprobs or []
+            self.assertEqual(len(top), 2)
+            self.assertEqual((top[0].token, top[0].logprob), (entry.token, entry.logprob))
+
+        def streamed() -> list[Any]:
+            return list(client.chat(model="alpha", messages=messages, stream=True, logprobs=True,
+                                    options={"num_predict": 3}))
+
+        chunks = await inThread(streamed)
+        streamedEntries = [entry for chunk in chunks for entry in chunk.logprobs or []]
+        self.assertEqual([entry.token for entry in streamedEntries], [entry.token for entry in entries])
+        # Without top_logprobs there are no alternatives, and Ollama leaves the key out.
+        self.assertEqual([entry.top_logprobs for entry in streamedEntries], [None] * 3)
+
+        for raw in (False, True):
+            generated = await inThread(lambda: client.generate(model="alpha", prompt="Once", raw=raw, logprobs=True,
+                                                               top_logprobs=3, options={"num_predict": 2}))
+            pieces = generated.logprobs or []
+            self.assertEqual("".join(entry.token for entry in pieces), generated.response)
+            self.assertEqual([len(entry.top_logprobs or []) for entry in pieces], [3, 3])
+        plain = await inThread(lambda: client.chat(model="alpha", messages=messages))
+        self.assertIsNone(plain.logprobs)
+        error = await responseError(lambda: client.chat(model="alpha", messages=messages, logprobs=True,
+                                                        top_logprobs=21))
+        self.assertEqual((error.status_code, error.error), (400, "top_logprobs must be between 0 and 20"))
 
     async def test_disconnectMidStreamStopsGeneration(self) -> None:
         """
