@@ -356,7 +356,8 @@ class OllamaRoutes:
         messages do not hold, and an image is hundreds of tokens whatever its size.
 
         @raise ClientError: 400 when the conversation does not fit even truncated.
-        @raise UpstreamAnswered: TabbyAPI's refusal as it came, with C{truncate: false}.
+        @raise UpstreamAnswered: TabbyAPI's refusal as it came with C{truncate: false}, when
+            TabbyAPI could not count, or when it refused anything else.
         """
         upstream = self.state.upstream
         body = upstreamRequest.body
@@ -394,8 +395,9 @@ class OllamaRoutes:
             return encodedLength(json.loads(await upstream.read(response)))
 
         try:
-            # Counted the same way, the whole and a candidate differ by the tokens of the
-            # messages dropped: the generation prompt and TabbyAPI's figures need not match.
+            # The whole and a candidate, counted the same way, differ by the tokens of the
+            # messages dropped; so the limit is the whole's count less the excess, although the
+            # encode route leaves out the generation prompt that TabbyAPI's figures include.
             start = await fittingStart(messages, await count(messages) - excess, count)
         except (UpstreamAnswered, UpstreamError, ValueError) as e:
             self.log.warn("Could not count {model}'s conversation to truncate it: {problem}",
