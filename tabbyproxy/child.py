@@ -209,6 +209,7 @@ class Child:
     @ivar ownsListener: whether the sockets listening on a port (the first argument) all belong
         to a process (the second) or its descendants; a child whose port another process holds
         is never trusted.
+    @ivar environment: what the child's environment adds to the proxy's (its GPUs).
     @ivar ended: fires once the process has exited.
     """
 
@@ -227,6 +228,8 @@ class Child:
     secrets: tuple[str, ...] = field(default=(), repr=False)
     wallClock: Callable[[], float] = time.time
     ownsListener: Callable[[int, int], bool] = listenerOwnedBy
+    # Added to the proxy's environment for the child: the GPUs it may use.
+    environment: Mapping[str, str] = field(factory=dict)
     protocol: _ChildProtocol = field(init=False)
     state: ChildState = ChildState.STARTING
     transport: IProcessTransport | None = None
@@ -295,7 +298,7 @@ class Child:
                 self.protocol,
                 spawned[0],
                 spawned,
-                env=_childEnvironment(),
+                env={**_childEnvironment(), **self.environment},
                 path=str(install.directory),
             )
         except OSError:
@@ -313,6 +316,15 @@ class Child:
         if self.state is ChildState.READY:
             self.state = ChildState.DRAINING
             self.stopReason = reason
+
+    def resume(self) -> None:
+        """
+        Take new requests again after a drain that made room for another model
+        (L{StopReason.SWAP}), which that model no longer needs.
+        """
+        if self.state is ChildState.DRAINING and self.stopReason is StopReason.SWAP:
+            self.state = ChildState.READY
+            self.stopReason = None
 
     def checkHealth(self) -> Deferred[str | None] | None:
         """

@@ -112,8 +112,24 @@ class _LiveState(Collector):
         waiting = GaugeMetricFamily("tabbyproxy_requests_waiting", "Requests waiting for a model.")
         waiting.add_metric([], status["waiting"])
         loaded = GaugeMetricFamily(
-            "tabbyproxy_model_loaded", "1 for the model TabbyAPI runs now, with its state.", labels=["model", "state"]
+            "tabbyproxy_model_loaded", "1 for each model TabbyAPI runs now, with its state.", labels=["model", "state"]
         )
-        if status["model"] is not None:
-            loaded.add_metric([status["model"], status["state"]], 1)
-        return [inFlight, waiting, loaded]
+        memory = GaugeMetricFamily(
+            "tabbyproxy_model_memory_bytes",
+            "The GPU memory accounted to each running model, by GPU (measured once ready where nvidia-smi can).",
+            labels=["model", "gpu"],
+        )
+        for child in status["children"]:
+            loaded.add_metric([child["model"], child["state"]], 1)
+            for gpu, size in child["memory"]["accounted"].items():
+                memory.add_metric([child["model"], gpu], size)
+        gpuAccounted = GaugeMetricFamily(
+            "tabbyproxy_gpu_accounted_bytes", "The GPU memory accounted to the running models, by GPU.", labels=["gpu"]
+        )
+        gpuCapacity = GaugeMetricFamily(
+            "tabbyproxy_gpu_capacity_bytes", "The GPU memory the models may use, by GPU.", labels=["gpu"]
+        )
+        for gpu in status["gpus"] or ():
+            gpuAccounted.add_metric([str(gpu["index"])], gpu["accounted_bytes"])
+            gpuCapacity.add_metric([str(gpu["index"])], gpu["capacity_bytes"])
+        return [inFlight, waiting, loaded, memory, gpuAccounted, gpuCapacity]

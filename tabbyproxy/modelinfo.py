@@ -358,18 +358,20 @@ def showReply(profile: Profile, folder: Path) -> dict[str, Any]:
 
 
 def psEntry(
-    profile: Profile, folder: Path, expiresAt: float | None, name: str | None = None
+    profile: Profile, folder: Path, expiresAt: float | None, name: str | None = None, vram: int = 0
 ) -> dict[str, Any]:
     """
     One entry of C{/api/ps} for the loaded profile.
 
+    @param vram: the GPU memory accounted to it; 0 when none is known, then the model folder's
+        size stands in.  All of a TabbyAPI model is on its GPUs, so both sizes are the same.
     @param expiresAt: when the idle timer fires, in epoch seconds; C{None} or L{FOREVER} for
         never, shown as L{FOREVER_EXPIRES_AT}.
     @param name: the name to show; L{ollamaName} by default.
     """
     model = _ModelFolder.read(folder)
     shown = name or ollamaName(profile)
-    size = folderSize(folder)
+    size = vram or folderSize(folder)
     if expiresAt is None or expiresAt == FOREVER:
         expiresAt = FOREVER_EXPIRES_AT
     return {

@@ -1,21 +1,33 @@
 """
-Which model runs: the leases requests hold on a child, the queue of waiting requests, the idle
-timer, unloads, preloads and the read-only view of what runs.
+Which models run: the leases requests hold on the children, the queue of waiting requests, each
+model's idle timer, unloads, preloads, the GPU memory accounted to each child, and the read-only
+view of what runs.
 
-TabbyAPI holds one model per process, so the proxy runs at most one child (L{tabbyproxy.child})
-at a time.  All the scheduling state lives here and is only touched from the reactor thread, so
-the rules need no locks:
+TabbyAPI holds one model per process, so each loaded model is one child (L{tabbyproxy.child}),
+with its own port.  All the scheduling state lives here and is only touched from the reactor
+thread, so the rules need no locks:
 
-  - a request for the model that is ready is served at once;
-  - requests for the model that is starting join that start (one spawn for all of them);
-  - a request for another model waits, in arrival order, until the running model has no request
-    in flight, then the swap happens; no stream is ever cut to make room;
-  - the idle timer is stopped while any request is in flight and armed when the count drops to
-    zero, for the duration of the latest request that carried C{keep_alive}.
+  - a request for a model that is ready is served by its child at once;
+  - requests for a model that is starting join that start (one spawn for all of them);
+  - a request for a model that is not loaded starts it at once when it fits beside what runs
+    (the memory on its GPUs, and C{--max-loaded-models}); else the fewest idle models, least
+    recently used first, are stopped to make room; else the models in its way drain: they take
+    no new requests and stop once their requests in flight are done, so no stream is ever cut
+    and a busy model cannot starve the waiting one (L{tabbyproxy.placement} decides);
+  - waiting requests are served in arrival order, and a model that waits for room keeps the
+    room it needs: a later request may start another model only where that leaves room for it;
+  - each model's idle timer is stopped while it has a request in flight and armed when its
+    count drops to zero, for the duration of the latest request for it that carried
+    C{keep_alive}.
 
 A ready child whose C{/health} stops answering 200 (TabbyAPI makes a failed generation sticky)
-drains: new requests wait, and once its requests in flight are done it is stopped and the next
-request starts a fresh one.
+drains: new requests for it wait, and once its requests in flight are done it is stopped and
+the next request starts a fresh one.
+
+The memory accounted to a child is its placement (declared or estimated, see
+L{tabbyproxy.memory}) until the GPU probe has measured it, once the child is ready.  The GPUs are
+read when the service starts and whenever a child becomes ready or exits; placement uses the
+latest reading.
 """
 
 from __future__ import annotations
@@ -23,11 +35,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,10 +47,17 @@ from twisted.web.iweb import IAgent
 
 from tabbyproxy.child import LAST_OUTPUT, Child, ChildSettings, ChildState, StopReason, pickFreePort
 from tabbyproxy.config import Profile, TabbyInstall
+from tabbyproxy.gpus import GpuProbe, GpuReading, childEnvironment
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
 from tabbyproxy.listener import listenerOwnedBy
+from tabbyproxy.memory import MemoryEstimate, estimateMemory, profileNeed
 from tabbyproxy.metrics import Metrics
+from tabbyproxy.placement import EvictThenStart, NeverFits, Placement, Running, StartNow, WaitBehind, place
+from tabbyproxy.sizes import formatGiB
 from tabbyproxy.tabbywire import causeLine
+
+MODELS_PER_GPU = 3
+"""How many models may run per GPU by default when the GPUs' memory is known (Ollama's default)."""
 
 
 class SchedulingError(Exception):
@@ -57,6 +76,12 @@ class QueueFull(SchedulingError):
 
 class StartFailed(SchedulingError):
     pass
+
+
+class NoRoom(SchedulingError):
+    """
+    The model cannot run here even with every model that may stop gone.
+    """
 
 
 class ShuttingDown(SchedulingError):
@@ -104,6 +129,9 @@ class RunningModel:
 
     @ivar expiresAt: wall-clock time when it unloads if it stays idle; C{None} for "never" or
         "not idle yet" (then the keep-alive duration counts from the end of its requests).
+    @ivar memory: the bytes accounted to it on each of its GPUs (measured once it is ready, when
+        the GPUs can be measured); empty when no GPU memory is known.
+    @ivar measured: whether C{memory} was measured rather than estimated or declared.
     """
 
     profile: Profile
@@ -113,6 +141,13 @@ class RunningModel:
     inFlight: int
     keepAlive: float
     expiresAt: float | None
+    gpus: tuple[int, ...] = ()
+    memory: Mapping[int, int] = field(factory=dict)
+    measured: bool = False
+
+    @property
+    def memoryTotal(self) -> int:
+        return sum(self.memory.values())
 
 
 @define(eq=False)
@@ -123,6 +158,27 @@ class _Waiter:
     since: float
 
 
+@define(eq=False)
+class _Model:
+    """
+    A model that runs (or starts, drains or stops): its child, its idle timer, where it was
+    placed and what it was measured to use.
+    """
+
+    child: Child
+    timer: IdleTimer
+    placement: Placement
+    estimate: MemoryEstimate | None
+    lastUsed: float
+    measured: dict[int, int] | None = None
+
+    @property
+    def accounted(self) -> dict[int, int]:
+        if self.measured:
+            return self.measured
+        return dict(zip(self.placement.gpus, self.placement.shares))
+
+
 @frozen
 class SchedulerSettings:
     """
@@ -131,19 +187,23 @@ class SchedulerSettings:
     @ivar idleHealthInterval: how often, at most, a child's C{/health} is checked when its last
         request in flight ends (a request that saw a failure checks at once, see
         L{Lease.suspect}).
+    @ivar maxLoaded: how many models may run at once whatever the memory; C{None} for
+        L{MODELS_PER_GPU} per GPU when the GPUs' memory is known, else one (one model at a
+        time, swapped on demand).
     @ivar child: the start, health and stop settings of each child.
     """
 
     unloadTimer: float = 900.0
     maxWaiting: int = 512
     idleHealthInterval: float = 5.0
+    maxLoaded: int | None = None
     child: ChildSettings = ChildSettings()
 
 
 class Scheduler(Service):
     """
-    Owns the TabbyAPI children: starts the requested model, swaps models, unloads them when idle,
-    and stops them with the proxy.
+    Owns the TabbyAPI children: starts the requested models, places them on the GPUs, makes
+    room by stopping idle ones, unloads them when idle, and stops them with the proxy.
 
     @param reactor: spawns the children (the real reactor, or a fake in tests).
     @param clock: the timers: idle, load timeout, stop grace, health polling.
@@ -155,9 +215,13 @@ class Scheduler(Service):
     @param metrics: counts starts, stops, failures and crashes, and times loads.
     @param ownsListener: whether the sockets listening on a port (the first argument) all belong
         to a process (the second) or its descendants (L{tabbyproxy.child.Child.ownsListener}).
+    @param gpus: reads the GPUs' capacity and use; C{None} when no GPU memory is known (then
+        only the count cap places models).
+    @param estimate: the memory a profile needs (L{tabbyproxy.memory.estimateMemory} by
+        default); asked only when the GPUs' memory is known.
 
-    @ivar defaultModel: the profile to start again whenever an idle model has been unloaded
-        and nothing else is wanted (C{--default-model}), or C{None}.
+    @ivar defaultModels: the profiles to start again whenever an idle model has been unloaded
+        and they fit without stopping another (C{--default-model}).
     """
 
     log = Logger()
@@ -175,6 +239,8 @@ class Scheduler(Service):
         wrapCommand: Callable[[Sequence[str]], Sequence[str]] = tuple,
         metrics: Metrics | None = None,
         ownsListener: Callable[[int, int], bool] = listenerOwnedBy,
+        gpus: GpuProbe | None = None,
+        estimate: Callable[[Profile], MemoryEstimate] | None = None,
     ) -> None:
         self.install = install
         self.ownsListener = ownsListener
@@ -187,12 +253,20 @@ class Scheduler(Service):
         self.wallClock = wallClock
         self.wrapCommand = wrapCommand
         self.metrics = metrics if metrics is not None else Metrics()
-        self.defaultModel: Callable[[], Profile | None] = lambda: None
-        self.lastError: str | None = None
+        self.gpus = gpus
+        self.estimate = estimate if estimate is not None else (lambda profile: estimateMemory(profile, install))
+        self.defaultModels: Callable[[], Sequence[Profile]] = lambda: ()
         self.starts = 0
-        self._current: Child | None = None
+        self._models: dict[str, _Model] = {}
+        self._errors: dict[str, str] = {}
+        self._estimates: dict[str, tuple[Profile, MemoryEstimate]] = {}
         self._waiting: deque[_Waiter] = deque()
-        self._timer = IdleTimer(clock, self._idleExpired)
+        self._reading: GpuReading | None = None
+        self._capacity: dict[int, int] = {}
+        # Nothing is placed before the GPUs have been read once (at once for fixed sizes).
+        self._gpusKnown = gpus is None
+        self._gpuRead: Deferred[None] | None = None
+        self._readAgain = False
         self._pumping = False
         self._pumpAgain = False
         self._shuttingDown = False
@@ -210,14 +284,9 @@ class Scheduler(Service):
         """
         if self._shuttingDown:
             return _failed(ShuttingDown("tabbyproxy is shutting down"))
-        child = self._current
-        if (
-            not self._waiting
-            and child is not None
-            and child.profile.id == profile.id
-            and child.state is ChildState.READY
-        ):
-            return succeed(self._grant(child, keepAlive, waited=0.0))
+        model = self._models.get(profile.id)
+        if model is not None and model.child.state is ChildState.READY:
+            return succeed(self._grant(model, keepAlive, waited=0.0))
         if len(self._waiting) >= self.settings.maxWaiting:
             return _failed(
                 QueueFull(
@@ -236,49 +305,56 @@ class Scheduler(Service):
         self._pump()
         return waiter.deferred
 
+    @property
+    def lastError(self) -> str | None:
+        """
+        The latest error of any model since it was last ready, or C{None}.
+        """
+        return next(reversed(self._errors.values()), None)
+
+    @property
+    def maxLoaded(self) -> int:
+        """
+        How many models may run at once.
+        """
+        if self.settings.maxLoaded is not None:
+            return self.settings.maxLoaded
+        return MODELS_PER_GPU * len(self._capacity) if self._capacity else 1
+
     def runningModel(self, modelId: str) -> RunningModel | None:
         """
         The child of model C{modelId}, whatever its state, or C{None} when it has none.
         """
-        for model in self.snapshot():
-            if model.profile.id == modelId:
-                return model
-        return None
+        model = self._models.get(modelId)
+        return None if model is None else self._view(model)
 
     def snapshot(self) -> tuple[RunningModel, ...]:
         """
         Every child, whatever its state, most recently used first.
         """
-        child = self._current
-        if child is None:
-            return ()
-        return (
-            RunningModel(
-                profile=child.profile,
-                state=child.state,
-                pid=child.pid,
-                port=child.port,
-                inFlight=child.inFlight,
-                keepAlive=child.keepAlive,
-                expiresAt=self._expiresAt(child),
-            ),
-        )
+        return tuple(self._view(model) for model in self._byRecentUse())
 
     def unload(self, modelId: str | None = None) -> Deferred[None]:
         """
-        Stop the model C{modelId}, or whatever runs when C{None}, once its requests in flight
-        have finished.
+        Stop the model C{modelId}, or every model when C{None}, once its requests in flight have
+        finished.
 
-        @return: fires when the child has exited (at once when nothing runs).
+        @return: fires when the children have exited (at once when none runs).
         """
-        child = self._current
-        if child is None or (modelId is not None and child.profile.id != modelId):
-            return succeed(None)
+        if modelId is None:
+            stopping = [self._unloadOne(model) for model in list(self._models.values())]
+        else:
+            model = self._models.get(modelId)
+            stopping = [] if model is None else [self._unloadOne(model)]
+        return _all(stopping)
+
+    def _unloadOne(self, model: _Model) -> Deferred[None]:
+        child = model.child
         if child.state is ChildState.STARTING:
             self._failStart(child, f"the start of {child.profile.id} was cancelled by an unload")
-            self._stop(child, StopReason.UNLOAD, "unload requested")
+            self._stop(model, StopReason.UNLOAD, "unload requested")
         elif child.inFlight == 0 and child.state is ChildState.READY:
-            self._stop(child, StopReason.UNLOAD, "unload requested")
+            self._stop(model, StopReason.UNLOAD, "unload requested")
         else:
             child.drain(StopReason.UNLOAD)
         return _chain(child.ended)
@@ -286,42 +362,94 @@ class Scheduler(Service):
     def unloadIdle(self, profile: Profile) -> Deferred[None]:
         """
         Make C{profile}'s idle time zero: it unloads now if idle, else when its last request ends.
-        Does nothing (and starts nothing) when another model runs.
+        Does nothing (and starts nothing) when it does not run.
         """
-        child = self._current
-        if child is None or child.profile.id != profile.id:
+        model = self._models.get(profile.id)
+        if model is None:
             return succeed(None)
-        child.keepAlive = 0.0
+        model.child.keepAlive = 0.0
         return self.unload(profile.id)
 
     def status(self) -> dict[str, Any]:
         """
-        What runs now, as JSON-ready data for C{/status}.
+        What runs now, as JSON-ready data for C{/status}: every child under C{children}, most
+        recently used first, the GPUs and their accounted memory, and for the clients that knew
+        one model at a time, the most recently used child's fields at the top level.
         """
-        child = self._current
-        deadline = self._timer.deadline
-        firesIn = None if deadline is None else max(0.0, deadline - self.clock.seconds())
-        return {
-            "model": child.profile.id if child else None,
-            "state": child.state.value if child else "stopped",
-            "pid": child.pid if child else None,
-            "port": child.port if child else None,
-            "started_at": _iso(child.startedAt) if child else None,
-            "ready_at": _iso(child.readyAt) if child and child.readyAt else None,
-            "in_flight": child.inFlight if child else 0,
+        children = [self._childStatus(model) for model in self._byRecentUse()]
+        latest = children[0] if children else None
+        document: dict[str, Any] = {
+            "model": latest["model"] if latest else None,
+            "state": latest["state"] if latest else "stopped",
+            "pid": latest["pid"] if latest else None,
+            "port": latest["port"] if latest else None,
+            "started_at": latest["started_at"] if latest else None,
+            "ready_at": latest["ready_at"] if latest else None,
+            "in_flight": sum(model.child.inFlight for model in self._models.values()),
             "waiting": len(self._waiting),
             "waiting_models": sorted({w.profile.id for w in self._waiting}),
-            "unload": None
-            if child is None
-            else {
+            "unload": latest["unload"] if latest else None,
+            "starts": self.starts,
+            "last_error": self.lastError,
+            "children": children,
+            "max_loaded_models": self.maxLoaded,
+            "gpus": self._gpuStatus(),
+        }
+        return document
+
+    def _childStatus(self, model: _Model) -> dict[str, Any]:
+        child = model.child
+        deadline = model.timer.deadline
+        firesIn = None if deadline is None else max(0.0, deadline - self.clock.seconds())
+        estimate = model.estimate
+        return {
+            "model": child.profile.id,
+            "state": child.state.value,
+            "pid": child.pid,
+            "port": child.port,
+            "gpus": list(model.placement.gpus),
+            "memory": {
+                "accounted": _byGpu(model.accounted),
+                "estimated": _byGpu(dict(zip(model.placement.gpus, model.placement.shares))),
+                "measured": None if model.measured is None else _byGpu(model.measured),
+                "how": None if estimate is None else estimate.explain(),
+            },
+            "started_at": _iso(child.startedAt),
+            "ready_at": _iso(child.readyAt) if child.readyAt else None,
+            "in_flight": child.inFlight,
+            "waiting": sum(w.profile.id == child.profile.id for w in self._waiting),
+            "unload": {
                 "keep_alive_seconds": None if child.keepAlive == FOREVER else child.keepAlive,
                 "keep_alive": describeDuration(child.keepAlive),
                 "fires_in_seconds": None if firesIn is None else round(firesIn, 3),
                 "fires_at": None if firesIn is None else _iso(self.wallClock() + firesIn),
             },
-            "starts": self.starts,
-            "last_error": self.lastError,
+            "last_error": self._errors.get(child.profile.id),
         }
+
+    def _gpuStatus(self) -> list[dict[str, Any]] | None:
+        if not self._capacity:
+            return None
+        accounted = self._accountedByGpu()
+        reading = self._reading
+        totals = {gpu.index: gpu.total for gpu in reading.gpus} if reading else {}
+        return [
+            {
+                "index": index,
+                "total_bytes": totals.get(index, capacity),
+                "capacity_bytes": capacity,
+                "accounted_bytes": accounted.get(index, 0),
+                "free_bytes": max(0, capacity - accounted.get(index, 0)),
+            }
+            for index, capacity in sorted(self._capacity.items())
+        ]
+
+    def _accountedByGpu(self) -> dict[int, int]:
+        used: dict[int, int] = {}
+        for model in self._models.values():
+            for gpu, size in model.accounted.items():
+                used[gpu] = used.get(gpu, 0) + size
+        return used
 
     def preload(self, profile: Profile, keepAlive: float | None = None) -> Deferred[None]:
         """
@@ -340,33 +468,56 @@ class Scheduler(Service):
 
         return self.acquire(profile, keepAlive).addCallbacks(loaded, failed)
 
-    def _expiresAt(self, child: Child) -> float | None:
-        deadline = self._timer.deadline
+    def _view(self, model: _Model) -> RunningModel:
+        child = model.child
+        return RunningModel(
+            profile=child.profile,
+            state=child.state,
+            pid=child.pid,
+            port=child.port,
+            inFlight=child.inFlight,
+            keepAlive=child.keepAlive,
+            expiresAt=self._expiresAt(model),
+            gpus=model.placement.gpus,
+            memory=model.accounted,
+            measured=bool(model.measured),
+        )
+
+    def _byRecentUse(self) -> list[_Model]:
+        return sorted(self._models.values(), key=lambda model: model.lastUsed, reverse=True)
+
+    def _expiresAt(self, model: _Model) -> float | None:
+        deadline = model.timer.deadline
         if deadline is not None:
             return self.wallClock() + (deadline - self.clock.seconds())
-        if child.keepAlive == FOREVER:
+        if model.child.keepAlive == FOREVER:
             return None
-        return self.wallClock() + child.keepAlive
+        return self.wallClock() + model.child.keepAlive
 
     # -- Service
 
+    def startService(self) -> None:
+        super().startService()
+        self._readGpus()
+
     def stopService(self) -> Deferred[None]:
         """
-        Refuse new work, fail the waiting requests, and stop the child.
+        Refuse new work, fail the waiting requests, and stop the children.
 
-        @return: fires only when the child has really exited.
+        @return: fires only when every child has really exited.
         """
         super().stopService()
         self._shuttingDown = True
         while self._waiting:
             self._waiting.popleft().deferred.errback(ShuttingDown("tabbyproxy is shutting down"))
-        child = self._current
-        if child is None:
-            self._markStopped(None)
-            return succeed(None)
-        if child.state is not ChildState.STOPPING:
-            self._stop(child, StopReason.SHUTDOWN, "the proxy is stopping")
-        return _chain(child.ended).addCallback(self._markStopped)
+        stopping = []
+        for model in list(self._models.values()):
+            if model.child.state is not ChildState.STOPPING:
+                self._stop(model, StopReason.SHUTDOWN, "the proxy is stopping")
+            stopping.append(_chain(model.child.ended))
+        if self._gpuRead is not None:
+            self._gpuRead.cancel()
+        return _all(stopping).addCallback(self._markStopped)
 
     def _markStopped(self, result: None) -> None:
         if not self._stopped.called:
@@ -374,40 +525,116 @@ class Scheduler(Service):
 
     def whenStopped(self) -> Deferred[None]:
         """
-        @return: fires once the service has stopped and its child, if any, has exited.
+        @return: fires once the service has stopped and its children have exited.
         """
         return _chain(self._stopped)
 
     # -- what a child tells its scheduler (L{tabbyproxy.child.ChildOwner})
 
     def childReady(self, child: Child) -> None:
-        self.lastError = None
+        self._errors.pop(child.profile.id, None)
+        self._readGpus()
         self._pump()
-        if child is self._current and child.inFlight == 0:
-            self._becameIdle(child)
+        model = self._modelOf(child)
+        if model is not None and child.inFlight == 0:
+            self._becameIdle(model)
 
     def childFailed(self, child: Child, message: str) -> None:
-        self.lastError = message
+        self._noteError(child.profile.id, message)
         self._failWaitersFor(child.profile, self._forClients(child, message.partition(LAST_OUTPUT)[0]))
 
     def childCrashed(self, child: Child, message: str) -> None:
-        self.lastError = message
+        self._noteError(child.profile.id, message)
 
     def childExited(self, child: Child) -> None:
-        if child is self._current:
-            self._current = None
-            self._timer.stop()
+        model = self._modelOf(child)
+        if model is not None:
+            del self._models[child.profile.id]
+            model.timer.stop()
         # Once the child's own waiters (unloads, the shutdown) have heard of the exit.
         child.ended.addCallback(self._afterExit, child)
 
     def _afterExit(self, result: None, child: Child) -> None:
+        self._readGpus()
         self._pump()
         if child.stopReason in (StopReason.IDLE, StopReason.KEEP_ALIVE_ZERO):
             self._returnToDefault()
 
+    def _modelOf(self, child: Child) -> _Model | None:
+        model = self._models.get(child.profile.id)
+        return model if model is not None and model.child is child else None
+
+    def _noteError(self, modelId: str, message: str) -> None:
+        # The newest last, so that lastError is the latest one.
+        self._errors.pop(modelId, None)
+        self._errors[modelId] = message
+
+    # -- the GPUs
+
+    def _readGpus(self) -> None:
+        """
+        Read the GPUs (once at a time; a read asked for during one follows it) and place the
+        waiting requests with what they say.
+        """
+        if self.gpus is None or self._shuttingDown:
+            return
+        if self._gpuRead is not None:
+            self._readAgain = True
+            return
+        self._readAgain = False
+        read = self.gpus.read().addCallbacks(self._gpusRead, self._gpusUnreadable)
+        if not read.called:
+            self._gpuRead = read
+            read.addCallback(self._gpuReadDone)
+
+    def _gpuReadDone(self, result: None) -> None:
+        self._gpuRead = None
+        if self._readAgain:
+            self._readGpus()
+
+    def _gpusRead(self, reading: GpuReading) -> None:
+        ownPids = [model.child.pid for model in self._models.values() if model.child.pid is not None]
+        self._reading = reading
+        self._capacity = reading.capacity(ownPids)
+        if reading.measured:
+            for model in self._models.values():
+                used = reading.usedBy(model.child.pid) if model.child.pid is not None else {}
+                if used and model.child.serving:
+                    model.measured = used
+        self._gpusKnown = True
+        self._pump()
+
+    def _gpusUnreadable(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return
+        if not self._gpusKnown:
+            self.log.error(
+                "Could not read the GPUs ({why}): placing models by --max-loaded-models alone until "
+                "a read succeeds", why=failure.getErrorMessage(),
+            )
+        else:
+            self.log.warn("Could not read the GPUs again ({why}); placing by the last reading",
+                          why=failure.getErrorMessage())
+        self._gpusKnown = True
+        self._pump()
+
+    def _estimateOf(self, profile: Profile) -> MemoryEstimate | None:
+        """
+        What C{profile} needs (read once per version of the profile), or C{None} when no GPU
+        memory is known, so nothing is read.
+        """
+        if not self._capacity:
+            return None
+        known = self._estimates.get(profile.id)
+        if known is not None and known[0] == profile:
+            return known[1]
+        estimate = self.estimate(profile)
+        self._estimates[profile.id] = (profile, estimate)
+        return estimate
+
     # -- scheduling
 
-    def _start(self, profile: Profile) -> None:
+    def _start(self, profile: Profile, placement: Placement, estimate: MemoryEstimate | None) -> None:
         self.starts += 1
         keys = self.install.keys
         child = Child(
@@ -423,34 +650,49 @@ class Scheduler(Service):
             secrets=(*keys.apiKeys, keys.adminKey) if keys.enabled else (),
             wallClock=self.wallClock,
             ownsListener=self.ownsListener,
+            environment=childEnvironment(placement.gpus),
         )
-        self._current = child
+        model = _Model(
+            child, IdleTimer(self.clock, lambda: self._idleExpired(profile.id)), placement, estimate,
+            lastUsed=self.clock.seconds(),
+        )
+        self._models[profile.id] = model
         self.metrics.starts.labels(profile.id).inc()
+        if placement.gpus:
+            self.log.info(
+                "Placing {model} on GPU {gpus} ({memory})", model=profile.id,
+                gpus=", ".join(str(gpu) for gpu in placement.gpus),
+                memory="no memory figure" if not placement.shares else _describeShares(placement),
+            )
         try:
             child.spawn(self.install, self.reactor, self.wrapCommand)
         except OSError as e:
-            self._current = None
+            del self._models[profile.id]
             self._failWaitersFor(profile, f"could not start TabbyAPI for {profile.id}: {e}")
 
-    def _stop(self, child: Child, reason: StopReason, why: str) -> None:
-        if child is self._current:
-            self._timer.stop()
-        child.stop(reason, why)
+    def _stop(self, model: _Model, reason: StopReason, why: str) -> None:
+        model.timer.stop()
+        model.child.stop(reason, why)
 
-    def _grant(self, child: Child, keepAlive: float | None, waited: float) -> Lease:
+    def _grant(self, model: _Model, keepAlive: float | None, waited: float) -> Lease:
+        child = model.child
         child.inFlight += 1
-        self._timer.stop()
+        model.timer.stop()
+        model.lastUsed = self.clock.seconds()
         if keepAlive is not None:
             child.keepAlive = keepAlive
         return Lease(child, self, waited)
 
     def _release(self, child: Child) -> None:
         child.inFlight -= 1
-        idle = child is self._current and child.inFlight == 0
-        if idle:
-            self._becameIdle(child)
-        self._pump()
+        model = self._modelOf(child)
         now = self.clock.seconds()
+        idle = model is not None and child.inFlight == 0
+        if model is not None:
+            model.lastUsed = now
+            if idle:
+                self._becameIdle(model)
+        self._pump()
         if idle and now - child.lastIdleCheck >= self.settings.idleHealthInterval:
             # A generation that failed inside TabbyAPI leaves its /health at 503 for good; finding
             # out now, while nothing runs, lets the next request get a fresh child.  Not after
@@ -458,23 +700,22 @@ class Scheduler(Service):
             child.lastIdleCheck = now
             self._checkHealth(child)
 
-    def _becameIdle(self, child: Child) -> None:
+    def _becameIdle(self, model: _Model) -> None:
+        child = model.child
         if child.state is ChildState.DRAINING:
             reason = child.stopReason or StopReason.UNLOAD
-            self._stop(child, reason, f"{reason.value} requested")
+            self._stop(model, reason, f"{reason.value} requested")
         elif child.state is not ChildState.READY:
             return
-        elif self._waiting and self._waiting[0].profile.id != child.profile.id:
-            pass  # _pump swaps the model for the waiting request.
         elif child.keepAlive <= 0:
-            self._stop(child, StopReason.KEEP_ALIVE_ZERO, "keep_alive is 0")
+            self._stop(model, StopReason.KEEP_ALIVE_ZERO, "keep_alive is 0")
         else:
-            self._timer.arm(child.keepAlive)
+            model.timer.arm(child.keepAlive)
 
-    def _idleExpired(self) -> None:
-        child = self._current
-        if child is not None and child.state is ChildState.READY and child.inFlight == 0:
-            self._stop(child, StopReason.IDLE, f"idle for {describeDuration(child.keepAlive)}")
+    def _idleExpired(self, modelId: str) -> None:
+        model = self._models.get(modelId)
+        if model is not None and model.child.state is ChildState.READY and model.child.inFlight == 0:
+            self._stop(model, StopReason.IDLE, f"idle for {describeDuration(model.child.keepAlive)}")
 
     def _checkHealth(self, child: Child) -> None:
         """
@@ -495,9 +736,10 @@ class Scheduler(Service):
             self.log.failure("Checking the health of {model} failed", failure, model=child.profile.id)
 
     def _unhealthy(self, child: Child, problem: str) -> None:
-        if child is not self._current or child.state is not ChildState.READY:
+        model = self._modelOf(child)
+        if model is None or child.state is not ChildState.READY:
             return
-        self.lastError = f"TabbyAPI for {child.profile.id} (pid {child.pid}) is unhealthy: {problem}"
+        self._noteError(child.profile.id, f"TabbyAPI for {child.profile.id} (pid {child.pid}) is unhealthy: {problem}")
         self.log.warn(
             "TabbyAPI for {model} (pid {pid}) is unhealthy: {problem}; replacing it once its "
             "{inFlight} requests in flight are done",
@@ -508,11 +750,11 @@ class Scheduler(Service):
         )
         child.drain(StopReason.UNHEALTHY)
         if child.inFlight == 0:
-            self._stop(child, StopReason.UNHEALTHY, problem)
+            self._stop(model, StopReason.UNHEALTHY, problem)
 
     def _pump(self) -> None:
         """
-        Serve the waiting requests in arrival order as far as the running model allows.
+        Serve the waiting requests in arrival order as far as the running models allow.
         Re-entrant calls (a lease released while granting) are folded into the running loop.
         """
         if self._pumping:
@@ -528,34 +770,132 @@ class Scheduler(Service):
             self._pumping = False
 
     def _pumpOnce(self) -> None:
-        while self._waiting and not self._shuttingDown:
-            head = self._waiting[0]
-            child = self._current
-            if child is None:
-                self._start(head.profile)
-                return
-            if child.profile.id == head.profile.id:
-                if child.state is not ChildState.READY:
-                    return
-                self._waiting.popleft()
-                waited = self.clock.seconds() - head.since
-                head.deferred.callback(self._grant(child, head.keepAlive, waited))
-                continue
-            if child.state is ChildState.STARTING:
-                self.log.warn(
-                    "Abandoning the start of {model}: no request wants it any more", model=child.profile.id
-                )
-                self._failStart(child, f"the start of {child.profile.id} was abandoned: no request wants it any more")
-                self._stop(child, StopReason.ABANDONED, f"swapping to {head.profile.id}")
-            elif child.state is ChildState.READY and child.inFlight == 0:
-                self._stop(child, StopReason.SWAP, f"swapping to {head.profile.id}")
+        if not self._gpusKnown:
             return
+        # A drain that makes room is decided afresh each round, so that one whose waiting
+        # request has left (or found room elsewhere) ends, and the model serves again.
+        resumed = [slot for slot in self._models.values() if slot.child.state is ChildState.DRAINING]
+        for slot in resumed:
+            slot.child.resume()
+        # The room that the models waiting ahead will take once what stands in their way has
+        # stopped: a model further back may start only beside it.
+        reserved: list[Running] = []
+        placed: set[str] = set()
+        for waiter in list(self._waiting):
+            if self._shuttingDown:
+                return
+            if waiter not in self._waiting:
+                continue  # Failed or granted by a callback of this round.
+            modelId = waiter.profile.id
+            model = self._models.get(modelId)
+            if model is not None:
+                if model.child.state is ChildState.READY:
+                    self._waiting.remove(waiter)
+                    waited = self.clock.seconds() - waiter.since
+                    waiter.deferred.callback(self._grant(model, waiter.keepAlive, waited))
+                # Otherwise it starts, drains or stops: the request waits for it.
+                continue
+            if modelId not in placed:
+                placed.add(modelId)
+                if self._placeWaiting(waiter.profile, reserved):
+                    # A start changes what runs (and a child can be ready at once): the requests
+                    # behind are placed again, in order, against it.
+                    self._pumpAgain = True
+                    break
+        for slot in resumed:
+            if slot.child.state is ChildState.READY and slot.child.inFlight == 0:
+                self._becameIdle(slot)
+
+    def _running(self) -> list[Running]:
+        """
+        The children as placement sees them; the requests waiting for a model count as in
+        flight on it, so that a model about to serve them is never evicted.
+        """
+        waiting: dict[str, int] = {}
+        for waiter in self._waiting:
+            waiting[waiter.profile.id] = waiting.get(waiter.profile.id, 0) + 1
+        return [
+            Running(
+                model=modelId,
+                memory=model.accounted,
+                inFlight=model.child.inFlight + waiting.get(modelId, 0),
+                persistent=model.child.profile.persistent,
+                lastUsed=model.lastUsed,
+                draining=model.child.state in (ChildState.DRAINING, ChildState.STOPPING),
+            )
+            for modelId, model in self._models.items()
+        ]
+
+    def _placeWaiting(self, profile: Profile, reserved: list[Running]) -> bool:
+        """
+        Start C{profile}'s model, make room for it, or leave its requests waiting; a model that
+        can never fit fails its requests at once.
+
+        @return: whether it started.
+        """
+        estimate = self._estimateOf(profile)
+        need = profileNeed(profile, estimate) if estimate is not None else profileNeed(profile, _UNKNOWN)
+        running = self._running()
+        decision = place(need, self._capacity, running, self.maxLoaded)
+        if isinstance(decision, NeverFits):
+            self.log.error("Cannot start {model}: {why}", model=profile.id, why=decision.message)
+            self._noteError(profile.id, decision.message)
+            self._failWaitersFor(profile, decision.message, NoRoom)
+            return False
+        if reserved:
+            decision = place(need, self._capacity, running + reserved, self.maxLoaded)
+        if isinstance(decision, StartNow):
+            self._start(profile, decision.placement, estimate)
+            return True
+        if isinstance(decision, EvictThenStart):
+            # The memory is free once they have exited: the start follows their exit.
+            for modelId in decision.evict:
+                self._makeRoom(modelId, profile.id, evicted=True)
+            leaving = set(decision.evict)
+        elif isinstance(decision, WaitBehind):
+            for modelId in decision.drain:
+                self._makeRoom(modelId, profile.id, evicted=False)
+            leaving = set(decision.drain)
+        else:
+            return False  # Only the room the models ahead of it will take is in its way: it waits.
+        staying = [r for r in running + reserved if r.model not in leaving and not r.draining]
+        room = place(need, self._capacity, staying, self.maxLoaded)
+        if isinstance(room, StartNow):
+            reserved.append(Running(
+                model=profile.id, memory=dict(zip(room.placement.gpus, room.placement.shares)),
+                inFlight=1, persistent=True, lastUsed=self.clock.seconds(),
+            ))
+        return False
+
+    def _makeRoom(self, modelId: str, forModel: str, evicted: bool) -> None:
+        """
+        Make room for C{forModel}: stop an idle model now (C{evicted}: placement found it idle),
+        or drain a busy one.  A model that starts for requests that arrived first drains once it
+        is ready and has taken them.
+        """
+        model = self._models[modelId]
+        child = model.child
+        if child.state is ChildState.STARTING:
+            if evicted:
+                # Placement evicts a start only when no request waits for it (a preload, or
+                # requests that left).
+                self.log.warn("Abandoning the start of {model}: no request wants it any more", model=modelId)
+                self._failStart(child, f"the start of {modelId} was abandoned: no request wants it any more")
+                self._stop(model, StopReason.ABANDONED, f"making room for {forModel}")
+        elif child.state is ChildState.READY and child.inFlight == 0:
+            self._stop(model, StopReason.SWAP, f"making room for {forModel}")
+        elif child.state is ChildState.READY:
+            self.log.info(
+                "Draining {model} to make room for {other}: it takes no new requests and stops once "
+                "its {inFlight} requests in flight are done", model=modelId, other=forModel, inFlight=child.inFlight,
+            )
+            child.drain(StopReason.SWAP)
 
     def _failStart(self, child: Child, message: str) -> None:
         """
         Fail the requests waiting for C{child}'s start, which the scheduler gives up.
         """
-        self.lastError = child.withLastLines(message)
+        self._noteError(child.profile.id, child.withLastLines(message))
         self._failWaitersFor(child.profile, self._forClients(child, message))
 
     @staticmethod
@@ -567,23 +907,32 @@ class Scheduler(Service):
         cause = causeLine(child.protocol.lastLines)
         return f"{message}; TabbyAPI said: {cause}" if cause else message
 
-    def _failWaitersFor(self, profile: Profile, message: str) -> None:
+    def _failWaitersFor(self, profile: Profile, message: str, error: type[SchedulingError] = StartFailed) -> None:
         failing = [w for w in self._waiting if w.profile.id == profile.id]
         for waiter in failing:
             self._waiting.remove(waiter)
         for waiter in failing:
-            waiter.deferred.errback(StartFailed(message))
+            waiter.deferred.errback(error(message))
 
     def _returnToDefault(self) -> None:
         """
-        After an idle unload, start the default model (if one is set) when nothing else runs or
-        waits.  It stays loaded until a request for another model swaps it out.
+        After an idle unload, start the default models (if set) that do not run, when no request
+        waits and they fit beside what runs.  They stay loaded until placement needs their room.
         """
-        profile = self.defaultModel()
-        if profile is None or self._current is not None or self._waiting or self._shuttingDown:
+        if self._waiting or self._shuttingDown:
             return
-        self.log.info("Starting the default model {model} again", model=profile.id)
-        self.preload(profile, FOREVER)
+        for profile in self.defaultModels():
+            if profile.id in self._models:
+                continue
+            estimate = self._estimateOf(profile)
+            need = profileNeed(profile, estimate if estimate is not None else _UNKNOWN)
+            if isinstance(place(need, self._capacity, self._running(), self.maxLoaded), StartNow):
+                self.log.info("Starting the default model {model} again", model=profile.id)
+                self.preload(profile, FOREVER)
+
+
+# A profile's need when no GPU memory is known: only the count cap applies to it.
+_UNKNOWN = MemoryEstimate(0, ())
 
 
 def _failed(error: Exception) -> Deferred[Lease]:
@@ -607,6 +956,26 @@ def _chain(ended: Deferred[None]) -> Deferred[None]:
 
     ended.addBoth(passOn)
     return follower
+
+
+def _all(stopping: list[Deferred[None]]) -> Deferred[None]:
+    """
+    Fires once every one of C{stopping} has (at once for none).
+    """
+    if not stopping:
+        return succeed(None)
+    return gatherResults(stopping).addCallback(lambda results: None)
+
+
+def _byGpu(memory: Mapping[int, int]) -> dict[str, int]:
+    """
+    Bytes by GPU with the indices as JSON keys.
+    """
+    return {str(gpu): size for gpu, size in sorted(memory.items())}
+
+
+def _describeShares(placement: Placement) -> str:
+    return ", ".join(f"{formatGiB(share)} on GPU {gpu}" for gpu, share in zip(placement.gpus, placement.shares))
 
 
 def _iso(seconds: float) -> str:

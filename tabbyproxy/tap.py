@@ -6,6 +6,7 @@ build (the web site, the TabbyAPI scheduler, and the private runtime directory).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from zope.interface import implementer
 from tabbyproxy import channel
 from tabbyproxy.auth import KeyWatcher
 from tabbyproxy.config import Catalog, ConfigError, TabbyInstall
-from tabbyproxy.gpus import parseGpuMemory, parseSimulatedGpus
+from tabbyproxy.gpus import chooseProbe, parseGpuMemory, parseSimulatedGpus
 from tabbyproxy.history import RequestHistory
 from tabbyproxy.keepalive import FOREVER, MAX_SECONDS, KeepAliveError, parseKeepAlive
 from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS, connectionRoom, raiseFileLimit, systemBacklog, withBacklog
@@ -133,10 +134,17 @@ class Options(usage.Options):
          _positiveInt("max-waiting")],
         ["max-body-size", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes; larger gets a 413.",
          _positiveInt("max-body-size")],
-        ["preload", None, None, "Start this model (a profile id) when the proxy starts."],
+        ["preload", None, None,
+         "Start these models (profile ids, separated by commas) when the proxy starts; each then idles "
+         "as usual."],
         ["default-model", None, None,
-         "Keep this model (a profile id) loaded whenever no other is wanted: it starts with the proxy, "
-         "and again after any idle unload, and stays until a request for another model swaps it out."],
+         "Keep these models (profile ids, separated by commas) loaded whenever there is room: they start "
+         "with the proxy, and again after an idle unload when they fit beside what runs, and stay until "
+         "placement needs their room for another model."],
+        ["max-loaded-models", None, None,
+         "How many models may run at once, whatever the memory [default: 3 per GPU when the GPUs' "
+         "memory is known (nvidia-smi, --gpu-memory, --simulate-gpus), else 1: one model at a time, "
+         "swapped on demand].", _positiveInt("max-loaded-models")],
         ["client-timeout", None, DEFAULT_CLIENT_TIMEOUT,
          "How long a client connection may stay silent while sending a request (a stalled body gets a 408) "
          "or between requests.", _positiveSeconds("client-timeout")],
@@ -199,6 +207,21 @@ class Options(usage.Options):
             raise usage.UsageError(f"--cors-origin {origin!r}: give an origin such as https://chat.example.org, or *")
         self["cors-origin"].append(origin)
 
+    def _profileIds(self, option: str) -> tuple[str, ...]:
+        """
+        The profile ids an option lists, separated by commas, each checked against the catalog.
+        """
+        if self[option] is None:
+            return ()
+        ids = tuple(dict.fromkeys(part.strip() for part in self[option].split(",") if part.strip()))
+        for profileId in ids:
+            if self.catalog.resolve(profileId) is None:
+                raise usage.UsageError(
+                    f"--{option} {profileId}: no such profile in {self['config-dir']} "
+                    f"(there are: {', '.join(sorted(self.catalog.profiles))})"
+                )
+        return ids
+
     def postOptions(self) -> None:
         try:
             self.catalog = Catalog.load(Path(self["config-dir"]))
@@ -207,13 +230,11 @@ class Options(usage.Options):
         if not self.catalog.profiles:
             raise usage.UsageError(f"{self['config-dir']}: no model profiles (*.yml) found")
         for option in ("preload", "default-model"):
-            if self[option] is not None and self.catalog.resolve(self[option]) is None:
-                raise usage.UsageError(
-                    f"--{option} {self[option]}: no such profile in {self['config-dir']} "
-                    f"(there are: {', '.join(sorted(self.catalog.profiles))})"
-                )
-        if self["preload"] is not None and self["default-model"] is not None:
-            raise usage.UsageError("--default-model already loads its model at start; give it or --preload, not both")
+            self[option] = self._profileIds(option)
+        both = set(self["preload"]) & set(self["default-model"])
+        if both:
+            raise usage.UsageError(f"{', '.join(sorted(both))}: give a model to --default-model (which loads it at "
+                                   "start) or to --preload, not to both")
         if self["simulate-auth"] and not self["simulate"]:
             raise usage.UsageError("--simulate-auth only makes sense with --simulate")
         if self["simulate-gpus"] is not None and not self["simulate"]:
@@ -395,10 +416,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         SchedulerSettings(
             unloadTimer=options["unload-timer"],
             maxWaiting=options["max-waiting"],
+            maxLoaded=options["max-loaded-models"],
             child=ChildSettings(loadTimeout=options["load-timeout"], stopGrace=options["stop-grace"]),
         ),
         wrapCommand=diesWithParent,
         metrics=metrics,
+        gpus=chooseProbe(options["gpu-memory"], options["simulate-gpus"], options["simulate"], reactor, os.environ),
     )
     metrics.watch(scheduler.status)
     # Stopped after the scheduler (services stop in reverse order), and waits for it.
@@ -407,12 +430,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     profiles = ProfileReloader(options.catalog, Path(options["config-dir"]), scheduler, options.install is None)
     profiles.setServiceParent(top)
-    defaultModel = options["default-model"]
-    if defaultModel is not None:
-        scheduler.defaultModel = lambda: profiles.catalog.resolve(defaultModel)
-        _Preload(scheduler, defaultModel, profiles, FOREVER).setServiceParent(top)
-    elif options["preload"] is not None:
-        _Preload(scheduler, options["preload"], profiles, None).setServiceParent(top)
+    defaultModels = options["default-model"]
+    scheduler.defaultModels = lambda: [
+        profile for profile in map(profiles.catalog.resolve, defaultModels) if profile is not None
+    ]
+    for profileId in defaultModels:
+        _Preload(scheduler, profileId, profiles, FOREVER).setServiceParent(top)
+    for profileId in options["preload"]:
+        _Preload(scheduler, profileId, profiles, None).setServiceParent(top)
 
     currentKeys = None
     if install.keys.enabled:

@@ -38,6 +38,7 @@ from tabbyproxy.routes.common import (
     forDashboards,
     producing,
     queryFlag,
+    readJSONObject,
     registerErrorAnswers,
     writeJSON,
 )
@@ -133,13 +134,14 @@ class AdminRoutes:
         document: dict[str, Any] = scheduler.status()
         profiles = sorted(self.state.catalog(), key=lambda profile: profile.id)
         document["models"] = [profile.id for profile in profiles]
-        default = scheduler.defaultModel()
-        document["default_model"] = default.id if default is not None else None
+        defaults = [profile.id for profile in scheduler.defaultModels()]
+        document["default_model"] = defaults[0] if defaults else None
+        document["default_models"] = defaults
         document["profiles"] = [
             {
                 "id": profile.id,
                 "model_name": profile.modelName,
-                "loaded": document["model"] == profile.id,
+                "loaded": scheduler.runningModel(profile.id) is not None,
                 "unload_timer_seconds": None if profile.unloadTimer in (None, FOREVER) else profile.unloadTimer,
                 "unload_never": profile.unloadTimer == FOREVER,
             }
@@ -190,12 +192,34 @@ class AdminRoutes:
     # checks), while an <img> or a link makes a GET from any page.
     @app.route("/unload", methods=["POST"])
     async def unload(self, request: IRequest) -> bytes:
+        """
+        Stop every model, or the one a C{{"model": ID}} body or C{?model=ID} names, once their
+        requests in flight are done; answered when they have exited, with the ids unloaded.
+        """
         self.state.requireKey(request, Permission.ADMIN)
-        running = self.state.scheduler.snapshot()
-        if not running:
-            return writeJSON(request, 200, {"status": "success", "unloaded": None})
-        await self.state.scheduler.unload()
-        return writeJSON(request, 200, {"status": "success", "unloaded": running[0].profile.id})
+        scheduler = self.state.scheduler
+        modelId = self._unloadTarget(request)
+        if modelId is None:
+            unloaded = [running.profile.id for running in scheduler.snapshot()]
+        else:
+            unloaded = [modelId] if scheduler.runningModel(modelId) is not None else []
+        await scheduler.unload(modelId)
+        return writeJSON(request, 200, {"status": "success", "unloaded": sorted(unloaded)})
+
+    def _unloadTarget(self, request: IRequest) -> str | None:
+        """
+        The profile id C{/unload} names, or C{None} for all; an unknown name is a 404.
+        """
+        values = request.args.get(b"model")
+        name: object = values[0].decode("utf-8", "replace") if values else None
+        if name is None and request.content is not None and request.content.read(1):
+            name = readJSONObject(request, self.state.maxBodySize).get("model")
+        if name is None:
+            return None
+        profile = self.state.catalog().resolve(name) if isinstance(name, str) else None
+        if profile is None:
+            raise ClientError(404, f"model {json.dumps(name)} not found: GET /status lists the profiles")
+        return profile.id
 
 
 def _logFilter(request: IRequest) -> LogFilter:

@@ -178,7 +178,7 @@ class OllamaRoutes:
             # that is under way) should not see it as loaded.
             if running.state is not ChildState.STOPPING:
                 folder = self.state.install.modelDirectory(running.profile)
-                models.append(psEntry(running.profile, folder, running.expiresAt))
+                models.append(psEntry(running.profile, folder, running.expiresAt, vram=running.memoryTotal))
         return writeJSON(request, 200, {"models": models})
 
     # -- generation

@@ -111,49 +111,52 @@ def _iso(seconds: float) -> str:
 def modelsSnapshot(state: ProxyState) -> dict[str, Any]:
     """
     Every profile with its state, as the dashboard shows it: one row per profile, whether it
-    runs or not, with what the scheduler knows of the one that runs.
+    runs or not, with what the scheduler knows of its child, and the GPUs.
     """
     status = state.scheduler.status()
-    running = status.get("model")
-    waitingFor = set(status.get("waiting_models") or ())
-    rows = []
-    for profile in sorted(state.catalog(), key=lambda p: p.id):
-        rows.append(_row(profile, status if profile.id == running else None, profile.id in waitingFor,
-                         state.clock.seconds()))
+    children = {child["model"]: child for child in status["children"]}
+    rows = [_row(profile, children.get(profile.id), state.clock.seconds())
+            for profile in sorted(state.catalog(), key=lambda p: p.id)]
     return {
         "models": rows,
-        "waiting": status.get("waiting", 0),
-        "last_error": status.get("last_error"),
-        "starts": status.get("starts", 0),
+        "waiting": status["waiting"],
+        "last_error": status["last_error"],
+        "starts": status["starts"],
+        "gpus": status["gpus"],
     }
 
 
-def _row(profile: Profile, status: dict[str, Any] | None, wanted: bool, now: float) -> dict[str, Any]:
+def _row(profile: Profile, child: dict[str, Any] | None, now: float) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": profile.id,
         "model_name": profile.modelName,
         "state": "stopped",
-        "wanted": wanted,
+        "waiting": 0,
         "in_flight": 0,
         "started_at": None,
         "ready_at": None,
         "pid": None,
         "unload": None,
+        "gpus": [],
         "gpu_memory": None,
+        "last_error": None,
     }
-    if status is not None:
-        for name in ("state", "in_flight", "started_at", "ready_at", "pid", "unload"):
-            row[name] = status.get(name)
-        unload = row["unload"]
-        if isinstance(unload, dict):
-            # The page counts the time left down itself: the snapshot holds when the timer fires,
-            # to the second, so that it changes only when the timer does.
-            firesIn = unload.get("fires_in_seconds")
-            row["unload"] = {
-                "keep_alive": unload.get("keep_alive"),
-                "keep_alive_seconds": unload.get("keep_alive_seconds"),
-                "fires_at": None if firesIn is None else _iso(round(now + firesIn)),
-            }
+    if child is not None:
+        for name in ("state", "waiting", "in_flight", "started_at", "ready_at", "pid", "gpus", "last_error"):
+            row[name] = child[name]
+        accounted = child["memory"]["accounted"]
+        if accounted:
+            row["gpu_memory"] = {"by_gpu": accounted, "total": sum(accounted.values()),
+                                 "measured": child["memory"]["measured"] is not None}
+        unload = child["unload"]
+        # The page counts the time left down itself: the snapshot holds when the timer fires,
+        # to the second, so that it changes only when the timer does.
+        firesIn = unload["fires_in_seconds"]
+        row["unload"] = {
+            "keep_alive": unload["keep_alive"],
+            "keep_alive_seconds": unload["keep_alive_seconds"],
+            "fires_at": None if firesIn is None else _iso(round(now + firesIn)),
+        }
     return row
 
 

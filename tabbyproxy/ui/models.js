@@ -24,8 +24,10 @@ export function show(document) {
   const body = document.models.map(row);
   el("#models-table tbody").replaceChildren(...body);
   const loaded = document.models.filter((m) => m.state !== "stopped").length;
-  setText("#models-summary", `${document.models.length} profiles, ${loaded} loaded` +
-    (document.waiting ? `, ${document.waiting} waiting` : ""));
+  const gpus = (document.gpus || []).map((gpu) =>
+    `GPU ${gpu.index}: ${gib(gpu.accounted_bytes)} of ${gib(gpu.capacity_bytes)}`);
+  setText("#models-summary", [`${document.models.length} profiles, ${loaded} loaded` +
+    (document.waiting ? `, ${document.waiting} waiting` : ""), ...gpus].join(" · "));
   const lastError = el("#last-error");
   lastError.hidden = !document.last_error;
   lastError.textContent = document.last_error ? `Last error: ${document.last_error}` : "";
@@ -71,8 +73,7 @@ function row(model) {
   const requests = document.createElement("td");
   requests.className = "num";
   requests.dataset.label = "Requests";
-  requests.textContent = `${model.in_flight || 0} running` + (model.waiting ? `, ${model.waiting} waiting` :
-    model.wanted ? ", waiting" : "");
+  requests.textContent = `${model.in_flight || 0} running` + (model.waiting ? `, ${model.waiting} waiting` : "");
 
   const unload = document.createElement("td");
   unload.className = "countdown";
@@ -86,7 +87,9 @@ function row(model) {
   const memory = document.createElement("td");
   memory.className = "num";
   memory.dataset.label = "GPU memory";
-  memory.textContent = model.gpu_memory ? model.gpu_memory : "–";
+  const used = model.gpu_memory;
+  memory.textContent = used ? `${gib(used.total)} on GPU ${model.gpus.join(", ")}` +
+    (used.measured ? "" : " (estimated)") : "–";
 
   const actions = document.createElement("td");
   actions.className = "actions-cell admin-only";
@@ -96,6 +99,10 @@ function row(model) {
 
   tr.append(name, stateCell, requests, unload, memory, actions);
   return tr;
+}
+
+function gib(bytes) {
+  return `${(bytes / 2 ** 30).toFixed(1)} GiB`;
 }
 
 function button(text, action, id, disabled) {

@@ -300,7 +300,7 @@ class ChildFaultTests(TestCase):
         pid = proxy.scheduler.status()["pid"]
         started = reactor.seconds()
         response = await proxy.http.post(proxy.url + "/unload")
-        self.assertEqual((await response.json())["unloaded"], "deaf")
+        self.assertEqual((await response.json())["unloaded"], ["deaf"])
         self.assertGreaterEqual(reactor.seconds() - started, 0.5)
         self.assertFalse(pidAlive(pid))
         self.assertEqual(proxy.scheduler.status()["state"], "stopped")

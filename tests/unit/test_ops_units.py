@@ -263,7 +263,15 @@ class MetricsTests(SynchronousTestCase):
         histograms and the live state read at scrape time.
         """
         metrics = Metrics()
-        state = {"model": "qwen", "state": "ready", "in_flight": 2, "waiting": 1}
+        state = {
+            "in_flight": 2, "waiting": 1,
+            "children": [
+                {"model": "qwen", "state": "ready", "memory": {"accounted": {"0": 9 * 2**30, "1": 2**30}}},
+                {"model": "embed", "state": "starting", "memory": {"accounted": {"1": 2**30}}},
+            ],
+            "gpus": [{"index": 0, "capacity_bytes": 24 * 2**30, "accounted_bytes": 9 * 2**30},
+                     {"index": 1, "capacity_bytes": 24 * 2**30, "accounted_bytes": 2 * 2**30}],
+        }
         metrics.watch(lambda: state)
         metrics.requests.labels("/v1/chat/completions", "qwen", "200").inc()
         metrics.loadSeconds.labels("qwen").observe(3.5)
@@ -274,8 +282,16 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn("tabbyproxy_model_load_seconds", families)
         self.assertEqual(families["tabbyproxy_requests_in_flight"].samples[0].value, 2)
         self.assertEqual(families["tabbyproxy_requests_waiting"].samples[0].value, 1)
-        [loaded] = families["tabbyproxy_model_loaded"].samples
-        self.assertEqual((loaded.labels, loaded.value), ({"model": "qwen", "state": "ready"}, 1))
+        self.assertEqual([(sample.labels, sample.value) for sample in families["tabbyproxy_model_loaded"].samples],
+                         [({"model": "qwen", "state": "ready"}, 1), ({"model": "embed", "state": "starting"}, 1)])
+        self.assertEqual(
+            {(sample.labels["model"], sample.labels["gpu"]): sample.value
+             for sample in families["tabbyproxy_model_memory_bytes"].samples},
+            {("qwen", "0"): 9 * 2**30, ("qwen", "1"): 2**30, ("embed", "1"): 2**30})
+        self.assertEqual({sample.labels["gpu"]: sample.value for sample in families["tabbyproxy_gpu_accounted_bytes"].samples},
+                         {"0": 9 * 2**30, "1": 2 * 2**30})
+        self.assertEqual({sample.labels["gpu"]: sample.value for sample in families["tabbyproxy_gpu_capacity_bytes"].samples},
+                         {"0": 24 * 2**30, "1": 24 * 2**30})
 
 
 class RouteLabelTests(SynchronousTestCase):
