@@ -28,7 +28,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from tabbyproxy.config import Catalog, Keys, TabbyInstall
+from tabbyproxy.config import Catalog, Keys, Profile, TabbyInstall
+from tabbyproxy.gpus import GpuProbe
+from tabbyproxy.memory import MemoryEstimate
 from tabbyproxy.routes.common import ProxyState
 from tabbyproxy.routes.root import makeSite
 from tabbyproxy.server import DEFAULT_MAX_BODY
@@ -45,11 +47,13 @@ class FakeProcess:
     @ivar obeys: the signals that make it exit at once.
     """
 
-    def __init__(self, protocol: IProcessProtocol, args: list[str], path: str, pid: int) -> None:
+    def __init__(self, protocol: IProcessProtocol, args: list[str], path: str, pid: int,
+                 env: Mapping[str, str] | None = None) -> None:
         self.protocol = protocol
         self.args = args
         self.path = path
         self.pid = pid
+        self.env = dict(env or {})
         self.signals: list[str] = []
         self.obeys = {"TERM", "KILL"}
         self.exited = False
@@ -95,7 +99,8 @@ class FakeProcessReactor(MemoryReactorClock):
                      uid: int | None = None, gid: int | None = None, usePTY: bool = False,
                      childFDs: Mapping[int, int | str] | None = None) -> IProcessTransport:
         process = FakeProcess(processProtocol, [os.fsdecode(arg) for arg in args],
-                              os.fsdecode(path) if path else "", 1000 + len(self.spawned))
+                              os.fsdecode(path) if path else "", 1000 + len(self.spawned),
+                              {os.fsdecode(name): os.fsdecode(value) for name, value in (env or {}).items()})
         self.spawned.append(process)
         transport = cast(IProcessTransport, process)
         processProtocol.makeConnection(transport)
@@ -237,7 +242,8 @@ class RunningScheduler:
 
     def __init__(self, directory: Path, profiles: dict[str, dict[str, Any]], keys: Keys = Keys(enabled=False),
                  settings: SchedulerSettings = SchedulerSettings(), tabby: FakeTabby | None = None,
-                 ownsListener: Callable[[int, int], bool] = fakeChildsListener) -> None:
+                 ownsListener: Callable[[int, int], bool] = fakeChildsListener, gpus: GpuProbe | None = None,
+                 estimate: Callable[[Profile], MemoryEstimate] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.catalog = writeProfiles(directory / "config", profiles)
         self.reactor = FakeProcessReactor()
@@ -248,7 +254,7 @@ class RunningScheduler:
         ports = iter(range(7001, 8000))
         self.scheduler = Scheduler(fakeInstall(directory / "tabby", keys), self.reactor, self.reactor,
                                    self.tabbyAgent, self.runtime, settings, pickPort=lambda: next(ports),
-                                   ownsListener=ownsListener)
+                                   ownsListener=ownsListener, gpus=gpus, estimate=estimate)
         self.scheduler.startService()
 
     def acquire(self, name: str, keepAlive: float | None = None) -> Deferred[Lease]:

@@ -6,15 +6,18 @@ and a fake TabbyAPI: no process, no socket, no time passes unless the test says 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.child import ChildSettings, ChildState
 from tabbyproxy.config import Profile
+from tabbyproxy.gpus import FixedGpus, Gpu, GpuProcess, GpuReading
 from tabbyproxy.keepalive import FOREVER
-from tabbyproxy.scheduler import Lease, QueueFull, SchedulerSettings
-from tests.support.fakes import RunningScheduler
+from tabbyproxy.memory import MemoryEstimate
+from tabbyproxy.scheduler import Lease, NoRoom, QueueFull, SchedulerSettings
+from tests.support.fakes import FakeProcess, RunningScheduler
 
 GRACE = 10.0
 
@@ -236,3 +239,372 @@ class SchedulerTests(_SchedulerTestCase):
         self.successResultOf(self.scheduler.unload("b"))
         self.assertEqual([m.profile.id for m in self.scheduler.snapshot()], ["a"])
         self.assertEqual(self.reactor.spawned[0].signals, [])
+
+
+GiB = 2**30
+
+
+class _MeasuredGpus:
+    """
+    GPUs whose use the test sets, as C{nvidia-smi} would measure it.
+    """
+
+    def __init__(self, capacities: dict[int, int]) -> None:
+        self.capacities = capacities
+        self.used: dict[int, dict[int, int]] = {}  # pid -> GPU -> bytes
+        self.reads = 0
+
+    def read(self) -> Deferred[GpuReading]:
+        self.reads += 1
+        processes = tuple(GpuProcess(pid, gpu, size) for pid, byGpu in self.used.items() for gpu, size in byGpu.items())
+        gpus = tuple(Gpu(index, total, sum(p.used for p in processes if p.gpu == index))
+                     for index, total in sorted(self.capacities.items()))
+        return succeed(GpuReading(gpus, processes, measured=True))
+
+
+class SeveralModelsTests(SynchronousTestCase):
+    """
+    Several children at once on fake GPUs: models start beside each other where they fit, idle
+    ones make room least recently used first, busy ones drain, and each model keeps its own
+    timer, start and failures.
+    """
+
+    def setUp(self) -> None:
+        self.start()
+
+    def start(self, gpus: object = None, **profiles: dict[str, Any]) -> None:
+        defaults: dict[str, dict[str, Any]] = {
+            "a": {"model": {"model_name": "A", "unload_timer": 60}, "memory": "10GiB"},
+            "b": {"model": {"model_name": "B", "unload_timer": 120}, "memory": "10GiB"},
+            "c": {"model": {"model_name": "C"}, "memory": "10GiB"},
+            "big": {"model": {"model_name": "Big"}, "memory": "20GiB"},
+            "huge": {"model": {"model_name": "Huge"}, "memory": "30GiB"},
+        }
+        self.fake = RunningScheduler(
+            Path(self.mktemp()), {**defaults, **profiles},
+            settings=SchedulerSettings(unloadTimer=300, child=ChildSettings(loadTimeout=100, stopGrace=GRACE)),
+            gpus=gpus if gpus is not None else FixedGpus({0: 24 * GiB}),  # type: ignore[arg-type]
+        )
+        self.reactor, self.tabby, self.scheduler = self.fake.reactor, self.fake.tabby, self.fake.scheduler
+
+    def acquire(self, name: str, keepAlive: float | None = None) -> Deferred[Lease]:
+        return self.fake.acquire(name, keepAlive)
+
+    def ready(self, name: str, keepAlive: float | None = None) -> Lease:
+        return self.successResultOf(self.acquire(name, keepAlive))
+
+    def running(self) -> dict[str, str]:
+        return {model.profile.id: model.state.value for model in self.scheduler.snapshot()}
+
+    def processOf(self, name: str) -> FakeProcess:
+        [process] = [p for p in self.reactor.alive if p.config()["model"]["model_name"] == name.capitalize()]
+        return process
+
+    def test_fittingModelStartsBeside(self) -> None:
+        """
+        A model that fits beside the one that runs starts at once, without stopping it; both
+        serve, each on its own port, and the GPU's accounted memory is their sum.
+        """
+        a = self.ready("a")
+        b = self.ready("b")
+        self.assertEqual(self.running(), {"a": "ready", "b": "ready"})
+        self.assertNotEqual(a.child.port, b.child.port)
+        self.assertEqual([p.signals for p in self.reactor.spawned], [[], []])
+        [gpu] = self.scheduler.status()["gpus"]
+        self.assertEqual((gpu["accounted_bytes"], gpu["free_bytes"]), (20 * GiB, 4 * GiB))
+        self.assertEqual(self.scheduler.status()["max_loaded_models"], 3)
+
+    def test_childSeesOnlyItsGpus(self) -> None:
+        """
+        Each child gets C{CUDA_VISIBLE_DEVICES} for the GPUs it was placed on, in nvidia-smi's
+        order: a model that fits on one GPU gets the roomiest one, a big one is spread.
+        """
+        self.start(FixedGpus({0: 24 * GiB, 1: 24 * GiB}),
+                   pinned={"model": {"model_name": "Pinned"}, "gpus": [1], "memory": "4GiB"},
+                   spread={"model": {"model_name": "Spread"}, "memory": "12GiB"})
+        self.ready("pinned")
+        self.ready("big")
+        self.ready("a")
+        devices = [(p.env.get("CUDA_VISIBLE_DEVICES"), p.env.get("CUDA_DEVICE_ORDER")) for p in self.reactor.spawned]
+        self.assertEqual(devices, [("1", "PCI_BUS_ID"), ("0", "PCI_BUS_ID"), ("1", "PCI_BUS_ID")])
+        # 4 GiB are left on GPU 0 and 10 on GPU 1: 12 GiB fit only over both.
+        self.ready("spread")
+        self.assertEqual(self.reactor.spawned[-1].env["CUDA_VISIBLE_DEVICES"], "0,1")
+
+    def test_idleModelsEvictedLeastRecentlyUsedFirst(self) -> None:
+        """
+        When a model does not fit, the idle model used longest ago stops; the new one starts
+        once it has exited, and the other idle model keeps running.
+        """
+        a = self.ready("a")
+        self.reactor.advance(1)
+        b = self.ready("b")
+        self.reactor.advance(1)
+        b.release()
+        self.reactor.advance(1)
+        a.release()  # a was used last, so b goes.
+        c = self.ready("c")
+        self.assertEqual(self.running(), {"a": "ready", "c": "ready"})
+        self.assertEqual(c.profile.id, "c")
+        self.assertEqual([p.pid for p in self.reactor.spawned if p.exited], [b.child.pid])
+
+    def test_evictionStopsTheFewestModels(self) -> None:
+        """
+        A model that needs the room of two small ones evicts two; one that needs the room of
+        one evicts one, even if that one was used more recently than others.
+        """
+        self.start(FixedGpus({0: 24 * GiB}), small={"model": {"model_name": "Small"}, "memory": "2GiB"})
+        self.ready("small").release()
+        self.reactor.advance(1)
+        self.ready("a").release()
+        self.reactor.advance(1)
+        self.ready("b").release()
+        self.assertEqual(set(self.running()), {"small", "a", "b"})
+        # 22 GiB used: "big" (20) needs a and b gone, or one of them and small: one of 10 is not enough.
+        self.ready("big").release()
+        self.assertEqual(set(self.running()), {"small", "big"})
+
+    def test_busyModelsDrainAndTheWaitingModelIsNotStarved(self) -> None:
+        """
+        When only busy models stand in the way, the fewest of them drain: they take no new
+        requests (those wait behind the waiting model), finish what they serve, and stop; then
+        the waiting model starts, and the drained model's requests follow once it fits again.
+        """
+        a = self.ready("a")
+        b = self.ready("b")
+        self.reactor.advance(1)
+        bigWaits = self.acquire("big")
+        self.assertNoResult(bigWaits)
+        # Draining one of them leaves 14 GiB, not the 20 big needs: both must go.
+        self.assertEqual(self.running(), {"a": "draining", "b": "draining"})
+        laterA = self.acquire("a")
+        self.assertNoResult(laterA)
+        a.release()
+        self.assertNoResult(bigWaits)
+        b.release()
+        big = self.successResultOf(bigWaits)
+        # Now a waits, and big, busy, stands in its way.
+        self.assertEqual(self.running(), {"big": "draining"})
+        self.assertNoResult(laterA)
+        big.release()
+        self.assertEqual(self.successResultOf(laterA).profile.id, "a")
+        self.assertEqual(self.running(), {"a": "ready"})
+
+    def test_onlyTheModelsInTheWayDrain(self) -> None:
+        """
+        On two GPUs, a model pinned to GPU 1 drains only the busy model on GPU 1; the model on
+        GPU 0 keeps taking new requests meanwhile.
+        """
+        self.start(FixedGpus({0: 24 * GiB, 1: 24 * GiB}),
+                   a={"model": {"model_name": "A"}, "gpus": [0], "memory": "20GiB"},
+                   b={"model": {"model_name": "B"}, "gpus": [1], "memory": "20GiB"},
+                   c={"model": {"model_name": "C"}, "gpus": [1], "memory": "20GiB"})
+        a = self.ready("a")
+        b = self.ready("b")
+        waiting = self.acquire("c")
+        self.assertEqual(self.running(), {"a": "ready", "b": "draining"})
+        more = self.ready("a")
+        b.release()
+        self.successResultOf(waiting).release()
+        self.assertEqual(self.running(), {"a": "ready", "c": "ready"})
+        a.release()
+        more.release()
+        self.assertEqual(self.processOf("a").signals, [])
+
+    def test_persistentModelIsNeverEvicted(self) -> None:
+        """
+        An idle persistent model is never stopped to make room: the other idle model goes, even
+        though the persistent one was used longer ago; a model that could fit only without the
+        persistent one is refused at once, saying so.
+        """
+        self.start(FixedGpus({0: 24 * GiB}), a={"model": {"model_name": "A"}, "memory": "10GiB", "persistent": True})
+        self.ready("a").release()
+        self.reactor.advance(1)
+        self.ready("b").release()
+        self.ready("c").release()
+        self.assertEqual(set(self.running()), {"a", "c"})
+        failure = self.failureResultOf(self.acquire("big"), NoRoom)
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn("persistent a", str(failure.value))
+        self.assertEqual(set(self.running()), {"a", "c"})
+
+    def test_modelThatNeverFitsIsRefusedAtOnce(self) -> None:
+        """
+        A model bigger than the GPUs is a 503 at once, with what it needs and what there is; the
+        running models are untouched, and the error is that model's in C{/status}.
+        """
+        lease = self.ready("a")
+        failure = self.failureResultOf(self.acquire("huge"), NoRoom)
+        self.assertEqual(str(failure.value), "huge needs 30.0 GiB on GPU 0; there is 24.0 GiB")
+        self.assertEqual(self.running(), {"a": "ready"})
+        self.assertIn("30.0 GiB", self.scheduler.status()["last_error"])
+        lease.release()
+
+    def test_eachModelHasItsOwnTimer(self) -> None:
+        """
+        Each model unloads after its own idle time; C{keep_alive: 0} on one stops only that one.
+        """
+        self.start(FixedGpus({0: 48 * GiB}))
+        self.ready("a").release()  # 60 s
+        self.ready("b").release()  # 120 s
+        self.ready("c", keepAlive=0).release()
+        self.assertEqual(set(self.running()), {"a", "b"})
+        self.reactor.advance(60)
+        self.assertEqual(set(self.running()), {"b"})
+        self.reactor.advance(60)
+        self.assertEqual(self.running(), {})
+
+    def test_concurrentStartsJoinPerModel(self) -> None:
+        """
+        Requests for two models that start at once join their own model's start: two spawns,
+        each request served by its model's child.
+        """
+        self.tabby.healthy = False
+        waiting = [self.acquire(name) for name in ("a", "b", "a", "b", "a")]
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.tabby.healthy = True
+        self.reactor.advance(0.1)
+        leases = [self.successResultOf(d) for d in waiting]
+        self.assertEqual([lease.profile.id for lease in leases], ["a", "b", "a", "b", "a"])
+        self.assertEqual(len({lease.child.pid for lease in leases}), 2)
+
+    def test_crashOfOneChildLeavesTheOthers(self) -> None:
+        """
+        With three models running, a crash of one is that model's: its lease's child is gone
+        and its error is in C{/status}; the two others keep serving, and a new request for it
+        starts a fresh child.
+        """
+        self.start(FixedGpus({0: 48 * GiB}))
+        leases = {name: self.ready(name) for name in ("a", "b", "c")}
+        self.processOf("b").exit(1)
+        self.assertEqual(set(self.running()), {"a", "c"})
+        self.assertIn("TabbyAPI for b", self.scheduler.status()["last_error"])
+        [crashed] = [child for child in self.scheduler.status()["children"] if child["model"] == "b"] or [None]
+        self.assertIsNone(crashed)
+        for lease in leases.values():
+            lease.release()
+        self.assertEqual(self.ready("a").child.pid, leases["a"].child.pid)
+        self.assertNotEqual(self.ready("b").child.pid, leases["b"].child.pid)
+        self.assertEqual(len(self.reactor.alive), 3)
+
+    def test_waiterLeavingEndsTheDrain(self) -> None:
+        """
+        A busy model that drains for a waiting request takes requests again once that request
+        has left.
+        """
+        a = self.ready("a")
+        b = self.ready("b")
+        waiting = self.acquire("big")
+        self.assertEqual(self.running(), {"a": "draining", "b": "draining"})
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(self.running(), {"a": "ready", "b": "ready"})
+        self.ready("a").release()
+        a.release()
+        b.release()
+        self.assertEqual([p.signals for p in self.reactor.spawned], [[], []])
+
+    def test_laterModelCannotTakeTheRoomOfAWaitingOne(self) -> None:
+        """
+        While a model waits for busy ones to drain, a model requested after it starts only if it
+        fits beside the room the waiting one will take; else it waits its turn.
+        """
+        self.start(FixedGpus({0: 24 * GiB}), small={"model": {"model_name": "Small"}, "memory": "2GiB"})
+        a = self.ready("a")
+        big = self.acquire("big")  # 20 GiB: needs a gone (4 + 10 free now, 24 once a stops)
+        small = self.acquire("small")  # 2 GiB fits beside a now, but not beside big.
+        self.assertNoResult(small)
+        a.release()
+        self.successResultOf(big).release()
+        self.successResultOf(small).release()
+        self.assertEqual(set(self.running()), {"big", "small"})
+
+    def test_measuredUseReplacesTheEstimate(self) -> None:
+        """
+        Once a child is ready, what nvidia-smi measures it to use replaces its declared or
+        estimated memory in the accounting (and in C{/api/ps}'s figures), and memory used by
+        other processes is not the children's to use.
+        """
+        gpus = _MeasuredGpus({0: 24 * GiB})
+        gpus.used[99] = {0: 4 * GiB}  # Another program on the GPU.
+        self.start(gpus)
+        self.tabby.healthy = False
+        waiting = self.acquire("a")
+        self.reactor.advance(1)
+        gpus.used[self.reactor.spawned[0].pid] = {0: 7 * GiB}
+        self.tabby.healthy = True
+        self.reactor.advance(0.1)
+        self.successResultOf(waiting).release()
+        [running] = self.scheduler.snapshot()
+        self.assertEqual((running.memory, running.measured), ({0: 7 * GiB}, True))
+        [gpu] = self.scheduler.status()["gpus"]
+        self.assertEqual((gpu["capacity_bytes"], gpu["accounted_bytes"]), (20 * GiB, 7 * GiB))
+        # 13 GiB left: b (10) fits beside a, big (20) needs a gone.
+        self.ready("b").release()
+        self.assertEqual(set(self.running()), {"a", "b"})
+
+    def test_estimateAskedOnlyWhenMemoryIsKnown(self) -> None:
+        """
+        Without GPU memory, no profile is read for an estimate, and one model runs at a time.
+        """
+        asked: list[str] = []
+
+        def estimate(profile: Profile) -> MemoryEstimate:
+            asked.append(profile.id)
+            return MemoryEstimate(GiB, ())
+
+        self.fake = RunningScheduler(Path(self.mktemp()), {"x": {"model": {"model_name": "X"}},
+                                                           "y": {"model": {"model_name": "Y"}}},
+                                     estimate=estimate)
+        self.fake.scheduler.startService()
+        self.successResultOf(self.fake.acquire("x")).release()
+        self.successResultOf(self.fake.acquire("y")).release()
+        self.assertEqual(asked, [])
+        self.assertEqual([model.profile.id for model in self.fake.scheduler.snapshot()], ["y"])
+        self.assertEqual(self.fake.scheduler.status()["max_loaded_models"], 1)
+
+    def test_maxLoadedModelsCapsTheCount(self) -> None:
+        """
+        C{maxLoaded} caps how many models run whatever the memory: the idle one used longest ago
+        makes room.
+        """
+        self.fake = RunningScheduler(Path(self.mktemp()), {name: {"model": {"model_name": name.upper()}, "memory": "1GiB"}
+                                                           for name in ("x", "y", "z")},
+                                     settings=SchedulerSettings(maxLoaded=2), gpus=FixedGpus({0: 24 * GiB}))
+        for name in ("x", "y", "z"):
+            self.successResultOf(self.fake.acquire(name)).release()
+            self.fake.reactor.advance(1)
+        self.assertEqual({model.profile.id for model in self.fake.scheduler.snapshot()}, {"y", "z"})
+
+    def test_unloadOneOrAll(self) -> None:
+        """
+        C{unload(ID)} stops that model only; C{unload()} stops every model, each once its
+        requests are done, and fires when all have exited.
+        """
+        self.ready("a").release()
+        b = self.ready("b")
+        self.successResultOf(self.scheduler.unload("a"))
+        self.assertEqual(self.running(), {"b": "ready"})
+        self.ready("c").release()
+        everything = self.scheduler.unload()
+        self.assertNoResult(everything)
+        self.assertEqual(self.running(), {"b": "draining"})
+        b.release()
+        self.successResultOf(everything)
+        self.assertEqual((self.running(), self.reactor.alive), ({}, []))
+
+    def test_stopServiceStopsEveryChild(self) -> None:
+        """
+        Stopping the service stops every child and fires only once all have exited.
+        """
+        self.start(FixedGpus({0: 48 * GiB}))
+        for name in ("a", "b", "c"):
+            self.ready(name)
+        self.processOf("a").obeys = {"KILL"}
+        stopped = self.scheduler.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual(len(self.reactor.alive), 1)
+        self.reactor.advance(GRACE)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.alive, [])
