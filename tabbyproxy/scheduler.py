@@ -842,11 +842,19 @@ class Scheduler(Service):
             self._noteError(profile.id, decision.message)
             self._failWaitersFor(profile, decision.message, NoRoom)
             return False
+        present = running + reserved
         if reserved:
-            decision = place(need, self._capacity, running + reserved, self.maxLoaded)
+            decision = place(need, self._capacity, present, self.maxLoaded)
         if isinstance(decision, StartNow):
             self._start(profile, decision.placement, estimate)
             return True
+        # The models already on their way out (stopping, or draining for this round's models or
+        # an unload) may leave enough room: then it waits for them, and takes that room.
+        staying = [running for running in present if not running.draining]
+        afterThem = place(need, self._capacity, staying, self.maxLoaded)
+        if isinstance(afterThem, StartNow):
+            reserved.append(_reservation(profile.id, afterThem.placement, self.clock.seconds()))
+            return False
         if isinstance(decision, EvictThenStart):
             # The memory is free once they have exited: the start follows their exit.
             for modelId in decision.evict:
@@ -858,13 +866,9 @@ class Scheduler(Service):
             leaving = set(decision.drain)
         else:
             return False  # Only the room the models ahead of it will take is in its way: it waits.
-        staying = [r for r in running + reserved if r.model not in leaving and not r.draining]
-        room = place(need, self._capacity, staying, self.maxLoaded)
+        room = place(need, self._capacity, [r for r in staying if r.model not in leaving], self.maxLoaded)
         if isinstance(room, StartNow):
-            reserved.append(Running(
-                model=profile.id, memory=dict(zip(room.placement.gpus, room.placement.shares)),
-                inFlight=1, persistent=True, lastUsed=self.clock.seconds(),
-            ))
+            reserved.append(_reservation(profile.id, room.placement, self.clock.seconds()))
         return False
 
     def _makeRoom(self, modelId: str, forModel: str, evicted: bool) -> None:
@@ -929,6 +933,14 @@ class Scheduler(Service):
             if isinstance(place(need, self._capacity, self._running(), self.maxLoaded), StartNow):
                 self.log.info("Starting the default model {model} again", model=profile.id)
                 self.preload(profile, FOREVER)
+
+
+def _reservation(modelId: str, placement: Placement, now: float) -> Running:
+    """
+    The room a waiting model will take, as placement sees it: a model that cannot make room.
+    """
+    return Running(model=modelId, memory=dict(zip(placement.gpus, placement.shares)), inFlight=1,
+                   persistent=True, lastUsed=now)
 
 
 # A profile's need when no GPU memory is known: only the count cap applies to it.

@@ -212,7 +212,8 @@ class AdminRoutes:
         """
         values = request.args.get(b"model")
         name: object = values[0].decode("utf-8", "replace") if values else None
-        if name is None and request.content is not None and request.content.read(1):
+        # No body, or a JSON null (what some clients send for "no body"), means every model.
+        if name is None and request.content is not None and request.content.read(5).strip() not in (b"", b"null"):
             name = readJSONObject(request, self.state.maxBodySize).get("model")
         if name is None:
             return None

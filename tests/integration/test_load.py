@@ -84,7 +84,7 @@ class ConcurrentLoadTests(TestCase):
         expected = [MODELS[0]] + [MODELS[(round + 1) % 3] for round in range(ROUNDS)]
         self.assertEqual(events.starts(), expected)
         self.assertEqual(proxy.scheduler.starts, ROUNDS + 1)
-        self.assertEqual(set(events.stops()), {f"swapping to {model}" for model in MODELS})
+        self.assertEqual(set(events.stops()), {f"making room for {model}" for model in MODELS})
         status = proxy.scheduler.status()
         self.assertEqual((status["in_flight"], status["waiting"], status["last_error"]), (0, 0, None))
 

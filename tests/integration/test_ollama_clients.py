@@ -134,6 +134,24 @@ class OllamaClientTests(TestCase):
         self.assertTrue(890 < secondsUntil(running.expires_at) <= 900, running.expires_at)  # type: ignore[arg-type]
         self.assertEqual(proxy.scheduler.starts, 1)
 
+    async def test_twoModelsLoadedAtOnce(self) -> None:
+        """
+        On GPUs with room for both, Open WebUI's sequence for a question with documents (embed,
+        then chat, then embed) starts each model once and swaps nothing: C{ollama.ps()} lists
+        both, each with the GPU memory accounted to it.
+        """
+        profiles = {"alpha": {**PROFILES["alpha"], "memory": "8GiB"}, "beta": {**PROFILES["beta"], "memory": "2GiB"}}
+        events = CapturedEvents(self)
+        proxy = RunningProxy(self, profiles, "--simulate-gpus", "1x24GiB")
+        client = ollamaClient(self, proxy)
+        await inThread(lambda: client.embed(model="beta", input=["a document"]))
+        await inThread(lambda: client.chat(model="alpha", messages=[{"role": "user", "content": "Hi"}]))
+        await inThread(lambda: client.embed(model="beta", input=["a question"]))
+        self.assertEqual((events.starts(), events.stops()), (["beta", "alpha"], []))
+        running = (await inThread(client.ps)).models
+        self.assertEqual({(model.name, model.size_vram) for model in running},
+                         {("alpha:latest", 8 * 2**30), ("beta:latest", 2 * 2**30)})
+
     async def test_embed(self) -> None:
         """
         embed answers one normalized vector per input; the legacy embeddings call answers one; a

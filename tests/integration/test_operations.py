@@ -192,6 +192,28 @@ class ModelsAtStartTests(TestCase):
         await waitUntil(lambda: proxy.scheduler.status()["state"] == "ready")
         self.assertEqual(proxy.scheduler.status()["model"], "beta")
 
+    async def test_preloadSeveralThenUnloadOneOrAll(self) -> None:
+        """
+        --preload takes several ids: on fake GPUs with room for both, both run at once.
+        C{POST /unload} with C{?model=} or a body naming one stops that one only; without one,
+        every model; each answer lists what it unloaded.
+        """
+        proxy = RunningProxy(self, PROFILES, "--simulate-gpus", "1x24GiB", "--preload", "alpha,beta")
+        await waitUntil(lambda: [m.state.value for m in proxy.scheduler.snapshot()] == ["ready", "ready"])
+        self.assertEqual(proxy.scheduler.starts, 2)
+        response = await proxy.http.post(proxy.url + "/unload?model=alpha")
+        self.assertEqual(await response.json(), {"status": "success", "unloaded": ["alpha"]})
+        self.assertEqual([m.profile.id for m in proxy.scheduler.snapshot()], ["beta"])
+        response = await proxy.http.post(proxy.url + "/unload", json={"model": "alpha"})
+        self.assertEqual(await response.json(), {"status": "success", "unloaded": []})
+        response = await proxy.http.post(proxy.url + "/unload", json={"model": "nope"})
+        self.assertEqual(response.code, 404)
+        self.assertIn("nope", (await response.json())["error"])
+        await chat(proxy, "alpha")
+        response = await proxy.http.post(proxy.url + "/unload")
+        self.assertEqual(await response.json(), {"status": "success", "unloaded": ["alpha", "beta"]})
+        self.assertEqual(proxy.scheduler.snapshot(), ())
+
     async def test_defaultModelReturnsAfterIdleUnload(self) -> None:
         """
         --default-model loads its model at start and keeps it loaded; after another model was
@@ -222,6 +244,13 @@ class ModelsAtStartTests(TestCase):
                                       ["--simulate", "--config-dir", str(config), option, "gamma"])
             self.assertIn("no such profile", str(error))
             self.assertIn("alpha", str(error))
+            error = self.assertRaises(UsageError, Options().parseOptions,
+                                      ["--simulate", "--config-dir", str(config), option, "alpha, gamma"])
+            self.assertIn(f"{option} gamma: no such profile", str(error))
+        error = self.assertRaises(UsageError, Options().parseOptions,
+                                  ["--simulate", "--config-dir", str(config), "--preload", "alpha",
+                                   "--default-model", "alpha"])
+        self.assertIn("alpha: give a model to --default-model", str(error))
 
 
 class ReloadTests(TestCase):

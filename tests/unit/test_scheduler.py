@@ -348,6 +348,25 @@ class SeveralModelsTests(SynchronousTestCase):
         self.assertEqual(c.profile.id, "c")
         self.assertEqual([p.pid for p in self.reactor.spawned if p.exited], [b.child.pid])
 
+    def test_startWaitsForTheEvictedModelsExit(self) -> None:
+        """
+        The new model starts only once the evicted one has exited (its memory is free only
+        then), and while that takes, nothing else is evicted for it.
+        """
+        a = self.ready("a")
+        self.reactor.advance(1)
+        b = self.ready("b")
+        a.release()
+        self.processOf("a").obeys = {"KILL"}
+        waiting = self.acquire("c")
+        self.assertEqual(self.running(), {"a": "stopping", "b": "ready"})
+        b.release()  # A pump with b idle: b could be evicted too, but a's room is enough.
+        self.assertNoResult(waiting)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(GRACE)
+        self.successResultOf(waiting).release()
+        self.assertEqual(self.running(), {"b": "ready", "c": "ready"})
+
     def test_evictionStopsTheFewestModels(self) -> None:
         """
         A model that needs the room of two small ones evicts two; one that needs the room of
