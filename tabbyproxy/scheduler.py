@@ -412,7 +412,7 @@ class Scheduler(Service):
                 "accounted": _byGpu(model.accounted),
                 "estimated": _byGpu(dict(zip(model.placement.gpus, model.placement.shares))),
                 "measured": None if model.measured is None else _byGpu(model.measured),
-                "how": None if estimate is None else estimate.explain(),
+                "estimate": None if estimate is None else estimate.explain(),
             },
             "started_at": _iso(child.startedAt),
             "ready_at": _iso(child.readyAt) if child.readyAt else None,

@@ -142,8 +142,9 @@ class ProxyState:
 
 
 # What /status and the dashboard show to the admin only: where the child listens, which process
-# it is, and the last error, which holds TabbyAPI's output with the server's paths.
-_ADMIN_ONLY = frozenset({"pid", "port", "last_error", "last_lines"})
+# it is, the last error, which holds TabbyAPI's output with the server's paths, and how a
+# memory estimate was made (it names the model folder).
+_ADMIN_ONLY = frozenset({"pid", "port", "last_error", "last_lines", "estimate"})
 
 
 def forDashboards(document: Any) -> Any:

@@ -563,6 +563,30 @@ class SeveralModelsTests(SynchronousTestCase):
         self.ready("b").release()
         self.assertEqual(set(self.running()), {"a", "b"})
 
+    def test_theReadmeExample(self) -> None:
+        """
+        The README's example: two 24 GiB GPUs, chat (14 GiB), a persistent embed (3 GiB) and big
+        (20 GiB on each GPU).  Chat and embed run side by side; big stops an idle chat, keeps
+        embed, and starts beside it; a busy chat drains first instead.
+        """
+        self.start(FixedGpus({0: 24 * GiB, 1: 24 * GiB}),
+                   chat={"model": {"model_name": "Chat"}, "memory": "14GiB"},
+                   embed={"model": {"model_name": "Embed"}, "memory": "3GiB", "persistent": True},
+                   big={"model": {"model_name": "Big"}, "gpus": [0, 1], "memory": "20GiB"})
+        self.ready("embed").release()
+        self.ready("chat").release()
+        self.ready("embed").release()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.ready("big").release()
+        self.assertEqual(set(self.running()), {"embed", "big"})
+        chat = self.ready("chat")  # big is idle and not persistent: it makes room.
+        self.assertEqual(set(self.running()), {"embed", "chat"})
+        waiting = self.acquire("big")
+        self.assertEqual(self.running(), {"embed": "ready", "chat": "draining"})
+        chat.release()
+        self.successResultOf(waiting).release()
+        self.assertEqual(set(self.running()), {"embed", "big"})
+
     def test_estimateAskedOnlyWhenMemoryIsKnown(self) -> None:
         """
         Without GPU memory, no profile is read for an estimate, and one model runs at a time.
