@@ -30,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,7 +62,7 @@ FAST = {"token_delay": 0, "tokens": 256, "token_turns": True}
 SLOW = {"token_delay": 0.02, "tokens": 256}
 
 # The proxy's profile for each kind of simulator (direct and nginx ignore the model name).
-PROFILES = {"fast": "bench", "slow": "bench-slow", "hold": "bench-hold"}
+PROFILES = {"fast": "bench", "slow": "bench-slow", "hold": "bench-hold", "twin": "bench-twin"}
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,10 @@ class Servers:
         self.proxyPort = freePort()
         command = [*twistdCommand(), "-n", "--pidfile=", f"--logfile={self.root / 'proxy.log'}",
                    "tabbyproxy", "--simulate", "--config-dir", str(configDirectory),
-                   "--listen", f"tcp:{self.proxyPort}:interface=127.0.0.1", "--unload-timer", "-1"]
+                   "--listen", f"tcp:{self.proxyPort}:interface=127.0.0.1", "--unload-timer", "-1",
+                   # Room for every profile at once (each is estimated at 1 GiB), so scenarios never
+                   # swap models; scenario m unloads to compare one model with two.
+                   "--simulate-gpus", "2x24GiB"]
         self.proxy = subprocess.Popen(command, cwd=self.root, env={**os.environ, "PYTHONPATH": str(REPO)},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.processes.append(self.proxy)
@@ -377,7 +382,8 @@ def runWrk(root: Path, port: int, path: str, body: dict[str, Any], connections: 
     Drive C{path} with C{connections} keep-alive connections for C{seconds}, watching the CPU of
     the processes C{watch}.
     """
-    script = root / "wrk-post.lua"
+    # One script per body, so that two runs at once (scenario m) each send their own.
+    script = root / f"wrk-post-{zlib.crc32(json.dumps(body).encode()):08x}.lua"
     script.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = [==[{json.dumps(body)}]==]\n")
@@ -863,6 +869,47 @@ def agentAPIs(run: Round, openaiChunks: dict[int, float]) -> None:
                 report.notes.append(f"{scenario} {load} round {run.number}: {result.errors} wrk errors")
 
 
+def severalModels(run: Round) -> None:
+    """
+    (m) Two models served at once against one: 256-token streams at c=16 to the one model alone
+    (the other unloaded), then c=8 to each of two loaded models at the same time.  The proxy's CPU
+    per relayed chunk, two models over one, shows what a second child costs the relay.
+    """
+    servers, report, settings = run.servers, run.report, run.settings
+    connections = 16
+    bodies = {kind: chatBody(PROFILES[kind], True, 256) for kind in ("fast", "twin")}
+    perAnswer = eventsPerAnswer(servers.proxyPort, CHAT, bodies["fast"], "sse")
+    status, raw = request(servers.proxyPort, "POST", f"/unload?model={PROFILES['twin']}")
+    if status != 200:
+        raise SystemExit(f"/unload answered {status}: {raw[:200]!r}")
+    run.prepare("proxy", "fast")
+    one = runWrk(servers.root, servers.proxyPort, CHAT, bodies["fast"], connections, settings.seconds,
+                 run.watch("proxy", "fast"))
+    run.prepare("proxy", "twin")
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda body: runWrk(servers.root, servers.proxyPort, CHAT, body, connections // 2,
+                                                 settings.seconds, run.watch("proxy", "fast")),
+                             bodies.values()))
+    load = f"c={connections}"
+    oneChunks = one.requests * perAnswer
+    bothChunks = sum(result.requests for result in both) * perAnswer
+    # The two runs overlap but for their start: the longer CPU interval covers both.
+    bothCPU = max(result.cpuSeconds[0] for result in both)
+    oneCost = 1e6 * one.cpuSeconds[0] / max(oneChunks, 1)
+    bothCost = 1e6 * bothCPU / max(bothChunks, 1)
+    report.record("m two models", load, "chunks/s, one model", "proxy", one.requestsPerSecond * perAnswer,
+                  "plain", "{:,.0f}")
+    report.record("m two models", load, "chunks/s, two models", "proxy",
+                  sum(result.requestsPerSecond for result in both) * perAnswer, "plain", "{:,.0f}")
+    report.record("m two models", load, "CPU us per chunk, one model", "proxy", oneCost, "plain", "{:.2f}")
+    report.record("m two models", load, "CPU us per chunk, two models", "proxy", bothCost, "plain", "{:.2f}")
+    report.record("m two models", load, "CPU per chunk, two models / one", "proxy", bothCost / oneCost, "plain",
+                  "{:.2f}", atMost(1.05, "{:.2f}"))
+    errors = one.errors + sum(result.errors for result in both)
+    if errors:
+        report.notes.append(f"m round {run.number}: {errors} wrk errors")
+
+
 def stopOnSigterm(signum: int, frame: object) -> None:
     """
     SIGTERM (a timeout, a CI job cancelled) ends the run like an exception, so that the cleanup
@@ -877,7 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: every scenario, tiny loads, one round")
     parser.add_argument("--seconds", type=float, help="duration of each wrk run [3, or 1 with --quick]")
     parser.add_argument("--rounds", type=int, help="interleaved rounds; the table shows medians [3, or 1 with --quick]")
-    parser.add_argument("--only", default="abcder", help="scenarios to run, e.g. --only ad [abcder]")
+    parser.add_argument("--only", default="abcderm", help="scenarios to run, e.g. --only ad [abcderm]")
     parser.add_argument("--without", default="", help="contenders to leave out, e.g. --without nginx")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs) and print its path")
     options = parser.parse_args(argv)
@@ -904,7 +951,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if why is not None:
                 contenders.remove("nginx")
                 report.notes.append(f"nginx was not measured: {why}")
-        servers.startProxy({PROFILES["fast"]: FAST, PROFILES["slow"]: SLOW, PROFILES["hold"]: settings.holdKnobs})
+        servers.startProxy({PROFILES["fast"]: FAST, PROFILES["slow"]: SLOW, PROFILES["hold"]: settings.holdKnobs,
+                            PROFILES["twin"]: FAST})
         servers.use(PROFILES["fast"])
         reason = ollamaAvailable(servers)
         if reason is not None and "c" in options.only:
@@ -930,6 +978,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 agentAPIs(run, openaiChunks)
             if "r" in options.only:
                 realistic(run, reason)
+            if "m" in options.only:
+                severalModels(run)
     finally:
         servers.stop()
         if options.keep:
