@@ -171,6 +171,8 @@ class _Model:
     estimate: MemoryEstimate | None
     lastUsed: float
     measured: dict[int, int] | None = None
+    # Why it drains, for the log line of its stop.
+    drainingFor: str | None = None
 
     @property
     def accounted(self) -> dict[int, int]:
@@ -271,6 +273,7 @@ class Scheduler(Service):
         self._pumpAgain = False
         self._shuttingDown = False
         self._stopped: Deferred[None] = Deferred()
+        self._observers: list[Callable[[], object]] = []
 
     # -- what routes call
 
@@ -286,7 +289,9 @@ class Scheduler(Service):
             return _failed(ShuttingDown("tabbyproxy is shutting down"))
         model = self._models.get(profile.id)
         if model is not None and model.child.state is ChildState.READY:
-            return succeed(self._grant(model, keepAlive, waited=0.0))
+            lease = self._grant(model, keepAlive, waited=0.0)
+            self._changed()
+            return succeed(lease)
         if len(self._waiting) >= self.settings.maxWaiting:
             return _failed(
                 QueueFull(
@@ -304,6 +309,20 @@ class Scheduler(Service):
         self._waiting.append(waiter)
         self._pump()
         return waiter.deferred
+
+    def subscribe(self, observer: Callable[[], object]) -> Callable[[], None]:
+        """
+        Call C{observer} (with no argument) whenever what L{status} says may have changed: a
+        request granted, ended or queued, a child started, ready, draining, stopped or gone.
+
+        @return: a function that unsubscribes it.
+        """
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
+
+    def _changed(self) -> None:
+        for observer in list(self._observers):
+            observer()
 
     @property
     def lastError(self) -> str | None:
@@ -357,6 +376,7 @@ class Scheduler(Service):
             self._stop(model, StopReason.UNLOAD, "unload requested")
         else:
             child.drain(StopReason.UNLOAD)
+            self._changed()
         return _chain(child.ended)
 
     def unloadIdle(self, profile: Profile) -> Deferred[None]:
@@ -541,16 +561,19 @@ class Scheduler(Service):
 
     def childFailed(self, child: Child, message: str) -> None:
         self._noteError(child.profile.id, message)
+        self._changed()
         self._failWaitersFor(child.profile, self._forClients(child, message.partition(LAST_OUTPUT)[0]))
 
     def childCrashed(self, child: Child, message: str) -> None:
         self._noteError(child.profile.id, message)
+        self._changed()
 
     def childExited(self, child: Child) -> None:
         model = self._modelOf(child)
         if model is not None:
             del self._models[child.profile.id]
             model.timer.stop()
+        self._changed()
         # Once the child's own waiters (unloads, the shutdown) have heard of the exit.
         child.ended.addCallback(self._afterExit, child)
 
@@ -673,6 +696,7 @@ class Scheduler(Service):
     def _stop(self, model: _Model, reason: StopReason, why: str) -> None:
         model.timer.stop()
         model.child.stop(reason, why)
+        self._changed()
 
     def _grant(self, model: _Model, keepAlive: float | None, waited: float) -> Lease:
         child = model.child
@@ -704,7 +728,7 @@ class Scheduler(Service):
         child = model.child
         if child.state is ChildState.DRAINING:
             reason = child.stopReason or StopReason.UNLOAD
-            self._stop(model, reason, f"{reason.value} requested")
+            self._stop(model, reason, model.drainingFor or f"{reason.value} requested")
         elif child.state is not ChildState.READY:
             return
         elif child.keepAlive <= 0:
@@ -751,6 +775,7 @@ class Scheduler(Service):
         child.drain(StopReason.UNHEALTHY)
         if child.inFlight == 0:
             self._stop(model, StopReason.UNHEALTHY, problem)
+        self._changed()
 
     def _pump(self) -> None:
         """
@@ -768,6 +793,7 @@ class Scheduler(Service):
                 self._pumpOnce()
         finally:
             self._pumping = False
+        self._changed()
 
     def _pumpOnce(self) -> None:
         if not self._gpusKnown:
@@ -777,6 +803,8 @@ class Scheduler(Service):
         resumed = [slot for slot in self._models.values() if slot.child.state is ChildState.DRAINING]
         for slot in resumed:
             slot.child.resume()
+            if slot.child.state is ChildState.READY:
+                slot.drainingFor = None
         # The room that the models waiting ahead will take once what stands in their way has
         # stopped: a model further back may start only beside it.
         reserved: list[Running] = []
@@ -894,6 +922,7 @@ class Scheduler(Service):
                 "its {inFlight} requests in flight are done", model=modelId, other=forModel, inFlight=child.inFlight,
             )
             child.drain(StopReason.SWAP)
+            model.drainingFor = f"making room for {forModel}"
 
     def _failStart(self, child: Child, message: str) -> None:
         """

@@ -58,10 +58,6 @@ MAX_QUEUED = 256
 # How long events wait to go out together to a viewer.
 BATCH_SECONDS = 0.1
 
-# While a viewer watches, how often the model state is compared with what it was: the
-# scheduler says nothing when a request starts (its end is logged), so this catches the rest.
-TICK_SECONDS = 1.0
-
 _CONTENT_TYPES = {
     ".html": b"text/html; charset=utf-8",
     ".css": b"text/css; charset=utf-8",
@@ -250,17 +246,17 @@ class EventViewer:
 @define
 class ModelWatch:
     """
-    Tells every viewer the models' state when it changes: after each log line (the scheduler
-    logs its starts, readiness, stops and failures), each finished request, each action of the
-    dashboard, and each L{TICK_SECONDS} while anyone watches (a request's start logs nothing).
-    Changes that come together are sent once, a moment later.
+    Tells every viewer the models' state when it changes: whenever the scheduler says it may
+    have (L{tabbyproxy.scheduler.Scheduler.subscribe}: a request granted, ended or queued, a child's start, readiness,
+    drain, stop or exit), and after each finished request and each action of the dashboard.
+    Changes that come together are sent once, a moment later; nothing is compared while nothing
+    happens.
     """
 
     state: ProxyState
     viewers: list[EventViewer] = field(factory=list)
     last: dict[str, Any] | None = None
     _pending: IDelayedCall | None = None
-    _tick: IDelayedCall | None = None
     _unsubscribe: list[Callable[[], None]] = field(factory=list)
 
     def add(self, viewer: EventViewer) -> None:
@@ -268,8 +264,8 @@ class ModelWatch:
             self._unsubscribe = [
                 self.state.logs.subscribe(self._logged),
                 self.state.history.subscribe(self._requested),
+                self.state.scheduler.subscribe(self.poke),
             ]
-            self._scheduleTick()
         self.viewers.append(viewer)
 
     def remove(self, viewer: EventViewer) -> None:
@@ -279,10 +275,9 @@ class ModelWatch:
             for unsubscribe in self._unsubscribe:
                 unsubscribe()
             self._unsubscribe = []
-            for call in (self._pending, self._tick):
-                if call is not None and call.active():
-                    call.cancel()
-            self._pending = self._tick = None
+            if self._pending is not None and self._pending.active():
+                self._pending.cancel()
+            self._pending = None
 
     def poke(self) -> None:
         """
@@ -302,16 +297,7 @@ class ModelWatch:
             for viewer in list(self.viewers):
                 viewer.send("models", stamped if viewer.admin else shown, coalesce=True)
 
-    def _scheduleTick(self) -> None:
-        self._tick = self.state.clock.callLater(TICK_SECONDS, self._ticked)
-
-    def _ticked(self) -> None:
-        self._compare()
-        if self.viewers:
-            self._scheduleTick()
-
     def _logged(self, record: Record) -> None:
-        self.poke()
         for viewer in list(self.viewers):
             if viewer.logs:
                 viewer.send("log", record)

@@ -330,7 +330,7 @@ class AuthTests(SynchronousTestCase):
         process.exit(1)
         self.proxy.flush()
         self.assertIn("/srv/tabbyAPI", self.successResultOf(json_content(self.get("/status", "admin-key")))["last_error"])
-        self.assertStatusShownWithout({"pid", "port", "last_error"})
+        self.assertStatusShownWithout({"pid", "port", "last_error", "estimate"})
         self.proxy.tabby.healthy = True
         self.proxy.client.post("http://localhost/v1/completions", json={"model": "qwen", "prompt": "a"},
                                headers={"Authorization": "Bearer api-key"})
@@ -341,7 +341,7 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(admin["state"], "ready")
         self.assertIsInstance(admin["port"], int)
         self.assertIsInstance(admin["pid"], int)
-        self.assertStatusShownWithout({"pid", "port", "last_error"})
+        self.assertStatusShownWithout({"pid", "port", "last_error", "estimate"})
 
     def assertStatusShownWithout(self, hidden: set[str]) -> None:
         """

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tabbyproxy.config import Keys
 from twisted.internet.task import Clock
 
-from tabbyproxy.routes.ui import BATCH_SECONDS, MAX_QUEUED, TICK_SECONDS, EventViewer, loadStatic
+from tabbyproxy.routes.ui import BATCH_SECONDS, MAX_QUEUED, EventViewer, loadStatic
 from tests.support.fakes import InMemoryProxy
 from tests.support.wire import StreamedBody
 
@@ -215,10 +215,9 @@ class EventsTests(_Base):
             self.proxy.reactor.advance(BATCH_SECONDS)
             self.proxy.flush()
         self.proxy.tabby.healthy = True
-        self.proxy.reactor.advance(TICK_SECONDS)
-        self.proxy.flush()
-        self.proxy.reactor.advance(TICK_SECONDS)
-        self.proxy.flush()
+        for _ in range(3):
+            self.proxy.reactor.advance(BATCH_SECONDS)
+            self.proxy.flush()
         states = [data["models"][0]["state"] for kind, data in parseEvents(b"".join(received)) if kind == "models"]
         self.assertEqual(states, ["starting", "ready"])
         self.post("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})
@@ -236,14 +235,37 @@ class EventsTests(_Base):
         self.proxy.flush()
         response = self.successResultOf(d)
         body = StreamedBody.of(response)
-        self.assertIn("_ticked", [getattr(getattr(call, "func", None), "__name__", "") for call in self.proxy.reactor.getDelayedCalls()])
         body.hangUp()
         self.proxy.flush()
         self.proxy.flush()
         self.failureResultOf(body.ended)
-        # Only the scheduler's own timers remain.
+        # A change of the scheduler's state is compared for nobody: no timer but the scheduler's own.
+        self.successResultOf(self.proxy.scheduler.acquire(self.proxy.catalog.profiles["alpha"])).release()
         self.assertEqual([call for call in self.proxy.reactor.getDelayedCalls()
-                          if getattr(getattr(call, "func", None), "__name__", "") in ("_ticked", "_compare")], [])
+                          if getattr(getattr(call, "func", None), "__name__", "") == "_compare"], [])
+
+    def test_requestStartShowsWithoutPolling(self) -> None:
+        """
+        A request granted by a ready model shows as in flight at once (the scheduler tells the
+        dashboard; nothing is polled), and as done when it ends; nothing is sent while nothing
+        changes.
+        """
+        lease = self.successResultOf(self.proxy.scheduler.acquire(self.proxy.catalog.profiles["alpha"]))
+        lease.release()
+        received = self.startEvents()
+        del received[:]
+        self.proxy.reactor.advance(5)
+        self.proxy.flush()
+        self.assertEqual(received, [])
+        lease = self.successResultOf(self.proxy.scheduler.acquire(self.proxy.catalog.profiles["alpha"]))
+        self.proxy.reactor.advance(BATCH_SECONDS)
+        self.proxy.flush()
+        lease.release()
+        for _ in range(2):
+            self.proxy.reactor.advance(BATCH_SECONDS)
+            self.proxy.flush()
+        flights = [data["models"][0]["in_flight"] for kind, data in parseEvents(b"".join(received)) if kind == "models"]
+        self.assertEqual(flights, [1, 0])
 
 
 class AuthTests(_Base):
