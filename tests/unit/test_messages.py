@@ -10,57 +10,31 @@ from pathlib import Path
 from typing import Any
 
 from treq import content
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
 from tabbyproxy.routes.loading import TICK_INTERVAL
 from tabbyproxy.scheduler import SchedulerSettings
 from tests.support.fakes import InMemoryProxy
 from tests.support.messagestypes import parseError, parseEvent, parseMessage
+from tests.support.translated import HELLO, PROFILES, TOOL_CALL, SharedBehaviours, TranslatedRouteCase, chunk
 from tests.support.wire import StreamedBody, namedEvents
-from tests.unit.test_responses import HELLO, PROFILES, TOOL_CALL, chunk
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
 ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14"}
 
 
-class MessagesTestCase(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
-        self.proxy.tabby.chunks = list(HELLO)
+class MessagesTestCase(TranslatedRouteCase):
+    path = "/v1/messages?beta=true"
+    headers = ANTHROPIC_HEADERS
+    streamedRequest = {"model": "qwen", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    deltaEvent = b"content_block_delta"
 
-    def post(self, body: object, headers: dict[str, str] | None = None, path: str = "/v1/messages?beta=true",
-             flush: bool = True) -> tuple[Any, bytes]:
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        d = self.proxy.client.post(f"http://localhost{path}", data=raw,
-                                   headers={"Content-Type": "application/json", **ANTHROPIC_HEADERS, **(headers or {})})
-        self.proxy.flush()
-        response = self.successResultOf(d)
-        return response, self.successResultOf(content(response))
-
-    def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        response, raw = self.post(body)
-        self.assertEqual(response.code, 200, raw)
-        document: dict[str, Any] = json.loads(raw)
+    def parseAnswer(self, document: dict[str, Any]) -> None:
         parseMessage(document)
-        return document
 
-    def stream(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        response, raw = self.post({**body, "stream": True})
-        self.assertEqual(response.code, 200, raw)
-        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
-        events = namedEvents(raw)
-        for event in events:
-            parseEvent(event)
-        return events
-
-    def lastUpstream(self) -> dict[str, Any]:
-        path, body, _ = self.proxy.tabby.requests[-1]
-        self.assertEqual(path, "/v1/chat/completions")
-        result: dict[str, Any] = body
-        return result
+    def parseEvent(self, event: dict[str, Any]) -> None:
+        parseEvent(event)
 
     def assertAnthropicError(self, response: Any, raw: bytes, status: int, kind: str, fragment: str) -> None:
         self.assertEqual(response.code, status, raw)
@@ -309,27 +283,7 @@ class LoadingTests(MessagesTestCase):
                                   "exited with status 1")
 
 
-class DisconnectTests(MessagesTestCase):
-    def test_clientLeavingStopsUpstream(self) -> None:
-        """
-        A client that leaves mid-stream closes the request to TabbyAPI and gives the lease back.
-        """
-        self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://localhost/v1/messages", unbuffered=True, headers=ANTHROPIC_HEADERS, json={
-            "model": "qwen", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
-        self.proxy.flush()
-        [upstream] = self.proxy.tabby.pending
-        upstreamGone: list[Failure] = []
-        upstream.notifyFinish().addErrback(upstreamGone.append)
-        upstream.write(HELLO[0])
-        self.proxy.flush()
-        response = self.successResultOf(d)
-        body = StreamedBody.of(response)
-        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 1)
-        self.assertIn(b"content_block_delta", body.data)
-        body.hangUp()
-        self.proxy.flush()
-        self.proxy.flush()
-        self.failureResultOf(body.ended)
-        self.assertEqual(len(upstreamGone), 1)
-        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
+class SharedTests(SharedBehaviours, MessagesTestCase):
+    """
+    What every translated route does, on the Messages route.
+    """

@@ -9,80 +9,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-import treq
 from treq import content
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.config import Keys
 from tabbyproxy.responsestore import ResponseStore
 from tabbyproxy.scheduler import SchedulerSettings
 from tests.support.fakes import InMemoryProxy
 from tests.support.responsestypes import parseEvent, parseResponse
+from tests.support.translated import HELLO, PROFILES, TOOL_CALL, SharedBehaviours, TranslatedRouteCase, chunk
 from tests.support.wire import namedEvents
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "qwen": {
-        "model": {"model_name": "Qwen", "unload_timer": 60},
-        "template": {"temperature": 0.6, "system": "Be brief."},
-    },
-}
-
-
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
-    document: dict[str, Any] = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "Qwen",
-                                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    if usage is not None:
-        document["usage"] = usage
-    return b"data: " + json.dumps(document).encode() + b"\r\n\r\n"
-
-
-DONE = b"data: [DONE]\r\n\r\n"
-HELLO = [chunk({"content": "Hel"}), chunk({"content": "lo"}, "stop"),
-         chunk(usage={"prompt_tokens": 3, "completion_tokens": 2}), DONE]
-TOOL_CALL = [chunk({"tool_calls": [{"index": 0, "id": "call_7", "type": "function",
-                                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-                   "tool_calls"), DONE]
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
 
-class ResponsesTestCase(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
-        self.proxy.tabby.chunks = list(HELLO)
+class ResponsesTestCase(TranslatedRouteCase):
+    path = "/v1/responses"
+    streamedRequest = {"model": "qwen", "input": "Hi", "stream": True}
+    deltaEvent = b"response.output_text.delta"
 
-    def post(self, body: object, headers: dict[str, str] | None = None) -> tuple[Any, bytes]:
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        d = self.proxy.client.post("http://localhost/v1/responses", data=raw,
-                                   headers={"Content-Type": "application/json", **(headers or {})})
-        self.proxy.flush()
-        response = self.successResultOf(d)
-        return response, self.successResultOf(content(response))
-
-    def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        response, raw = self.post(body)
-        self.assertEqual(response.code, 200, raw)
-        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
-        document: dict[str, Any] = json.loads(raw)
+    def parseAnswer(self, document: dict[str, Any]) -> None:
         parseResponse(document)
-        return document
+
+    def parseEvent(self, event: dict[str, Any]) -> None:
+        parseEvent(event)
 
     def stream(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        response, raw = self.post({**body, "stream": True})
-        self.assertEqual(response.code, 200, raw)
-        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
-        events = namedEvents(raw)
-        for event in events:
-            parseEvent(event)
+        events = super().stream(body)
         self.assertEqual([event["sequence_number"] for event in events], list(range(len(events))))
         return events
-
-    def lastUpstream(self) -> dict[str, Any]:
-        path, body, _ = self.proxy.tabby.requests[-1]
-        self.assertEqual(path, "/v1/chat/completions")
-        result: dict[str, Any] = body
-        return result
 
     def assertOpenAIError(self, response: Any, raw: bytes, status: int, fragment: str) -> None:
         self.assertEqual(response.code, status, raw)
@@ -333,26 +288,7 @@ class LoadingTests(ResponsesTestCase):
         self.assertOpenAIError(*self.post({"model": "qwen", "input": "b"}), 503, "server busy")
 
 
-class DisconnectTests(ResponsesTestCase):
-    def test_clientLeavingStopsUpstream(self) -> None:
-        """
-        A client that leaves mid-stream closes the request to TabbyAPI and gives the lease back.
-        """
-        self.proxy.tabby.hold = True
-        d = self.proxy.client.post("http://localhost/v1/responses", unbuffered=True,
-                                   json={"model": "qwen", "input": "Hi", "stream": True})
-        self.proxy.flush()
-        [upstream] = self.proxy.tabby.pending
-        upstreamGone: list[Failure] = []
-        upstream.notifyFinish().addErrback(upstreamGone.append)
-        upstream.write(HELLO[0])
-        self.proxy.flush()
-        response = self.successResultOf(d)
-        collected = treq.collect(response, lambda data: None)
-        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 1)
-        response.original._transport.stopProducing()
-        self.proxy.flush()
-        self.proxy.flush()
-        self.failureResultOf(collected)
-        self.assertEqual(len(upstreamGone), 1)
-        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
+class SharedTests(SharedBehaviours, ResponsesTestCase):
+    """
+    What every translated route does, on the Responses route.
+    """
