@@ -44,7 +44,6 @@ from tabbyproxy.tabbywire import (
     Event,
     Finish,
     ReasoningDelta,
-    StreamError,
     TextDelta,
     ToolCallArguments,
     ToolCallStart,
@@ -618,7 +617,7 @@ class ResponseEncoder:
 
     def feed(self, events: Iterable[Event]) -> list[dict[str, Any]]:
         """
-        The Responses events for TabbyAPI's C{events}.  A L{StreamError} is left to L{fail}.
+        The Responses events for TabbyAPI's C{events}.  A L{tabbyproxy.tabbywire.StreamError} is left to L{fail}.
         """
         out: list[dict[str, Any]] = []
         for event in events:

@@ -72,6 +72,14 @@ def requestIdOf(request: IRequest) -> str | None:
     return request.requestId if isinstance(request, ProxyRequest) else None
 
 
+def headersSent(request: IRequest) -> bool:
+    """
+    Whether C{request}'s status line and headers went out (its answer has started), which
+    C{IRequest} does not say.
+    """
+    return isinstance(request, Request) and bool(request.startedWriting)
+
+
 def modelOf(request: IRequest) -> str | None:
     """
     The profile C{request} is for, once a route said so with L{noteModel}.

@@ -33,7 +33,7 @@ from tabbyproxy.jsontypes import describeJSON
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer
 from tabbyproxy.metrics import Metrics
-from tabbyproxy.server import DEFAULT_MAX_BODY, modelOf, noteBody, noteRoute, requestIdOf
+from tabbyproxy.server import DEFAULT_MAX_BODY, headersSent, modelOf, noteBody, noteRoute, requestIdOf
 from tabbyproxy.scheduler import SchedulingError, Scheduler
 from tabbyproxy.tabbywire import sseEvent
 from tabbyproxy.upstream import Upstream, UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
@@ -337,7 +337,7 @@ class ErrorShape:
         """
         if self.requestIdKey is not None and isinstance(document, dict):
             document[self.requestIdKey] = requestIdOf(request)
-        if request.startedWriting:  # type: ignore[attr-defined]
+        if headersSent(request):
             request.write(self.inStream(document))
             return None
         return writeJSON(request, status, document)

@@ -31,7 +31,7 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
-from tabbyproxy.server import noteModel
+from tabbyproxy.server import headersSent, noteModel
 from tabbyproxy.scheduler import Lease
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 
@@ -139,7 +139,7 @@ class OpenAIRoutes:
     ) -> None:
         upstream = self.state.upstream
         response = await upstream.call(lease, method, path, payload)
-        if not request.startedWriting:  # type: ignore[attr-defined]
+        if not headersSent(request):
             upstream.copyHeaders(response, request)
 
         def relayed(data: bytes) -> None:

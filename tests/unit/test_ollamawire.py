@@ -752,8 +752,8 @@ class GenerateRequestTests(SynchronousTestCase):
         self.assertEqual(request.path, CHAT_PATH)
         self.assertNotIn("suffix", request.body)
         self.assertNotIn("template", request.body)
-        for field in ("suffix", "template"):
-            self.assertRaises(OllamaRequestError, generateRequest, {"prompt": "x", field: 1})
+        for name in ("suffix", "template"):
+            self.assertRaises(OllamaRequestError, generateRequest, {"prompt": "x", name: 1})
 
     def test_images(self) -> None:
         """
