@@ -32,29 +32,12 @@ from tests.support.processes import pidAlive, waitForExit, waitUntil
 from tests.support.processes import reactor as _reactor
 from tests.support.proxy import RunningProxy
 from tests.support.logs import CapturedEvents
-from tests.support.wire import StreamedBody, ssePayloads
+from tests.support.wire import StreamedBody, ssePayloads, streamedText
 
 # The global reactor, typed as what these tests use of it.
 reactor: Any = _reactor
 
 GRACE = 10.0
-
-
-def streamedText(body: bytes) -> tuple[str, list[str]]:
-    """
-    The content of an OpenAI chat stream, and its raw event payloads.
-    """
-    events = ssePayloads(body)
-    text = ""
-    for event in events:
-        if event == "[DONE]":
-            continue
-        document = json.loads(event)
-        if "error" in document:
-            continue
-        for choice in document.get("choices", []):
-            text += (choice.get("delta") or {}).get("content") or ""
-    return text, events
 
 
 # ------------------------------------------------------------------------------------------------

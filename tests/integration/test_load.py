@@ -21,7 +21,6 @@ from twisted.trial.unittest import TestCase
 from tests.support.processes import reactor as _reactor
 from tests.support.processes import DEADLINE, waitUntil
 from tests.support.proxy import RunningProxy, TwistdProxy
-from tests.integration.test_faults import streamedText
 from tests.support.logs import CapturedEvents
 
 # The global reactor, typed as what these tests use of it.
@@ -53,22 +52,9 @@ class ConcurrentLoadTests(TestCase):
         failures: list[str] = []
 
         async def one(client: int, model: str) -> None:
-            streaming = client % 2 == 0
-            folder = model.upper() + "-exl3 "
-            if streaming:
-                response = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
-                    "model": model, "stream": True, "max_tokens": 12,
-                    "messages": [{"role": "user", "content": f"client {client}"}]})
-                text, sse = streamedText(await response.content())
-                if response.code != 200 or not text.startswith(folder) or sse[-1] != "[DONE]" or \
-                        any("error" in event for event in sse):
-                    failures.append(f"client {client} {model}: {response.code} {sse[-2:]}")
-            else:
-                response = await proxy.http.post(proxy.url + "/v1/completions", json={
-                    "model": model, "prompt": f"client {client}", "max_tokens": 12})
-                document = await response.json()
-                if response.code != 200 or not document["choices"][0]["text"].startswith(folder):
-                    failures.append(f"client {client} {model}: {response.code} {document}")
+            problem = await proxy.answerProblem(model, f"client {client}", 12, streaming=client % 2 == 0)
+            if problem is not None:
+                failures.append(f"client {client} {problem}")
 
         for round in range(ROUNDS):
             loaded, following = MODELS[round % 3], MODELS[(round + 1) % 3]

@@ -11,7 +11,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_faults import streamedText
 from tests.support.logs import CapturedEvents
 from tests.support.processes import pidAlive, reactor
 from tests.support.proxy import RunningProxy
@@ -45,21 +44,9 @@ class PlacementTests(TestCase):
         chooser = random.Random(13)
 
         async def one(client: int, model: str) -> None:
-            folder = model.capitalize() + "-exl3 "
-            if client % 2 == 0:
-                response = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
-                    "model": model, "stream": True, "max_tokens": 8,
-                    "messages": [{"role": "user", "content": f"client {client}"}]})
-                text, sse = streamedText(await response.content())
-                if response.code != 200 or not text.startswith(folder) or sse[-1] != "[DONE]" or \
-                        any("error" in event for event in sse):
-                    failures.append(f"client {client} {model}: {response.code} {sse[-2:]}")
-            else:
-                response = await proxy.http.post(proxy.url + "/v1/completions", json={
-                    "model": model, "prompt": f"client {client}", "max_tokens": 8})
-                document = await response.json()
-                if response.code != 200 or not document["choices"][0]["text"].startswith(folder):
-                    failures.append(f"client {client} {model}: {response.code} {document}")
+            problem = await proxy.answerProblem(model, f"client {client}", 8, streaming=client % 2 == 0)
+            if problem is not None:
+                failures.append(f"client {client} {problem}")
 
         async def client(number: int, models: tuple[str, ...], requests: int) -> None:
             for _ in range(requests):

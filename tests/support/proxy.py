@@ -26,6 +26,7 @@ from tabbyproxy.scheduler import Scheduler
 from tabbyproxy.tap import Options, makeService
 from tests.support.fakes import writeProfiles
 from tests.support.processes import DEADLINE, ChildProcess, findFreePorts, killIfAlive, reactor, waitUntil
+from tests.support.wire import streamedText
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -37,6 +38,7 @@ class RunningProxy:
     """
 
     def __init__(self, testCase: TestCase, profiles: dict[str, dict[str, Any]], *arguments: str) -> None:
+        self.profiles = profiles
         configDir = Path(testCase.mktemp()) / "config"
         writeProfiles(configDir, profiles)
         self.port = findFreePorts()
@@ -55,6 +57,29 @@ class RunningProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    async def answerProblem(self, model: str, prompt: str, maxTokens: int, streaming: bool) -> str | None:
+        """
+        Ask the simulated C{model} for C{maxTokens} tokens, as a streamed chat or a plain
+        completion, and say what is wrong with its answer: C{None} when it is whole, carries no
+        error and comes from C{model}'s folder (the simulator's text starts with its name).
+        """
+        folder = self.profiles[model]["model"]["model_name"] + " "
+        if streaming:
+            response = await self.http.post(self.url + "/v1/chat/completions", json={
+                "model": model, "stream": True, "max_tokens": maxTokens,
+                "messages": [{"role": "user", "content": prompt}]})
+            text, events = streamedText(await response.content())
+            if response.code != 200 or not text.startswith(folder) or events[-1] != "[DONE]" or \
+                    any("error" in event for event in events):
+                return f"{model}: {response.code} {events[-2:]}"
+        else:
+            response = await self.http.post(self.url + "/v1/completions", json={
+                "model": model, "prompt": prompt, "max_tokens": maxTokens})
+            document = await response.json()
+            if response.code != 200 or not document["choices"][0]["text"].startswith(folder):
+                return f"{model}: {response.code} {document}"
+        return None
 
     @property
     def scheduler(self) -> Scheduler:

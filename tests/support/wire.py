@@ -32,6 +32,23 @@ def sseDocuments(body: bytes) -> list[dict[str, Any]]:
     return [json.loads(payload) for payload in ssePayloads(body) if payload != "[DONE]"]
 
 
+def streamedText(body: bytes) -> tuple[str, list[str]]:
+    """
+    The content of an OpenAI chat stream, and its raw event payloads.
+    """
+    events = ssePayloads(body)
+    text = ""
+    for event in events:
+        if event == "[DONE]":
+            continue
+        document = json.loads(event)
+        if "error" in document:
+            continue
+        for choice in document.get("choices", []):
+            text += (choice.get("delta") or {}).get("content") or ""
+    return text, events
+
+
 def namedEvents(raw: bytes) -> list[dict[str, Any]]:
     """
     The events of a stream whose events are named (Anthropic's Messages, OpenAI's Responses),
