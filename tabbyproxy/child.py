@@ -20,7 +20,7 @@ from collections import deque
 from enum import Enum
 from pathlib import Path
 from signal import SIGINT, SIGKILL, SIGTERM
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import yaml
 from attrs import define, field, frozen
@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived, readBody
 from twisted.web.iweb import IAgent
 
-from tabbyproxy.config import Profile, TabbyInstall, writePrivate
+from tabbyproxy.config import Keys, Profile, TabbyInstall, writePrivate
 from tabbyproxy.keepalive import describeDuration
 from tabbyproxy.listener import listenerOwnedBy
 from tabbyproxy.metrics import Metrics
@@ -49,6 +49,13 @@ from tabbyproxy.metrics import Metrics
 LAST_LINES = 30
 # Where a failure's message ends and TabbyAPI's last lines begin (L{Child.withLastLines}).
 LAST_OUTPUT = "; last output of TabbyAPI:\n"
+
+
+_AUTH_OFF = Keys(enabled=False)
+
+
+def _authOff() -> Keys:
+    return _AUTH_OFF
 
 
 class ChildState(Enum):
@@ -130,16 +137,28 @@ class _ChildProtocol(ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, modelId: str, onExit: Callable[[Failure], None], secrets: Iterable[str] = ()) -> None:
+    def __init__(self, modelId: str, onExit: Callable[[Failure], None], keys: Callable[[], Keys] = _authOff) -> None:
         """
-        @param secrets: strings never to log (the API and admin keys): a line that holds one is
-            logged, and kept for error reports, with the key replaced by C{[redacted]}.
+        @param keys: the keys as they are now (the file is followed while the child runs): a
+            line that holds one, or one that was a key earlier in the child's life, is logged,
+            and kept for error reports, with the key replaced by C{[redacted]}.
         """
         self.modelId = modelId
         self.lastLines: deque[str] = deque(maxlen=LAST_LINES)
         self._onExit = onExit
         self._partial = {1: b"", 2: b""}
-        self._secrets = tuple(secret for secret in secrets if secret)
+        self._keys = keys
+        self._keysSeen: Keys | None = None
+        self._secrets: tuple[str, ...] = ()
+
+    def _currentSecrets(self) -> tuple[str, ...]:
+        keys = self._keys()
+        if keys is not self._keysSeen:
+            self._keysSeen = keys
+            if keys.enabled:
+                added = [key for key in (*keys.apiKeys, keys.adminKey) if key and key not in self._secrets]
+                self._secrets = (*self._secrets, *added)
+        return self._secrets
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         lines = (self._partial.get(childFD, b"") + data).split(b"\n")
@@ -151,7 +170,7 @@ class _ChildProtocol(ProcessProtocol):
         line = raw.decode("utf-8", "replace").rstrip("\r")
         if not line.strip():
             return
-        for secret in self._secrets:
+        for secret in self._currentSecrets():
             if secret in line:
                 line = line.replace(secret, "[redacted]")
         self.lastLines.append(line)
@@ -224,8 +243,9 @@ class Child:
     agent: IAgent
     settings: ChildSettings
     metrics: Metrics
-    # Not in the repr: the child is the source of its own log events, and those must hold no key.
-    secrets: tuple[str, ...] = field(default=(), repr=False)
+    # The keys as they are now, never to be logged.  Not in the repr: the child is the source of
+    # its own log events, and those must hold no key.
+    keys: Callable[[], Keys] = field(default=_authOff, repr=False)
     wallClock: Callable[[], float] = time.time
     ownsListener: Callable[[int, int], bool] = listenerOwnedBy
     # Added to the proxy's environment for the child: the GPUs it may use.
@@ -247,7 +267,7 @@ class Child:
     signalsSent: set[str] = field(factory=set)
 
     def __attrs_post_init__(self) -> None:
-        self.protocol = _ChildProtocol(self.profile.id, self._exited, self.secrets)
+        self.protocol = _ChildProtocol(self.profile.id, self._exited, self.keys)
         self.startedAt = self.wallClock()
 
     @property

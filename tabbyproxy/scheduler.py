@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from tabbyproxy.child import LAST_OUTPUT, Child, ChildSettings, ChildState, StopReason, pickFreePort
-from tabbyproxy.config import Profile, TabbyInstall
+from tabbyproxy.config import Keys, Profile, TabbyInstall
 from tabbyproxy.gpus import GpuProbe, GpuReading, childEnvironment
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
 from tabbyproxy.listener import listenerOwnedBy
@@ -224,6 +224,8 @@ class Scheduler(Service):
 
     @ivar defaultModels: the profiles to start again whenever an idle model has been unloaded
         and they fit without stopping another (C{--default-model}).
+    @ivar currentKeys: the keys as they are now (L{tabbyproxy.auth.KeyWatcher} follows the
+        file), which the children's output must never show.
     """
 
     log = Logger()
@@ -258,6 +260,7 @@ class Scheduler(Service):
         self.gpus = gpus
         self.estimate = estimate if estimate is not None else (lambda profile: estimateMemory(profile, install))
         self.defaultModels: Callable[[], Sequence[Profile]] = lambda: ()
+        self.currentKeys: Callable[[], Keys] = lambda: install.keys
         self.starts = 0
         self._models: dict[str, _Model] = {}
         self._errors: dict[str, str] = {}
@@ -659,7 +662,6 @@ class Scheduler(Service):
 
     def _start(self, profile: Profile, placement: Placement, estimate: MemoryEstimate | None) -> None:
         self.starts += 1
-        keys = self.install.keys
         child = Child(
             profile=profile,
             port=self.pickPort(),
@@ -670,7 +672,7 @@ class Scheduler(Service):
             agent=self.agent,
             settings=self.settings.child,
             metrics=self.metrics,
-            secrets=(*keys.apiKeys, keys.adminKey) if keys.enabled else (),
+            keys=self.currentKeys,
             wallClock=self.wallClock,
             ownsListener=self.ownsListener,
             environment=childEnvironment(placement.gpus),

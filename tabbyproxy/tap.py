@@ -444,6 +444,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         currentKeys = KeyWatcher(install.directory / "api_tokens.yml", install.keys, reactor)
         currentKeys.setServiceParent(top)
     keysNow = currentKeys if currentKeys is not None else (lambda: install.keys)
+    scheduler.currentKeys = keysNow
     state = ProxyState(
         catalog=lambda: profiles.catalog,
         install=install,

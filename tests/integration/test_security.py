@@ -105,6 +105,25 @@ class KeysNeverLoggedTests(TestCase):
         self.assertNotIn("secret", str(failure.value))
         self.assertIn("Your admin key is: [redacted]", str(failure.value))
 
+    def test_keysAddedLaterAreRedacted(self) -> None:
+        """
+        The key file is followed while a child runs: a key added to it is redacted from the
+        child's output from then on, and a key taken out of it still is.
+        """
+        keys = [Keys(enabled=True, apiKeys=("api-old-1",), adminKey="admin-old-2")]
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES, keys=keys[0], currentKeys=lambda: keys[-1])
+        proxy.tabby.healthy = False
+        waiting = proxy.scheduler.acquire(proxy.catalog.profiles["alpha"])
+        [process] = proxy.reactor.spawned
+        with capturedLogs() as events:
+            process.print("old api-old-1\n")
+            keys.append(Keys(enabled=True, apiKeys=("api-new-3",), adminKey="admin-new-4"))
+            process.print("new api-new-3 admin-new-4, old api-old-1 admin-old-2\n")
+            process.exit(1)
+        self.failureResultOf(waiting)
+        lines = [event["line"] for event in events if "line" in event]
+        self.assertEqual(lines, ["old [redacted]", "new [redacted] [redacted], old [redacted] [redacted]"])
+
     def test_keysNotInRepr(self) -> None:
         """
         The keys' container never shows them in its repr (which ends up in logs and tracebacks).

@@ -283,6 +283,7 @@ class InMemoryProxy:
         self.scheduler = running.scheduler
         install = running.scheduler.install
         keysNow = currentKeys if currentKeys is not None else (lambda: keys)
+        self.scheduler.currentKeys = keysNow
         self.state = ProxyState(
             catalog=lambda: self.catalog,
             install=install,
