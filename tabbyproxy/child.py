@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -47,6 +48,8 @@ from tabbyproxy.listener import listenerOwnedBy
 from tabbyproxy.metrics import Metrics
 
 LAST_LINES = 30
+# TabbyAPI's start-up line when its port is busy: it then serves on the next port.
+_PORT_SWITCH = re.compile(r"Port (\d+) is currently in use\. Switching to (\d+)")
 # Where a failure's message ends and TabbyAPI's last lines begin (L{Child.withLastLines}).
 LAST_OUTPUT = "; last output of TabbyAPI:\n"
 
@@ -83,6 +86,7 @@ class StopReason(Enum):
     LOAD_TIMEOUT = "load_timeout"
     ABANDONED = "abandoned"
     PORT_TAKEN = "port_taken"
+    PORT_MOVED = "port_moved"
     SHUTDOWN = "shutdown"
 
 
@@ -118,6 +122,13 @@ class ChildOwner(Protocol):
         C{child} will never be ready: C{message} says why, with its last lines, for the clients.
         """
 
+    def childMoved(self, child: Child, message: str) -> None:
+        """
+        C{child} found its port busy and serves on another one, which the proxy did not pick
+        (and so never trusts): it is being stopped; C{message} says so.  Its requests are the
+        owner's to keep waiting for a child on a fresh port, or to fail.
+        """
+
     def childCrashed(self, child: Child, message: str) -> None:
         """
         C{child} ended while serving, or by a signal nobody here sent it.
@@ -137,15 +148,18 @@ class _ChildProtocol(ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, modelId: str, onExit: Callable[[Failure], None], keys: Callable[[], Keys] = _authOff) -> None:
+    def __init__(self, modelId: str, onExit: Callable[[Failure], None], keys: Callable[[], Keys] = _authOff,
+                 onLine: Callable[[str], None] = lambda line: None) -> None:
         """
         @param keys: the keys as they are now (the file is followed while the child runs): a
             line that holds one, or one that was a key earlier in the child's life, is logged,
             and kept for error reports, with the key replaced by C{[redacted]}.
+        @param onLine: is given each line once it is logged.
         """
         self.modelId = modelId
         self.lastLines: deque[str] = deque(maxlen=LAST_LINES)
         self._onExit = onExit
+        self._onLine = onLine
         self._partial = {1: b"", 2: b""}
         self._keys = keys
         self._keysSeen: Keys | None = None
@@ -177,6 +191,7 @@ class _ChildProtocol(ProcessProtocol):
         self.log.info(
             "[{model}] {line}", model=self.modelId, line=line, stream="stderr" if childFD == 2 else "stdout"
         )
+        self._onLine(line)
 
     def processEnded(self, reason: Failure) -> None:
         for childFD, rest in self._partial.items():
@@ -267,7 +282,7 @@ class Child:
     signalsSent: set[str] = field(factory=set)
 
     def __attrs_post_init__(self) -> None:
-        self.protocol = _ChildProtocol(self.profile.id, self._exited, self.keys)
+        self.protocol = _ChildProtocol(self.profile.id, self._exited, self.keys, self._lineSeen)
         self.startedAt = self.wallClock()
 
     @property
@@ -467,6 +482,32 @@ class Child:
         )
         self.metrics.failedStarts.labels(self.profile.id).inc()
         self.stop(StopReason.PORT_TAKEN, "its port is held by another process")
+
+    def _lineSeen(self, line: str) -> None:
+        """
+        Readiness is never read from the console, but one start-up line matters: TabbyAPI that
+        finds its port busy says so and serves on the next port, which the proxy did not pick
+        and whose listener nobody checked.  The child is stopped; its owner starts another on a
+        port it picks.
+        """
+        if self.state is not ChildState.STARTING or "Switching to" not in line:
+            return
+        switch = _PORT_SWITCH.search(line)
+        if switch is None or int(switch.group(1)) != self.port:
+            return
+        movedTo = int(switch.group(2))
+        self.log.warn(
+            "Port {port} of {model} (pid {pid}) was busy and TabbyAPI moved to port {movedTo}, which "
+            "the proxy does not trust: stopping it",
+            model=self.profile.id, pid=self.pid, port=self.port, movedTo=movedTo,
+        )
+        # The owner first: a fake child that obeys SIGTERM at once exits inside stop().
+        self.owner.childMoved(
+            self,
+            f"port {self.port} of TabbyAPI for {self.profile.id} was busy (another process listens on it), "
+            f"and TabbyAPI moved to port {movedTo}, which the proxy did not pick",
+        )
+        self.stop(StopReason.PORT_MOVED, f"its port {self.port} was busy and it moved to port {movedTo}")
 
     def _loadTimedOut(self) -> None:
         if self.state is not ChildState.STARTING:

@@ -59,6 +59,9 @@ from tabbyproxy.tabbywire import causeLine
 MODELS_PER_GPU = 3
 """How many models may run per GPU by default when the GPUs' memory is known (Ollama's default)."""
 
+PORT_MOVES = 3
+"""How many children in a row of one start may find their port busy before its requests fail."""
+
 
 class SchedulingError(Exception):
     """
@@ -173,6 +176,8 @@ class _Model:
     measured: dict[int, int] | None = None
     # Why it drains, for the log line of its stop.
     drainingFor: str | None = None
+    # How many children before this one, in this start, found their port busy.
+    portMoves: int = 0
 
     @property
     def accounted(self) -> dict[int, int]:
@@ -567,6 +572,34 @@ class Scheduler(Service):
         self._changed()
         self._failWaitersFor(child.profile, self._forClients(child, message.partition(LAST_OUTPUT)[0]))
 
+    def childMoved(self, child: Child, message: str) -> None:
+        """
+        Start the model again at once on a fresh port, keeping its requests waiting; after
+        L{PORT_MOVES} children in a row found their port busy, fail them instead.  The moved
+        child is stopping: it has not loaded the model yet (TabbyAPI checks its port first), and
+        its exit is no longer the model's.
+        """
+        model = self._modelOf(child)
+        if model is None:
+            return
+        moves = model.portMoves + 1
+        profile = child.profile
+        if moves >= PORT_MOVES:
+            message = (f"{message}; {moves} starts in a row found their port busy, so the proxy gave up "
+                       "(is something taking the loopback ports it picks?)")
+            self.log.error("Giving up the start of {model}: {why}", model=profile.id, why=message)
+            self._noteError(profile.id, child.withLastLines(message))
+            self.metrics.failedStarts.labels(profile.id).inc()
+            self._failWaitersFor(profile, message)
+            self._changed()
+            return
+        if self._shuttingDown or not any(waiter.profile.id == profile.id for waiter in self._waiting):
+            return
+        self.log.warn("A fresh port for {model} ({moves} of {limit} moves): {why}",
+                      model=profile.id, moves=moves, limit=PORT_MOVES, why=message)
+        model.timer.stop()
+        self._start(profile, model.placement, model.estimate, portMoves=moves)
+
     def childCrashed(self, child: Child, message: str) -> None:
         self._noteError(child.profile.id, message)
         self._changed()
@@ -660,7 +693,13 @@ class Scheduler(Service):
 
     # -- scheduling
 
-    def _start(self, profile: Profile, placement: Placement, estimate: MemoryEstimate | None) -> None:
+    def _start(self, profile: Profile, placement: Placement, estimate: MemoryEstimate | None,
+               portMoves: int = 0) -> None:
+        """
+        Spawn a child for C{profile} where C{placement} puts it.
+
+        @param portMoves: how many children of this start found their port busy before.
+        """
         self.starts += 1
         child = Child(
             profile=profile,
@@ -679,7 +718,7 @@ class Scheduler(Service):
         )
         model = _Model(
             child, IdleTimer(self.clock, lambda: self._idleExpired(profile.id)), placement, estimate,
-            lastUsed=self.clock.seconds(),
+            lastUsed=self.clock.seconds(), portMoves=portMoves,
         )
         self._models[profile.id] = model
         self.metrics.starts.labels(profile.id).inc()

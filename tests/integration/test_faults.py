@@ -25,10 +25,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from tabbyproxy.child import ChildSettings
+from tabbyproxy.child import ChildSettings, pickFreePort
 from tabbyproxy.scheduler import Lease, SchedulerSettings
 from tests.support.fakes import RunningScheduler
-from tests.support.processes import pidAlive, waitForExit, waitUntil
+from tests.support.processes import findFreePorts, pidAlive, waitForExit, waitUntil
 from tests.support.processes import reactor as _reactor
 from tests.support.proxy import RunningProxy
 from tests.support.logs import CapturedEvents
@@ -407,3 +407,38 @@ class HungChildTests(TestCase):
         self.assertEqual(again.code, 200)
         await again.content()
         self.assertNotEqual(proxy.scheduler.status()["pid"], pid)
+
+
+class PortMoveTests(TestCase):
+    """
+    Issue 10, item 12: TabbyAPI that finds its port busy serves on the next one; the proxy
+    trusts neither and starts it again on a port it picked.
+    """
+
+    timeout = 60
+
+    async def test_busyPortStartsTheChildAgainOnAFreshPort(self) -> None:
+        """
+        With the child's first port held by another listener, the simulator says it switches
+        to the next port; the proxy stops that child and starts another on a fresh port, and
+        the waiting request is answered by it, not by whatever listens on either port.
+        """
+        events = CapturedEvents(self)
+        proxy = RunningProxy(self, {"alpha": {"model": {"model_name": "Alpha"}}})
+        busy = findFreePorts(2)
+        squatter = socket.socket()
+        self.addCleanup(squatter.close)
+        squatter.bind(("127.0.0.1", busy))
+        squatter.listen(8)
+        picked = iter([busy])
+        proxy.scheduler.pickPort = lambda: next(picked, None) or pickFreePort()
+
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"})
+        self.assertEqual(response.code, 200)
+        self.assertTrue((await response.json())["choices"][0]["text"].startswith("Alpha "))
+        self.assertTrue(events.childSaid(f"Port {busy} is currently in use. Switching to {busy + 1}."))
+        self.assertEqual(events.stops(), [f"its port {busy} was busy and it moved to port {busy + 1}"])
+        self.assertEqual(proxy.scheduler.starts, 2)
+        self.assertNotIn(proxy.scheduler.status()["port"], (busy, busy + 1))
+        [moved] = [e["pid"] for e in events.events if e.get("log_format", "").startswith("Stopping {model}")]
+        await waitForExit(moved, timeout=10)

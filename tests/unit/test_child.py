@@ -9,7 +9,9 @@ import stat
 
 from twisted.logger import capturedLogs
 
+from tabbyproxy.child import ChildSettings
 from tabbyproxy.scheduler import ShuttingDown, StartFailed
+from tests.support.fakes import FakeProcess
 from tests.unit.test_scheduler import GRACE, _SchedulerTestCase
 
 
@@ -153,3 +155,79 @@ class ChildTests(_SchedulerTestCase):
 
         lease = self.ready("a")
         self.assertEqual(lease.baseURL, "http://127.0.0.1:7002")
+
+    def switchPorts(self, process: FakeProcess, port: int) -> None:
+        """
+        Make C{process} say what TabbyAPI says when its port is busy.
+        """
+        process.print(f"2026-12-04 15:40:00.123 WARNING:  Port {port} is currently in use. Switching to {port + 1}.\n")
+
+    def test_portSwitchStartsAgainOnAFreshPort(self) -> None:
+        """
+        A child that says its port is busy and it switches to the next one is stopped before
+        anything is sent to either port, and another child starts at once on a port the proxy
+        picked; the request waiting for the model is served by that one, and the moved child's
+        exit does not end the new start.
+        """
+        ports = iter([7001, 7101])
+        self.scheduler.pickPort = lambda: next(ports)
+        self.tabby.healthy = False
+        waiting = self.acquire("a")
+        moved = self.reactor.spawned[0]
+        moved.obeys = set()
+        with capturedLogs() as events:
+            self.switchPorts(moved, 7001)
+        self.assertEqual(moved.signals, ["TERM"])
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.reactor.spawned[1].config()["network"]["port"], 7101)
+        self.assertNoResult(waiting)
+        self.assertEqual([e["movedTo"] for e in events if "movedTo" in e], [7002])
+
+        moved.exit(signal=15)
+        self.assertEqual(self.scheduler.status()["state"], "starting")
+        self.tabby.healthy = True
+        self.reactor.advance(ChildSettings().healthInterval)
+        lease = self.successResultOf(waiting)
+        self.assertEqual(lease.baseURL, "http://127.0.0.1:7101")
+        self.assertIsNone(self.scheduler.status()["last_error"])
+
+    def test_threePortMovesFailTheStart(self) -> None:
+        """
+        When three children in a row of one start find their port busy, the requests waiting
+        for the model fail with a message that says so; the next request starts afresh.
+        """
+        self.tabby.healthy = False
+        waiting = [self.acquire("a"), self.acquire("a")]
+        for attempt in range(3):
+            self.assertNoResult(waiting[0])
+            process = self.reactor.spawned[attempt]
+            self.switchPorts(process, process.config()["network"]["port"])
+            self.assertEqual(process.signals, ["TERM"])
+        self.assertEqual(len(self.reactor.spawned), 3)
+        for d in waiting:
+            message = str(self.failureResultOf(d, StartFailed).value)
+            self.assertIn("was busy (another process listens on it), and TabbyAPI moved to port", message)
+            self.assertIn("3 starts in a row found their port busy", message)
+        self.assertIn("3 starts in a row", self.scheduler.status()["last_error"])
+        self.assertEqual(self.scheduler.snapshot(), ())
+
+        self.tabby.healthy = True
+        self.successResultOf(self.acquire("a"))
+        self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_switchLineOfAnotherPortOrAReadyChildIsOnlyLogged(self) -> None:
+        """
+        The port line counts only from a starting child about its own port: a ready child that
+        prints it (a log replayed, a model's output) keeps serving.
+        """
+        self.tabby.healthy = False
+        waiting = self.acquire("a")
+        process = self.reactor.spawned[0]
+        self.switchPorts(process, 9999)
+        self.assertEqual(process.signals, [])
+        self.tabby.healthy = True
+        self.reactor.advance(ChildSettings().healthInterval)
+        self.successResultOf(waiting)
+        self.switchPorts(process, 7001)
+        self.assertEqual(process.signals, [])
+        self.assertEqual(len(self.reactor.spawned), 1)
