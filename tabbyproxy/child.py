@@ -87,6 +87,7 @@ class StopReason(Enum):
     ABANDONED = "abandoned"
     PORT_TAKEN = "port_taken"
     PORT_MOVED = "port_moved"
+    HUNG = "hung"
     SHUTDOWN = "shutdown"
 
 
@@ -99,12 +100,18 @@ class ChildSettings:
         cold start costs on average half of it on top of TabbyAPI's own start.
     @ivar healthTimeout: how long one C{/health} request may take before the child counts as
         not answering.
+    @ivar hangInterval: how often a child with requests in flight has its C{/health} asked,
+        to find out whether it hangs.
+    @ivar hangTimeout: how long that C{/health} request may go unanswered before the child is
+        judged hung: long, because a busy TabbyAPI answers late but answers.
     """
 
     loadTimeout: float = 600.0
     stopGrace: float = 10.0
     healthInterval: float = 0.05
     healthTimeout: float = 5.0
+    hangInterval: float = 30.0
+    hangTimeout: float = 60.0
 
 
 class ChildOwner(Protocol):
@@ -234,6 +241,19 @@ def pickFreePort() -> int:
         return port
 
 
+@frozen
+class HangVerdict:
+    """
+    What a C{/health} request asked while a child serves found.
+
+    @ivar hung: the child accepted the request but did not answer it in time.
+    @ivar problem: what is wrong, or C{None} when C{/health} answered 200.
+    """
+
+    hung: bool
+    problem: str | None
+
+
 @define(eq=False)
 class Child:
     """
@@ -277,6 +297,7 @@ class Child:
     killCall: IDelayedCall | None = None
     readinessPoll: Deferred[None] | None = None
     healthCheck: Deferred[str | None] | None = None
+    hangCheck: Deferred[HangVerdict] | None = None
     spawnedPid: int | None = None
     lastIdleCheck: float = float("-inf")
     signalsSent: set[str] = field(factory=set)
@@ -381,6 +402,31 @@ class Child:
             self.healthCheck = check
         return check
 
+    def checkHang(self) -> Deferred[HangVerdict] | None:
+        """
+        Ask a serving child's C{/health}, allowing it L{ChildSettings.hangTimeout}, once at a
+        time.
+
+        @return: fires with the verdict; C{None} instead of a Deferred when the child is not
+            serving or a check is already under way.
+        """
+        if self.hangCheck is not None or not self.serving:
+            return None
+
+        def done(result: object) -> object:
+            self.hangCheck = None
+            return result
+
+        check: Deferred[HangVerdict] = Deferred.fromCoroutine(self._judgeHang())
+        check.addBoth(done)
+        if not check.called:
+            self.hangCheck = check
+        return check
+
+    async def _judgeHang(self) -> HangVerdict:
+        answered, silent, problem = await self._askHealth(self.baseURL + "/health", self.settings.hangTimeout)
+        return HangVerdict(hung=silent, problem=problem)
+
     def stop(self, reason: StopReason, why: str) -> None:
         """
         SIGTERM now, SIGKILL after the grace period; C{ended} fires when the process has exited.
@@ -397,6 +443,8 @@ class Child:
             self.readinessPoll.cancel()
         if self.healthCheck is not None:
             self.healthCheck.cancel()
+        if self.hangCheck is not None:
+            self.hangCheck.cancel()
         self.log.info("Stopping {model} (pid {pid}): {why}", model=self.profile.id, pid=self.pid, why=why)
         self._signal("TERM")
         self.killCall = self.clock.callLater(self.settings.stopGrace, self._kill)
@@ -434,24 +482,51 @@ class Child:
 
     async def _healthProblem(self, url: str) -> tuple[bool, str | None]:
         """
-        Ask C{url} once.
+        Ask C{url} once, allowing L{ChildSettings.healthTimeout}.
 
         @return: whether an HTTP answer came, and what is wrong (C{None} for a 200).
         """
-        timeout = self.settings.healthTimeout
+        answered, silent, problem = await self._askHealth(url, self.settings.healthTimeout)
+        return answered, problem
+
+    async def _askHealth(self, url: str, timeout: float) -> tuple[bool, bool, str | None]:
+        """
+        Ask C{url} once, allowing C{timeout} for the whole answer.
+
+        @return: whether an HTTP answer came, whether the child stayed silent (connected, but
+            no whole answer within C{timeout}), and what is wrong (C{None} for a 200).
+        """
+        timedOut = False
+
+        def giveUp() -> None:
+            nonlocal timedOut
+            timedOut = True
+            asked.cancel()
+
+        asked: Deferred[tuple[int, bytes]] = Deferred.fromCoroutine(self._getHealth(url))
+        # Not addTimeout: the agent reports a cancelled request as one that got no answer, so
+        # only this flag tells a silent child from one that refused the connection.
+        timer = self.clock.callLater(timeout, giveUp)
         try:
-            asked = self.agent.request(b"GET", url.encode("ascii"))
-            asked.addTimeout(timeout, self.clock)
-            response = await asked
-            raw = await readBody(response)
-        except (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseFailed, ResponseNeverReceived) as e:
-            return False, f"GET /health failed: {e}"
-        except (CancelledError, TimeoutError):
-            # The request's own timeout cancels it (and so does a stop, which ignores the answer).
-            return False, f"GET /health did not answer within {timeout:g}s"
-        if response.code == 200:
-            return True, None
-        return True, f"GET /health answered {response.code}{_healthIssues(raw)}"
+            code, raw = await asked
+        except (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseFailed, ResponseNeverReceived,
+                CancelledError, TimeoutError) as e:
+            if timedOut:
+                return False, True, f"GET /health did not answer within {timeout:g}s"
+            if isinstance(e, (CancelledError, TimeoutError)):
+                # A stop cancels the check, which ignores the answer.
+                return False, False, "GET /health was cancelled"
+            return False, False, f"GET /health failed: {e}"
+        finally:
+            if timer.active():
+                timer.cancel()
+        if code == 200:
+            return True, False, None
+        return True, False, f"GET /health answered {code}{_healthIssues(raw)}"
+
+    async def _getHealth(self, url: str) -> tuple[int, bytes]:
+        response = await self.agent.request(b"GET", url.encode("ascii"))
+        return response.code, await readBody(response)
 
     def _ready(self) -> None:
         if self.loadTimeoutCall is not None and self.loadTimeoutCall.active():
@@ -563,6 +638,8 @@ class Child:
             self.readinessPoll.cancel()
         if self.healthCheck is not None:
             self.healthCheck.cancel()
+        if self.hangCheck is not None:
+            self.hangCheck.cancel()
         self.configPath.unlink(missing_ok=True)
         how = describeExit(reason)
         if stateAtExit is ChildState.STARTING:

@@ -40,12 +40,12 @@ from typing import Any, Callable, Mapping, Sequence
 from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
-from tabbyproxy.child import LAST_OUTPUT, Child, ChildSettings, ChildState, StopReason, pickFreePort
+from tabbyproxy.child import LAST_OUTPUT, Child, ChildSettings, ChildState, HangVerdict, StopReason, pickFreePort
 from tabbyproxy.config import Keys, Profile, TabbyInstall
 from tabbyproxy.gpus import GpuProbe, GpuReading, childEnvironment
 from tabbyproxy.keepalive import FOREVER, IdleTimer, describeDuration
@@ -102,6 +102,8 @@ class Lease:
     _scheduler: Scheduler
     waited: float
     _released: bool = False
+    _abandonHooks: list[Callable[[str], None]] = field(factory=list)
+    abandoned: str | None = None
 
     @property
     def baseURL(self) -> str:
@@ -114,7 +116,29 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._scheduler._release(self.child)
+            self._abandonHooks.clear()
+            self._scheduler._release(self.child, self)
+
+    def onAbandon(self, hook: Callable[[str], None]) -> Callable[[], None]:
+        """
+        Have C{hook} called with the reason, fit for the client, if the scheduler gives up the
+        child while this request uses it (it hung): the request must end at once with an error.
+        At once when that happened already.
+
+        @return: a function that takes C{hook} back (call it once the exchange has ended).
+        """
+        if self.abandoned is not None:
+            hook(self.abandoned)
+            return lambda: None
+        self._abandonHooks.append(hook)
+        return lambda: self._abandonHooks.remove(hook) if hook in self._abandonHooks else None
+
+    def _abandon(self, reason: str) -> None:
+        if self.abandoned is None and not self._released:
+            self.abandoned = reason
+            hooks, self._abandonHooks = self._abandonHooks, []
+            for hook in hooks:
+                hook(reason)
 
     def suspect(self) -> None:
         """
@@ -178,6 +202,10 @@ class _Model:
     drainingFor: str | None = None
     # How many children before this one, in this start, found their port busy.
     portMoves: int = 0
+    # The requests that hold a lease on the child, ended if it hangs.
+    leases: set[Lease] = field(factory=set)
+    # The next check of a busy child's /health (L{ChildSettings.hangInterval}).
+    hangWatch: IDelayedCall | None = None
 
     @property
     def accounted(self) -> dict[int, int]:
@@ -269,6 +297,8 @@ class Scheduler(Service):
         self.starts = 0
         self._models: dict[str, _Model] = {}
         self._errors: dict[str, str] = {}
+        # The last verdict on each model's health ("unhealthy", "hung") since it was last ready.
+        self._health: dict[str, str] = {}
         self._estimates: dict[str, tuple[Profile, MemoryEstimate]] = {}
         self._waiting: deque[_Waiter] = deque()
         self._reading: GpuReading | None = None
@@ -419,6 +449,7 @@ class Scheduler(Service):
             "unload": latest["unload"] if latest else None,
             "starts": self.starts,
             "last_error": self.lastError,
+            "health": latest["health"] if latest else next(reversed(self._health.values()), None),
             "children": children,
             "max_loaded_models": self.maxLoaded,
             "gpus": self._gpuStatus(),
@@ -453,7 +484,18 @@ class Scheduler(Service):
                 "fires_at": None if firesIn is None else _iso(self.wallClock() + firesIn),
             },
             "last_error": self._errors.get(child.profile.id),
+            "health": self._healthOf(child),
         }
+
+    def _healthOf(self, child: Child) -> str | None:
+        """
+        What is known of a child's health: the last verdict on its model since it was last
+        ready ("unhealthy", "hung"), else "ok" while it serves, else C{None}.
+        """
+        verdict = self._health.get(child.profile.id)
+        if verdict is not None:
+            return verdict
+        return "ok" if child.serving else None
 
     def _gpuStatus(self) -> list[dict[str, Any]] | None:
         if not self._capacity:
@@ -561,6 +603,7 @@ class Scheduler(Service):
 
     def childReady(self, child: Child) -> None:
         self._errors.pop(child.profile.id, None)
+        self._health.pop(child.profile.id, None)
         self._readGpus()
         self._pump()
         model = self._modelOf(child)
@@ -609,6 +652,7 @@ class Scheduler(Service):
         if model is not None:
             del self._models[child.profile.id]
             model.timer.stop()
+            self._stopWatchingForHang(model)
         self._changed()
         # Once the child's own waiters (unloads, the shutdown) have heard of the exit.
         child.ended.addCallback(self._afterExit, child)
@@ -746,16 +790,21 @@ class Scheduler(Service):
         model.lastUsed = self.clock.seconds()
         if keepAlive is not None:
             child.keepAlive = keepAlive
-        return Lease(child, self, waited)
+        lease = Lease(child, self, waited)
+        model.leases.add(lease)
+        self._watchForHang(model)
+        return lease
 
-    def _release(self, child: Child) -> None:
+    def _release(self, child: Child, lease: Lease) -> None:
         child.inFlight -= 1
         model = self._modelOf(child)
         now = self.clock.seconds()
         idle = model is not None and child.inFlight == 0
         if model is not None:
+            model.leases.discard(lease)
             model.lastUsed = now
             if idle:
+                self._stopWatchingForHang(model)
                 self._becameIdle(model)
         self._pump()
         if idle and now - child.lastIdleCheck >= self.settings.idleHealthInterval:
@@ -800,11 +849,75 @@ class Scheduler(Service):
         if not failure.check(CancelledError):
             self.log.failure("Checking the health of {model} failed", failure, model=child.profile.id)
 
+    def _watchForHang(self, model: _Model) -> None:
+        """
+        Check a busy child's C{/health} after L{ChildSettings.hangInterval}, unless a check is
+        due or under way: a child that hangs (a deadlock, a GPU that stopped answering, a
+        SIGSTOP) keeps its connections open, so its requests would wait for it for ever.
+        """
+        child = model.child
+        if model.hangWatch is not None or child.hangCheck is not None or not child.serving or child.inFlight == 0:
+            return
+        model.hangWatch = self.clock.callLater(self.settings.child.hangInterval, self._checkHang, model)
+
+    def _stopWatchingForHang(self, model: _Model) -> None:
+        if model.hangWatch is not None:
+            if model.hangWatch.active():
+                model.hangWatch.cancel()
+            model.hangWatch = None
+
+    def _checkHang(self, model: _Model) -> None:
+        model.hangWatch = None
+        child = model.child
+        if self._modelOf(child) is not model or child.inFlight == 0:
+            return
+        check = child.checkHang()
+        if check is None:
+            return
+
+        def judged(verdict: HangVerdict) -> None:
+            if verdict.hung and verdict.problem is not None:
+                self._hung(model, verdict.problem)
+            elif verdict.problem is not None:
+                self._unhealthy(child, verdict.problem)
+            self._watchForHang(model)
+
+        check.addCallback(judged).addErrback(self._checkBroke, child)
+
+    def _hung(self, model: _Model, problem: str) -> None:
+        """
+        Give up a child that accepted a C{/health} request and did not answer it in time: its
+        requests in flight end now with an error that says so (a stream gets an error event, as
+        for a crash), and it is stopped (SIGKILL after the grace period: a stopped process does
+        not act on SIGTERM); the next request starts a fresh one.
+        """
+        child = model.child
+        if self._modelOf(child) is not model or not child.serving:
+            return
+        modelId = child.profile.id
+        reason = f"TabbyAPI for {modelId} (pid {child.pid}) hung: {problem} (--hang-timeout)"
+        self._noteError(modelId, reason)
+        self._health.pop(modelId, None)
+        self._health[modelId] = "hung"
+        self.log.error(
+            "TabbyAPI for {model} (pid {pid}) hung: {problem} (--hang-timeout); ending its {inFlight} "
+            "requests in flight and stopping it", model=modelId, pid=child.pid, problem=problem,
+            inFlight=child.inFlight,
+        )
+        # Stopped first: the requests it ends release their leases at once, and a child that
+        # stops takes no new one.
+        self._stopWatchingForHang(model)
+        self._stop(model, StopReason.HUNG, f"it hung: {problem}")
+        for lease in list(model.leases):
+            lease._abandon(reason)
+
     def _unhealthy(self, child: Child, problem: str) -> None:
         model = self._modelOf(child)
         if model is None or child.state is not ChildState.READY:
             return
         self._noteError(child.profile.id, f"TabbyAPI for {child.profile.id} (pid {child.pid}) is unhealthy: {problem}")
+        self._health.pop(child.profile.id, None)
+        self._health[child.profile.id] = "unhealthy"
         self.log.warn(
             "TabbyAPI for {model} (pid {pid}) is unhealthy: {problem}; replacing it once its "
             "{inFlight} requests in flight are done",

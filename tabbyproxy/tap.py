@@ -159,11 +159,18 @@ class Options(usage.Options):
          "Connections the kernel may queue before the proxy accepts them "
          "[default: the system's net.core.somaxconn, else 1024].", _positiveInt("backlog")],
         ["first-token-timeout", None, ReadTimeouts().firstToken,
-         "How long TabbyAPI may take to send the first piece of an answer's body (a long prompt is "
-         "read first) before the proxy ends the answer with an error.", _positiveSeconds("first-token-timeout")],
+         "How long TabbyAPI may take to send an answer's headers, and then the first piece of its body "
+         "(a long prompt is read first; a non-streamed answer comes whole once generated), before the "
+         "proxy ends the answer with an error.", _positiveSeconds("first-token-timeout")],
         ["chunk-timeout", None, ReadTimeouts().betweenChunks,
          "How long TabbyAPI may stay silent between two pieces of an answer before the proxy ends it "
          "with an error.", _positiveSeconds("chunk-timeout")],
+        ["health-interval", None, ChildSettings().hangInterval,
+         "While a model has requests in flight, how often its TabbyAPI's /health is asked, to find out "
+         "whether it hangs.", _positiveSeconds("health-interval")],
+        ["hang-timeout", None, ChildSettings().hangTimeout,
+         "How long that /health may go unanswered before TabbyAPI is judged hung: its requests end with "
+         "an error, it is killed, and the next request starts a fresh one.", _positiveSeconds("hang-timeout")],
         ["keep-request-bodies", None, 0,
          "Keep the prompt text of the last N requests for the dashboard's request list (prompts are "
          "private: none are kept by default).", _keptBodies],
@@ -417,7 +424,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             unloadTimer=options["unload-timer"],
             maxWaiting=options["max-waiting"],
             maxLoaded=options["max-loaded-models"],
-            child=ChildSettings(loadTimeout=options["load-timeout"], stopGrace=options["stop-grace"]),
+            child=ChildSettings(loadTimeout=options["load-timeout"], stopGrace=options["stop-grace"],
+                                hangInterval=options["health-interval"], hangTimeout=options["hang-timeout"]),
         ),
         wrapCommand=diesWithParent,
         metrics=metrics,

@@ -15,6 +15,7 @@ stops it, which closes the connection to TabbyAPI so it stops generating.
 from __future__ import annotations
 
 from typing import Callable, Mapping, cast
+from weakref import WeakKeyDictionary
 
 import treq
 from attrs import frozen
@@ -81,8 +82,9 @@ class ReadTimeouts:
     """
     How long the body of TabbyAPI's answer may stay silent while the client is reading it.
 
-    @ivar firstToken: before its first piece: a long prompt is read before the first token, which
-        takes minutes on a big model.
+    @ivar firstToken: before its response headers, and again before the first piece of its
+        body: a long prompt is read before the first token, which takes minutes on a big
+        model, and a non-streamed answer comes whole, headers and all, once generated.
     @ivar betweenChunks: between two pieces.
     """
 
@@ -189,7 +191,14 @@ class _BodyPump(Protocol):
 
     def _silent(self, limit: float, option: str) -> None:
         self._silence = None
-        self._stalled = f"TabbyAPI sent nothing for {limit:g}s ({option})"
+        self.abandon(f"TabbyAPI sent nothing for {limit:g}s ({option})")
+
+    def abandon(self, reason: str) -> None:
+        """
+        End the body now with L{UpstreamStalled}C{(reason)}, and close TabbyAPI's request.
+        """
+        if self._stalled is None:
+            self._stalled = reason
         self.stop()
 
     # IPushProducer, for the client's request: time the client holds the body paused is not
@@ -228,6 +237,9 @@ class Upstream:
         self.headers = headers
         self.clock = clock
         self.timeouts = timeouts
+        # The lease each answer of call() came on, so that its body ends when the child is
+        # given up (Lease.onAbandon) without every route passing the lease on.
+        self._leases: WeakKeyDictionary[IResponse, Lease] = WeakKeyDictionary()
 
     async def call(self, lease: Lease, method: str, path: str, body: bytes | None = None) -> IResponse:
         """
@@ -243,15 +255,33 @@ class Upstream:
             headers[b"Content-Type"] = [b"application/json"]
             producer = BytesProducer(body)
         url = (lease.baseURL + path).encode("ascii")
+        asked: Deferred[IResponse] = self.agent.request(method.encode("ascii"), url, Headers(headers), producer)
+        givenUp: list[str] = []
+
+        def giveUp(reason: str) -> None:
+            givenUp.append(reason)
+            asked.cancel()
+
+        limit = self.timeouts.firstToken
+        timer = self.clock.callLater(
+            limit, giveUp, f"no response within {limit:g}s (--first-token-timeout)")
+        unhook = lease.onAbandon(giveUp)
         try:
-            response: IResponse = await self.agent.request(method.encode("ascii"), url, Headers(headers), producer)
-        except CancelledError:
-            raise
-        except _NO_ANSWER as e:
+            response: IResponse = await asked
+        except (CancelledError, *_NO_ANSWER) as e:
+            if givenUp:
+                raise UpstreamUnreachable(lease.profile.id, givenUp[0]) from e
+            if isinstance(e, CancelledError):
+                raise
             if _cancelled(e):
                 # The client left: Twisted reports the cancel as a request that got no answer.
                 raise CancelledError() from e
             raise UpstreamUnreachable(lease.profile.id, str(e)) from e
+        finally:
+            unhook()
+            if timer.active():
+                timer.cancel()
+        self._leases[response] = lease
         if response.code >= 400:
             if response.code == 503:
                 # TabbyAPI answers 503 once its generator failed; its /health then tells.
@@ -288,6 +318,15 @@ class Upstream:
         # Every request twisted.web hands a route is a Request, which takes producers.
         pump = _BodyPump(cast(Request, request), sink, done, self.clock, self.timeouts)
         response.deliverBody(pump)
+        lease = self._leases.get(response)
+        if lease is not None and not done.called:
+            unhook = lease.onAbandon(pump.abandon)
+
+            def ended(result: object) -> object:
+                unhook()
+                return result
+
+            done.addBoth(ended)
         return done
 
     async def collect(self, response: IResponse, request: IRequest) -> bytes:

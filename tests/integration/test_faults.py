@@ -408,6 +408,40 @@ class HungChildTests(TestCase):
         await again.content()
         self.assertNotEqual(proxy.scheduler.status()["pid"], pid)
 
+    async def test_hungChildIsFoundByItsHealthAndReplaced(self) -> None:
+        """
+        SIGSTOP on the child mid-stream, with the read timeouts far away: the /health check of
+        the busy child goes unanswered for --hang-timeout, so the stream ends with an error
+        event that says the child hung, /status shows health "hung" and why, the stopped
+        child (deaf to SIGTERM) is SIGKILLed after the grace period, and the next request is
+        served by a fresh child.
+        """
+        proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"token_delay": 0.02}}},
+                             "--health-interval", "0.2", "--hang-timeout", "2", "--stop-grace", "0.5")
+        response = await proxy.http.post(
+            proxy.url + "/v1/chat/completions", unbuffered=True,
+            json={"model": "slow", "stream": True, "max_tokens": 5000, "messages": [{"role": "user", "content": "x"}]})
+        body = StreamedBody.of(response)
+        await waitUntil(lambda: len(body.data) > 500)
+        pid = proxy.scheduler.status()["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.resumeAndKill, pid)
+
+        await body.ended
+        error = json.loads(ssePayloads(body.data)[-1])["error"]
+        self.assertIn(f"TabbyAPI for slow (pid {pid}) hung: GET /health did not answer within 2s (--hang-timeout)",
+                      error["message"])
+        status = proxy.scheduler.status()
+        self.assertEqual(status["health"], "hung")
+        self.assertIn("hung: GET /health did not answer within 2s", status["last_error"])
+        await waitForExit(pid, timeout=10)
+
+        again = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 2})
+        self.assertEqual(again.code, 200)
+        await again.content()
+        self.assertNotEqual(proxy.scheduler.status()["pid"], pid)
+        self.assertEqual(proxy.scheduler.status()["health"], "ok")
+
 
 class PortMoveTests(TestCase):
     """

@@ -118,6 +118,9 @@ class FakeTabby(Resource):
 
     @ivar requests: (path, parsed JSON body) of each request but health checks.
     @ivar pending: requests whose answer the test writes itself when C{hold} is set.
+    @ivar healthAsked: how many C{/health} requests came.
+    @ivar heldHealth: the C{/health} requests left unanswered while C{healthHangs} is set, as a
+        hung TabbyAPI leaves them.
     """
 
     isLeaf = True
@@ -126,6 +129,9 @@ class FakeTabby(Resource):
         super().__init__()
         self.healthy = True
         self.hold = False
+        self.healthHangs = False
+        self.healthAsked = 0
+        self.heldHealth: list[Request] = []
         self.requests: list[tuple[str, Any, dict[str, list[str]]]] = []
         self.pending: list[Request] = []
         self.chunks = [b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\r\n\r\n', b"data: [DONE]\r\n\r\n"]
@@ -133,6 +139,10 @@ class FakeTabby(Resource):
     def render(self, request: Request) -> Any:
         path = request.path.decode("utf-8")
         if path == "/health":
+            self.healthAsked += 1
+            if self.healthHangs:
+                self.heldHealth.append(request)
+                return NOT_DONE_YET
             request.setResponseCode(200 if self.healthy else 503)
             return b'{"status":"healthy","issues":[]}'
         raw = request.content.read() if request.content is not None else b""

@@ -612,6 +612,90 @@ class StalledAnswerTests(TestCase):
         self.assertEqual(len(self.upstreamGone), 1)
 
 
+class HungChildTests(TestCase):
+    """
+    Issue 10, item 11: a child that hangs (its C{/health} unanswered for --hang-timeout while
+    requests are in flight) ends those requests at once, each in its route's shape, and a
+    child that never sends its response headers ends the request after --first-token-timeout.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+        self.proxy.tabby.hold = True
+
+    def wait(self, seconds: float) -> None:
+        self.proxy.reactor.advance(seconds)
+        self.proxy.flush()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        request = self.proxy.client.post("http://localhost" + path, json=body)
+        self.proxy.flush()
+        return request
+
+    def hang(self) -> None:
+        """
+        Leave C{/health} unanswered from now on, and let the hang check find it.
+        """
+        self.proxy.tabby.healthHangs = True
+        self.wait(30)
+        self.wait(60)
+
+    def body(self, request: Any) -> tuple[int, bytes]:
+        response = self.successResultOf(request)
+        collected = content(response)
+        self.proxy.flush()
+        return response.code, self.successResultOf(collected)
+
+    def test_streamsAndWaitingAnswersEndInTheirShapes(self) -> None:
+        """
+        When the child is judged hung, an OpenAI stream under way ends with an SSE error event,
+        an Ollama stream with an error line, and a non-streamed request still waiting for
+        TabbyAPI's headers with a 502; each names the hang, and nothing stays in flight.
+        """
+        chat = {"model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        openaiStream = self.post("/v1/chat/completions", chat)
+        ollamaStream = self.post("/api/chat", chat)
+        waiting = self.post("/v1/completions", {"model": "qwen", "prompt": "hi"})
+        for upstream in self.proxy.tabby.pending[:2]:
+            upstream.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+            upstream.write(self.proxy.tabby.chunks[0])
+        self.proxy.flush()
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 3)
+
+        self.hang()
+        hung = "TabbyAPI for qwen (pid 1000) hung: GET /health did not answer within 60s (--hang-timeout)"
+        code, raw = self.body(openaiStream)
+        self.assertEqual(code, 200)
+        self.assertIn(hung, sseDocuments(raw)[-1]["error"]["message"])
+        code, raw = self.body(ollamaStream)
+        self.assertEqual(code, 200)
+        self.assertIn(hung, json.loads(raw.splitlines()[-1])["error"])
+        code, raw = self.body(waiting)
+        self.assertEqual(code, 502)
+        self.assertIn(hung, json.loads(raw)["error"]["message"])
+        status = self.proxy.scheduler.status()
+        self.assertEqual((status["in_flight"], status["health"]), (0, "hung"))
+
+    def test_headersMustComeWithinTheFirstTokenTimeout(self) -> None:
+        """
+        A child that takes the request and never answers it (while its C{/health} answers)
+        gets 300 s for its headers; then the client gets a 502 that names --first-token-timeout.
+        """
+        waiting = self.post("/v1/completions", {"model": "qwen", "prompt": "hi"})
+        [upstream] = self.proxy.tabby.pending
+        gone: list[Failure] = []
+        upstream.notifyFinish().addErrback(gone.append)
+        self.wait(299)
+        self.assertNoResult(waiting)
+        self.wait(1)
+        code, raw = self.body(waiting)
+        self.assertEqual(code, 502)
+        self.assertIn("TabbyAPI for qwen did not answer: no response within 300s (--first-token-timeout)",
+                      json.loads(raw)["error"]["message"])
+        self.assertEqual(len(gone), 1)
+        self.assertEqual(self.proxy.scheduler.status()["health"], "ok")
+
+
 def _without(document: Any, names: set[str]) -> Any:
     """
     C{document} without the keys C{names}, at any depth.

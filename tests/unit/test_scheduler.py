@@ -651,3 +651,106 @@ class SeveralModelsTests(SynchronousTestCase):
         self.reactor.advance(GRACE)
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.alive, [])
+
+
+class HangTests(_SchedulerTestCase):
+    """
+    Issue 10, item 11: a child with requests in flight has its C{/health} asked every
+    C{hangInterval} (30 s); one that leaves it unanswered for C{hangTimeout} (60 s) is hung:
+    its requests are ended, it is stopped, and the next request gets a fresh child.
+    """
+
+    def busy(self) -> tuple[Lease, list[str]]:
+        """
+        A ready child with one request in flight, and what that request is told if it is
+        abandoned.
+        """
+        lease = self.ready("a")
+        told: list[str] = []
+        lease.onAbandon(told.append)
+        return lease, told
+
+    def test_busyChildIsAskedEveryInterval(self) -> None:
+        """
+        While a request is in flight, C{/health} is asked every 30 s; a child that answers is
+        left alone, and its health is "ok".
+        """
+        lease, told = self.busy()
+        asked = self.tabby.healthAsked
+        self.reactor.advance(29)
+        self.assertEqual(self.tabby.healthAsked, asked)
+        self.reactor.advance(1)
+        self.assertEqual(self.tabby.healthAsked, asked + 1)
+        self.reactor.advance(30)
+        self.assertEqual(self.tabby.healthAsked, asked + 2)
+        self.assertEqual((told, self.reactor.spawned[0].signals), ([], []))
+        self.assertEqual(self.scheduler.status()["health"], "ok")
+        self.assertEqual(self.scheduler.status()["children"][0]["health"], "ok")
+        lease.release()
+
+    def test_idleChildIsNotAsked(self) -> None:
+        """
+        Without a request in flight nothing is asked on the hang timer: an idle child costs
+        nothing.
+        """
+        self.ready("a").release()
+        asked = self.tabby.healthAsked
+        self.reactor.advance(59)
+        self.assertEqual(self.tabby.healthAsked, asked)
+
+    def test_hungChildEndsItsRequestsAndIsKilled(self) -> None:
+        """
+        A busy child that leaves C{/health} unanswered for 60 s is hung: every request in
+        flight is told why, /status shows health "hung" and the reason, the child gets SIGTERM
+        and, as a stopped process ignores it, SIGKILL after the grace period; a request that
+        arrives meanwhile is served by a fresh child.
+        """
+        lease, told = self.busy()
+        other = self.ready("a")
+        process = self.reactor.spawned[0]
+        process.obeys = {"KILL"}
+        self.tabby.healthHangs = True
+        self.reactor.advance(30)
+        self.reactor.advance(59)
+        self.assertEqual((told, process.signals), ([], []))
+        self.reactor.advance(1)
+        reason = "TabbyAPI for a (pid 1000) hung: GET /health did not answer within 60s (--hang-timeout)"
+        self.assertEqual(told, [reason])
+        self.assertEqual(lease.abandoned, reason)
+        self.assertEqual(other.abandoned, reason)
+        self.assertEqual(process.signals, ["TERM"])
+        status = self.scheduler.status()
+        self.assertEqual((status["health"], status["last_error"]), ("hung", reason))
+        self.assertEqual(status["children"][0]["state"], "stopping")
+
+        lease.release()
+        other.release()
+        self.tabby.healthHangs = False
+        waiting = self.acquire("a")
+        self.assertNoResult(waiting)
+        self.reactor.advance(GRACE)
+        self.assertEqual(process.signals, ["TERM", "KILL"])
+        self.assertEqual(self.scheduler.status()["health"], "ok")
+        fresh = self.successResultOf(waiting)
+        self.assertIsNot(fresh.child, lease.child)
+        self.assertIsNone(fresh.abandoned)
+        self.assertIsNone(self.scheduler.status()["last_error"])
+
+    def test_requestEndingBeforeTheVerdictIsNotTold(self) -> None:
+        """
+        A request that ended before its child was judged hung is not told anything, and a hook
+        taken back is not called.
+        """
+        lease, told = self.busy()
+        other = self.ready("a")
+        heard: list[str] = []
+        other.onAbandon(heard.append)()
+        self.tabby.healthHangs = True
+        self.reactor.advance(30)
+        lease.release()
+        self.reactor.advance(60)
+        self.assertEqual((told, heard), ([], []))
+        self.assertIsNotNone(other.abandoned)
+        late: list[str] = []
+        other.onAbandon(late.append)
+        self.assertEqual(late, [other.abandoned])
