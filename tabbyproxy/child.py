@@ -298,6 +298,8 @@ class Child:
     readinessPoll: Deferred[None] | None = None
     healthCheck: Deferred[str | None] | None = None
     hangCheck: Deferred[HangVerdict] | None = None
+    # Whether TabbyAPI said it loads the model (the load timeout counts from then).
+    loadingSeen: bool = False
     spawnedPid: int | None = None
     lastIdleCheck: float = float("-inf")
     signalsSent: set[str] = field(factory=set)
@@ -565,7 +567,17 @@ class Child:
         and whose listener nobody checked.  The child is stopped; its owner starts another on a
         port it picks.
         """
-        if self.state is not ChildState.STARTING or "Switching to" not in line:
+        if self.state is not ChildState.STARTING:
+            return
+        if "Loading model:" in line and not self.loadingSeen:
+            # The load timeout times the model's load: counted again from here, so that an
+            # interpreter slow to start on a busy machine does not eat into it (the start
+            # before this line is bounded by the same limit).
+            self.loadingSeen = True
+            if self.loadTimeoutCall is not None and self.loadTimeoutCall.active():
+                self.loadTimeoutCall.reset(self.settings.loadTimeout)
+            return
+        if "Switching to" not in line:
             return
         switch = _PORT_SWITCH.search(line)
         if switch is None or int(switch.group(1)) != self.port:

@@ -126,7 +126,8 @@ class Options(usage.Options):
         ["unload-timer", None, 900.0,
          "Idle time before a model is unloaded, when neither the request's keep_alive nor the "
          "profile's model.unload_timer says otherwise.", _duration("unload-timer")],
-        ["load-timeout", None, 600.0, "How long a model start may take before it is abandoned.",
+        ["load-timeout", None, 600.0, "How long a model may take to load, counted from TabbyAPI's \"Loading model:\" line (and "
+         "the start before that line, too), before its start is abandoned.",
          _positiveSeconds("load-timeout")],
         ["stop-grace", None, 10.0, "How long TabbyAPI has to exit after SIGTERM before SIGKILL.",
          _positiveSeconds("stop-grace")],

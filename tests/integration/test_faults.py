@@ -247,9 +247,9 @@ class ChildFaultTests(TestCase):
         after the grace period, and its pid is gone.
         """
         events = CapturedEvents(self)
-        # The load timeout must leave the simulator time to start and install its SIGTERM
-        # handler even on a loaded machine: a SIGTERM that comes before it ends the child at
-        # once, and then no SIGKILL is needed (which is right, but not what this test checks).
+        # The load timeout counts from the child's "Loading model:" line, which the simulator
+        # (like TabbyAPI) prints after installing its SIGTERM handler: however slowly its
+        # interpreter starts, the SIGTERM comes to a child that ignores it, so SIGKILL follows.
         proxy = RunningProxy(
             self, {"stuck": {"model": {"model_name": "Stuck"}, "simulator": {"hang_at_start": True, "ignore_sigterm": True}}},
             "--load-timeout", "5", "--stop-grace", "0.5",

@@ -231,3 +231,20 @@ class ChildTests(_SchedulerTestCase):
         self.switchPorts(process, 7001)
         self.assertEqual(process.signals, [])
         self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_loadTimeoutCountsFromTheLoadingLine(self) -> None:
+        """
+        The load timeout counts again from TabbyAPI's "Loading model:" line: the time its
+        interpreter took to get there (slow on a busy machine) does not shorten the load.
+        """
+        self.tabby.healthy = False
+        waiting = self.acquire("a")
+        process = self.reactor.spawned[0]
+        self.reactor.advance(60)
+        process.print("2026-12-04 16:00:00.000 INFO:     Loading model: /models/A\n")
+        self.reactor.advance(99)
+        self.assertNoResult(waiting)
+        self.assertEqual(process.signals, [])
+        self.reactor.advance(1)
+        self.assertIn("did not become ready within", str(self.failureResultOf(waiting, StartFailed).value))
+        self.assertEqual(process.signals, ["TERM"])
