@@ -97,7 +97,10 @@ class OptionsTests(SynchronousTestCase):
         usage = " ".join(Options().getUsage().split())
         for text in ("--cors-origin= Also let browser pages from ORIGIN", "any other origin gets a 403. "
                      "[default: local pages only]", "--client-timeout=", "[default: 60.0]", "--max-body-size=",
-                     "[default: 16777216]", "--max-waiting=", "[default: 512]", "--stop-grace=", "[default: 10.0]"):
+                     "[default: 16777216]", "--max-waiting=", "[default: 512]", "--stop-grace=", "[default: 10.0]",
+                     "--first-token-timeout=", "[default: 300.0]", "--chunk-timeout=", "[default: 120.0]",
+                     "--health-interval=", "whether it hangs. [default: 30.0]", "--hang-timeout=",
+                     "starts a fresh one. [default: 60.0]", "--load-timeout=", "[default: 600.0]"):
             self.assertIn(text, usage)
         self.assertNotRegex(Options().getUsage(), r"\S {3,}\S.*extensions")
 
