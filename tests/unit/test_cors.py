@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tabbyproxy.cors import OriginPatterns, allowedHost, defaultOrigins, hostName
+from tabbyproxy.cors import OriginPatterns, _loopbackAddress, allowedHost, defaultOrigins, hostName
 from tabbyproxy.routes.root import makeSite
 from tests.support.fakes import InMemoryClient, InMemoryProxy, SiteAgent
 
@@ -156,3 +156,18 @@ class PatternTests(SynchronousTestCase):
         self.assertTrue(allowedHost("10.0.0.1", "box"))
         self.assertFalse(allowedHost("8.8.8.8", "box"))
         self.assertFalse(allowedHost("localhost.evil.example", "box"))
+
+    def test_loopbackListenerAddresses(self) -> None:
+        """
+        A listener's local address is loopback for C{127.x} and C{::1} (with or without a zone),
+        and not for any other address or a text that is no address; asked again, the same
+        address gets the same answer.
+        """
+        for _ in range(2):
+            self.assertTrue(_loopbackAddress("127.0.0.1"))
+            self.assertTrue(_loopbackAddress("127.3.2.1"))
+            self.assertTrue(_loopbackAddress("::1"))
+            self.assertTrue(_loopbackAddress("::1%lo"))
+            self.assertFalse(_loopbackAddress("192.168.1.2"))
+            self.assertFalse(_loopbackAddress("fe80::1%eth0"))
+            self.assertFalse(_loopbackAddress("not an address"))
