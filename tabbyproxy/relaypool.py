@@ -7,8 +7,9 @@ on everything one read of the socket holds in one piece: one write to the client
 of one per token, and a third of the time per answer.
 
 Twisted has no public hook for a response's transfer decoder, nor for the protocol a pool's
-connections speak, so this module, and only this module, uses four private names:
+connections speak, so this module, and only this module, uses private names:
 C{twisted.web._newclient.HTTP11ClientProtocol._parser} and its C{_transferDecoders},
+C{twisted.web._newclient.Request._writeHeaders} (to write a whole body with the headers),
 C{twisted.web.client._HTTP11ClientFactory} with its C{_quiescentCallback}, and
 C{HTTPConnectionPool._factory}, and the C{twisted.web.http._DataLoss} its parser turns into a
 failed body.  L{missingHooks} says which of them a Twisted release lacks;
@@ -17,17 +18,19 @@ L{makeConnectionPool} then warns and falls back to Twisted's own pool, which is 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IReactorTCP, IReactorTime, IStreamClientEndpoint, ITransport
 from twisted.logger import Logger
 from twisted.web import _newclient, client
 from twisted.web import http as twistedHTTP
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import maxChunkSizeLineLength
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 log = Logger()
@@ -40,6 +43,56 @@ class MalformedChunkedBody(Exception):
 
 
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body that is all there at once.  The relay pool's connections write it together
+    with the request's headers (L{_writeWhole}) instead of running it as a producer.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Lines:
+    """
+    Collects what C{Request._writeHeaders} writes, to be sent with the body in one write.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.parts.extend(data)
+
+
+def _writeWhole(request: Any, body: bytes, transport: ITransport) -> Deferred[None]:
+    """
+    Write C{request} (a C{twisted.web._newclient.Request}) and its whole C{body} in one write:
+    Twisted's own path runs the body as a producer, with a consumer, its Deferreds and a producer
+    registration on the transport, which cost about 7% of the proxy's CPU on small requests.
+    """
+    lines = _Lines()
+    request._writeHeaders(lines, b"Content-Length: %d\r\n" % len(body))
+    lines.parts.append(body)
+    transport.write(b"".join(lines.parts))
+    return succeed(None)
 
 
 class ChunkedDecoder:
@@ -157,6 +210,8 @@ def missingHooks() -> list[str]:
         _newclient.HTTPClientParser, "_transferDecoders"
     ):
         missing.append("twisted.web._newclient.HTTPClientParser._transferDecoders")
+    if not hasattr(getattr(_newclient, "Request", None), "_writeHeaders"):
+        missing.append("twisted.web._newclient.Request._writeHeaders")
     if factory is None:
         missing.append("twisted.web.client._HTTP11ClientFactory")
     elif not _keepsQuiescentCallback(factory):
@@ -228,6 +283,8 @@ def _relayPoolClass() -> type[HTTPConnectionPool]:
 
     class RelayClientProtocol(_newclient.HTTP11ClientProtocol):
         def request(self, request: Any) -> Any:
+            if type(request.bodyProducer) is BytesProducer:
+                request.writeTo = partial(_writeWhole, request, request.bodyProducer.body)
             finished = super().request(request)
             parser = getattr(self, "_parser", None)
             if parser is not None:

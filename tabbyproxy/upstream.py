@@ -19,18 +19,19 @@ from weakref import WeakKeyDictionary
 
 import treq
 from attrs import frozen
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IRequest, IResponse
+from twisted.web.iweb import IAgent, IRequest, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from tabbyproxy.relaypool import BytesProducer
 from tabbyproxy.scheduler import Lease
 from tabbyproxy.tabbywire import upstreamErrorMessage
 
@@ -90,30 +91,6 @@ class ReadTimeouts:
 
     firstToken: float = 300.0
     betweenChunks: float = 120.0
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A request body that is all there at once.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @implementer(IPushProducer)

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import _newclient
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import _DataLoss
 from twisted.web.http_headers import Headers
@@ -22,8 +24,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tabbyproxy.relaypool import ChunkedDecoder, MalformedChunkedBody, makeAgent, makeConnectionPool, missingHooks
-from tabbyproxy.upstream import BytesProducer
+from tabbyproxy.relaypool import (BytesProducer, ChunkedDecoder, MalformedChunkedBody, makeAgent, makeConnectionPool,
+                                  missingHooks)
 
 reactor: Any = _globalReactor
 
@@ -189,6 +191,44 @@ class Collect(Protocol):
             self.done.callback(None)
         else:
             self.done.errback(reason)
+
+
+class CountedWrites(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self.writes += 1
+        super().writeSequence(data)
+
+
+class WholeBodyTests(SynchronousTestCase):
+    def test_wholeBodyWrittenWithTheHeaders(self) -> None:
+        """
+        A request whose body is a L{BytesProducer} goes out in one write, headers, length and
+        body, with no producer registered on the connection; the request counts as sent at once.
+        """
+        pool = makeConnectionPool(reactor)
+        protocol = pool._factory(lambda protocol: None, None).buildProtocol(None)
+        transport = CountedWrites()
+        protocol.makeConnection(transport)
+        request = _newclient.Request(b"POST", b"/v1/chat/completions", Headers({b"host": [b"127.0.0.1:1"]}),
+                                     BytesProducer(b'{"a":1}'), persistent=True)
+        answered = protocol.request(request)
+        self.assertEqual(transport.writes, 1)
+        self.assertIsNone(transport.producer)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertEqual(body, b'{"a":1}')
+        self.assertTrue(head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n"), head)
+        self.assertIn(b"\r\nContent-Length: 7", head)
+        self.assertEqual(protocol.state, "WAITING")
+        protocol.connectionLost(Failure(ResponseDone()))
+        self.failureResultOf(answered)
 
 
 class RelayPoolTests(TestCase):
