@@ -10,6 +10,7 @@ Twisted has no public hook for a response's transfer decoder, nor for the protoc
 connections speak, so this module, and only this module, uses private names:
 C{twisted.web._newclient.HTTP11ClientProtocol._parser} and its C{_transferDecoders},
 C{twisted.web._newclient.Request._writeHeaders} (to write a whole body with the headers),
+C{Agent._requestWithEndpoint} and C{_computeHostValue} (to work out an origin once),
 C{twisted.web.client._HTTP11ClientFactory} with its C{_quiescentCallback}, and
 C{HTTPConnectionPool._factory}, and the C{twisted.web.http._DataLoss} its parser turns into a
 failed body.  L{missingHooks} says which of them a Twisted release lacks;
@@ -21,7 +22,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IConsumer, IReactorTCP, IReactorTime, IStreamClientEndpoint, ITransport
 from twisted.logger import Logger
@@ -30,7 +31,8 @@ from twisted.web import http as twistedHTTP
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import maxChunkSizeLineLength
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 log = Logger()
@@ -212,6 +214,9 @@ def missingHooks() -> list[str]:
         missing.append("twisted.web._newclient.HTTPClientParser._transferDecoders")
     if not hasattr(getattr(_newclient, "Request", None), "_writeHeaders"):
         missing.append("twisted.web._newclient.Request._writeHeaders")
+    for name in ("_requestWithEndpoint", "_computeHostValue"):
+        if not hasattr(Agent, name):
+            missing.append(f"twisted.web.client.Agent.{name}")
     if factory is None:
         missing.append("twisted.web.client._HTTP11ClientFactory")
     elif not _keepsQuiescentCallback(factory):
@@ -254,9 +259,53 @@ def makeConnectionPool(reactor: IReactorTime) -> HTTPConnectionPool:
 
 def makeAgent(reactor: IReactorTCP, pool: HTTPConnectionPool) -> IAgent:
     """
-    The agent for TabbyAPI's loopback address, over C{pool}.
+    The agent for TabbyAPI's loopback address, over C{pool} (Twisted's own agent where this
+    Twisted lacks a name L{RelayAgent} uses; L{makeConnectionPool} has warned of it).
     """
-    return Agent.usingEndpointFactory(reactor, _TCPEndpoints(reactor), pool=pool)
+    if missingHooks():
+        return Agent.usingEndpointFactory(reactor, _TCPEndpoints(reactor), pool=pool)
+    return RelayAgent(reactor, pool)
+
+
+class RelayAgent(Agent):
+    """
+    An agent for a few fixed origins (the children's base URLs): what Twisted's agent works out
+    for every request from the URL (the parsed origin, the endpoint, the pool's key, the
+    C{Host} header) is worked out once per origin.
+    """
+
+    # Children come and go on new ports; the cache is dropped when it holds this many origins.
+    MAX_ORIGINS = 64
+
+    def __init__(self, reactor: IReactorTCP, pool: HTTPConnectionPool) -> None:
+        super().__init__(reactor, pool=pool)
+        self._endpoints = _TCPEndpoints(reactor)
+        self._origins: dict[bytes, tuple[URI, tuple[bytes, bytes, int], IStreamClientEndpoint, bytes]] = {}
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        # http://host:port/path?query: the origin ends at the first "/" after the scheme's.
+        cut = uri.find(b"/", uri.find(b"//") + 2)
+        origin, target = (uri, b"/") if cut == -1 else (uri[:cut], uri[cut:])
+        known = self._origins.get(origin)
+        if known is None:
+            parsed = URI.fromBytes(origin)
+            try:
+                endpoint = self._endpoints.endpointForURI(parsed)
+            except SchemeNotSupported:
+                return fail()
+            if len(self._origins) >= self.MAX_ORIGINS:
+                self._origins.clear()
+            key = (parsed.scheme, parsed.host, parsed.port)
+            known = self._origins[origin] = (
+                parsed, key, endpoint, self._computeHostValue(parsed.scheme, parsed.host, parsed.port))
+        parsed, key, endpoint, host = known
+        path, _, query = target.partition(b"?")
+        parsedURI = URI(parsed.scheme, parsed.netloc, parsed.host, parsed.port, path, b"", query, b"")
+        headers = Headers() if headers is None else headers.copy()
+        headers.setRawHeaders(b"Host", [host])
+        # The request line is checked as Twisted checks it when the request is written.
+        return self._requestWithEndpoint(key, endpoint, method, parsedURI, headers, bodyProducer, target)
 
 
 @implementer(IAgentEndpointFactory)

@@ -166,8 +166,10 @@ class Tokens(Resource):
         self.clientPorts: list[int] = []
         self.bodies: list[bytes] = []
         self.headers: list[Headers] = []
+        self.uris: list[bytes] = []
 
     def render(self, request: IRequest) -> int:
+        self.uris.append(request.uri)
         self.clientPorts.append(request.getClientAddress().port)
         self.bodies.append(request.content.read() if request.content is not None else b"")
         self.headers.append(request.requestHeaders)
@@ -267,6 +269,19 @@ class RelayPoolTests(TestCase):
         [headers] = self.tokens.headers
         self.assertEqual(headers.getRawHeaders(b"x-api-key"), [b"k"])
         self.assertEqual(headers.getRawHeaders(b"content-length"), [b"7"])
+        self.assertEqual(headers.getRawHeaders(b"host"), [b"127.0.0.1:%d" % (self.port.getHost().port,)])
+
+    async def test_pathsOfOneOrigin(self) -> None:
+        """
+        Requests to several paths and queries of one origin each reach their own path and query.
+        """
+        base = self.url.rsplit(b"/v1/", 1)[0]
+        for target in (b"/v1/models?x=1&y=%2F", b"/health", b""):
+            response = await self.agent.request(b"GET", base + target)
+            collect = Collect()
+            response.deliverBody(collect)
+            await collect.done
+        self.assertEqual(self.tokens.uris, [b"/v1/models?x=1&y=%2F", b"/health", b"/"])
 
     async def test_connectionReused(self) -> None:
         """
