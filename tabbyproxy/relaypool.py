@@ -97,6 +97,12 @@ def _writeWhole(request: Any, body: bytes, transport: ITransport) -> Deferred[No
     return succeed(None)
 
 
+def _ignore(data: bytes) -> None:
+    """
+    What a finished L{ChunkedDecoder} calls instead of its callbacks (it calls nothing).
+    """
+
+
 class ChunkedDecoder:
     """
     Decodes a body sent with C{Transfer-Encoding: chunked}, a drop-in for Twisted's
@@ -175,7 +181,12 @@ class ChunkedDecoder:
                     continue
                 self.state = "FINISHED"
                 self._deliver(pieces)
-                self.finishCallback(data[lineEnd + 2:])
+                finish = self.finishCallback
+                # The callbacks are the parser's bound methods, and the parser holds this
+                # decoder: dropped, the parser, its response and request are freed by reference
+                # counting rather than left to the garbage collector.
+                self.dataCallback = self.finishCallback = _ignore
+                finish(data[lineEnd + 2:])
                 return
             else:
                 raise RuntimeError("ChunkedDecoder.dataReceived called after the last chunk")

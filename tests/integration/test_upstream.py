@@ -6,6 +6,8 @@ pinned is how Twisted's HTTP client uses them).
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from hypothesis import given, settings
@@ -142,6 +144,38 @@ class ChunkedDecoderTests(SynchronousTestCase):
             recorder.decoder.dataReceived(wire)
             with self.subTest(wire=wire):
                 self.assertRaises(_DataLoss, recorder.decoder.noMoreData)
+
+    def test_finishedDecoderLetsItsOwnerGo(self) -> None:
+        """
+        Once the last chunk is decoded, the decoder drops its callbacks: an owner whose bound
+        methods they are (as Twisted's parser is) and who holds the decoder is freed by
+        reference counting alone, with no cycle for the garbage collector.
+        """
+
+        class Owner:
+            def __init__(self) -> None:
+                self.data: list[bytes] = []
+                self.rest: list[bytes] = []
+                self.decoder = ChunkedDecoder(self.received, self.finished)
+
+            def received(self, data: bytes) -> None:
+                self.data.append(data)
+
+            def finished(self, rest: bytes) -> None:
+                self.rest.append(rest)
+
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            owner = Owner()
+            owner.decoder.dataReceived(chunked([b"one", b"two"]) + b"next")
+            self.assertEqual((owner.data, owner.rest), ([b"onetwo"], [b"next"]))
+            gone = weakref.ref(owner)
+            del owner
+            self.assertIsNone(gone())
+        finally:
+            if enabled:
+                gc.enable()
 
     def test_dataAfterTheEnd(self) -> None:
         """
