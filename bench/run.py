@@ -280,20 +280,24 @@ class Servers:
             waitForHealth(port, self.nginx, "nginx")
         return None
 
-    def startProxy(self, profiles: dict[str, dict[str, Any]]) -> int:
-        configDirectory = self.root / "config"
+    def startProxy(self, profiles: dict[str, dict[str, Any]], repo: Path = REPO, name: str = "proxy") -> int:
+        """
+        Start the proxy from the source tree C{repo} (bench/ab.py starts one per tree, each
+        with its own C{name} for its files).
+        """
+        configDirectory = self.root / ("config" if name == "proxy" else f"config-{name}")
         configDirectory.mkdir()
         for profileId, knobs in profiles.items():
             document = {"model": {"model_name": MODEL_NAME, "max_seq_len": 8192}, "simulator": knobs}
             (configDirectory / f"{profileId}.yml").write_text(yaml.safe_dump(document))
         self.proxyPort = freePort()
-        command = [*twistdCommand(), "-n", "--pidfile=", f"--logfile={self.root / 'proxy.log'}",
+        command = [*twistdCommand(), "-n", "--pidfile=", f"--logfile={self.root / f'{name}.log'}",
                    "tabbyproxy", "--simulate", "--config-dir", str(configDirectory),
                    "--listen", f"tcp:{self.proxyPort}:interface=127.0.0.1", "--unload-timer", "-1",
                    # Room for every profile at once (each is estimated at 1 GiB), so scenarios never
                    # swap models; scenario m unloads to compare one model with two.
                    "--simulate-gpus", "2x24GiB"]
-        self.proxy = subprocess.Popen(command, cwd=self.root, env={**os.environ, "PYTHONPATH": str(REPO)},
+        self.proxy = subprocess.Popen(command, cwd=self.root, env={**os.environ, "PYTHONPATH": str(repo)},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.processes.append(self.proxy)
         waitForHealth(self.proxyPort, self.proxy, "the proxy")
