@@ -286,6 +286,25 @@ class MissingRouteTests(SynchronousTestCase):
         self.assertEqual(call(b"GET", "/nope"), (404, {"error": "no route /nope"}))
         self.assertEqual(call(b"DELETE", "/status"), (405, {"error": "DELETE is not allowed here"}))
 
+    def test_emptySegmentIsAMissingRouteNotARedirect(self) -> None:
+        """
+        A path with an empty segment that would match once merged (werkzeug raises a redirect
+        for it, which API clients do not follow) is a 404 in the route's API shape, not a 500.
+        """
+        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+
+        def call(method: bytes, path: str) -> tuple[int, Any]:
+            response = self.successResultOf(proxy.client.request(method.decode(), "http://localhost" + path))
+            return response.code, self.successResultOf(json_content(response))
+
+        code, document = call(b"GET", "/v1//models/qwen")
+        self.assertEqual((code, document["error"]["message"]), (404, "Invalid URL (GET /v1//models/qwen)"))
+        self.assertEqual(set(document["error"]), {"message", "type", "code", "param"})
+        code, document = call(b"POST", "/v1//chat/completions")
+        self.assertEqual(code, 404)
+        self.assertIn("error", document)
+        self.assertEqual(call(b"GET", "/api//tags"), (404, {"error": "no route /api//tags"}))
+
 
 class AuthTests(SynchronousTestCase):
     def setUp(self) -> None:
