@@ -396,6 +396,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = globalReactor
     runtime = Path(tempfile.mkdtemp(prefix="tabbyproxy-"))
+    try:
+        return _buildService(options, reactor, runtime)
+    except BaseException:
+        # Nothing will stop a service that was never returned: its directory goes now.
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise
+
+
+def _buildService(options: Options, reactor: Any, runtime: Path) -> IService:
     top = _ProxyService(runtime)
 
     install = options.install

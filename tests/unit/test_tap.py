@@ -5,6 +5,7 @@ The twistd glue: the options of C{twistd tabbyproxy} and the plugin that makes t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -347,6 +348,33 @@ class GpuOptionTests(SynchronousTestCase):
 
 
 class FailedStartTests(SynchronousTestCase):
+    def test_failedBuildLeavesNoRuntimeDirectory(self) -> None:
+        """
+        When building the service fails after the runtime directory was made (here the
+        --listen endpoint cannot be parsed), the directory is removed before the error goes on.
+        """
+        import tempfile
+
+        from tabbyproxy.tap import makeService
+
+        configDir = Path(self.mktemp())
+        configDir.mkdir()
+        (configDir / "alpha.yml").write_text("model: {model_name: Alpha}\n")
+        options = Options()
+        options.parseOptions(["--simulate", "--config-dir", str(configDir), "--listen", "nosuchendpoint:1"])
+        made: list[str] = []
+        original = tempfile.mkdtemp
+
+        def recording(*args: Any, **kwargs: Any) -> str:
+            path = original(*args, **kwargs)
+            made.append(path)
+            return path
+
+        self.patch(tempfile, "mkdtemp", recording)
+        self.assertRaises(Exception, makeService, options)
+        [path] = made
+        self.assertFalse(Path(path).exists())
+
     def test_busyListenPortLeavesNoRuntimeDirectory(self) -> None:
         """
         A start that fails because the --listen port is busy leaves no runtime directory
