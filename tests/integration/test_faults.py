@@ -380,14 +380,15 @@ class HungChildTests(TestCase):
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
 
-    async def test_stoppedChildEndsItsStreamAndIsReplaced(self) -> None:
+    async def stopMidStream(self, *options: str) -> tuple[RunningProxy, StreamedBody, int]:
         """
-        SIGSTOP on the child mid-stream: after --chunk-timeout the stream ends with an error
-        event that names it, /status reports the child unhealthy, it is killed, and the next
-        request is served by a fresh child.
+        A proxy started with C{options} (and a short --stop-grace) serving a long stream, whose
+        child is stopped with SIGSTOP once the stream is well under way.
+
+        @return: the proxy, the stream's body as it arrives, and the stopped child's pid.
         """
         proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"token_delay": 0.02}}},
-                             "--chunk-timeout", "1", "--stop-grace", "0.5")
+                             *options, "--stop-grace", "0.5")
         response = await proxy.http.post(
             proxy.url + "/v1/chat/completions", unbuffered=True,
             json={"model": "slow", "stream": True, "max_tokens": 5000, "messages": [{"role": "user", "content": "x"}]})
@@ -396,6 +397,24 @@ class HungChildTests(TestCase):
         pid = proxy.scheduler.status()["pid"]
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(self.resumeAndKill, pid)
+        return proxy, body, pid
+
+    async def assertServedByAFreshChild(self, proxy: RunningProxy, pid: int) -> None:
+        """
+        The next request is answered, by a child other than C{pid}.
+        """
+        again = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 2})
+        self.assertEqual(again.code, 200)
+        await again.content()
+        self.assertNotEqual(proxy.scheduler.status()["pid"], pid)
+
+    async def test_stoppedChildEndsItsStreamAndIsReplaced(self) -> None:
+        """
+        SIGSTOP on the child mid-stream: after --chunk-timeout the stream ends with an error
+        event that names it, /status reports the child unhealthy, it is killed, and the next
+        request is served by a fresh child.
+        """
+        proxy, body, pid = await self.stopMidStream("--chunk-timeout", "1")
 
         await body.ended
         error = json.loads(ssePayloads(body.data)[-1])["error"]
@@ -403,10 +422,7 @@ class HungChildTests(TestCase):
         await waitForExit(pid, timeout=30)
         self.assertIn("is unhealthy", proxy.scheduler.status()["last_error"])
 
-        again = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 2})
-        self.assertEqual(again.code, 200)
-        await again.content()
-        self.assertNotEqual(proxy.scheduler.status()["pid"], pid)
+        await self.assertServedByAFreshChild(proxy, pid)
 
     async def test_hungChildIsFoundByItsHealthAndReplaced(self) -> None:
         """
@@ -416,16 +432,7 @@ class HungChildTests(TestCase):
         child (deaf to SIGTERM) is SIGKILLed after the grace period, and the next request is
         served by a fresh child.
         """
-        proxy = RunningProxy(self, {"slow": {"model": {"model_name": "Slow"}, "simulator": {"token_delay": 0.02}}},
-                             "--health-interval", "0.2", "--hang-timeout", "2", "--stop-grace", "0.5")
-        response = await proxy.http.post(
-            proxy.url + "/v1/chat/completions", unbuffered=True,
-            json={"model": "slow", "stream": True, "max_tokens": 5000, "messages": [{"role": "user", "content": "x"}]})
-        body = StreamedBody.of(response)
-        await waitUntil(lambda: len(body.data) > 500)
-        pid = proxy.scheduler.status()["pid"]
-        os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(self.resumeAndKill, pid)
+        proxy, body, pid = await self.stopMidStream("--health-interval", "0.2", "--hang-timeout", "2")
 
         await body.ended
         error = json.loads(ssePayloads(body.data)[-1])["error"]
@@ -436,10 +443,7 @@ class HungChildTests(TestCase):
         self.assertIn("hung: GET /health did not answer within 2s", status["last_error"])
         await waitForExit(pid, timeout=10)
 
-        again = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 2})
-        self.assertEqual(again.code, 200)
-        await again.content()
-        self.assertNotEqual(proxy.scheduler.status()["pid"], pid)
+        await self.assertServedByAFreshChild(proxy, pid)
         self.assertEqual(proxy.scheduler.status()["health"], "ok")
 
 

@@ -269,41 +269,36 @@ class OpenAIRouteTests(SynchronousTestCase):
 
 
 class MissingRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
+
+    def call(self, method: bytes, path: str) -> tuple[int, Any]:
+        response = self.successResultOf(self.proxy.client.request(method.decode(), "http://localhost" + path))
+        return response.code, self.successResultOf(json_content(response))
+
     def test_answersInEachAPIsShape(self) -> None:
         """
         A wrong method under /v1 is a 405 in OpenAI's shape; an unknown path or a wrong method
         elsewhere outside /api is a 404 or 405 with C{{"error": "..."}}.
         """
-        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
-
-        def call(method: bytes, path: str) -> tuple[int, Any]:
-            response = self.successResultOf(proxy.client.request(method.decode(), "http://localhost" + path))
-            return response.code, self.successResultOf(json_content(response))
-
-        code, document = call(b"GET", "/v1/chat/completions")
+        code, document = self.call(b"GET", "/v1/chat/completions")
         self.assertEqual((code, document["error"]["message"]), (405, "GET is not allowed here"))
         self.assertEqual(set(document["error"]), {"message", "type", "code", "param"})
-        self.assertEqual(call(b"GET", "/nope"), (404, {"error": "no route /nope"}))
-        self.assertEqual(call(b"DELETE", "/status"), (405, {"error": "DELETE is not allowed here"}))
+        self.assertEqual(self.call(b"GET", "/nope"), (404, {"error": "no route /nope"}))
+        self.assertEqual(self.call(b"DELETE", "/status"), (405, {"error": "DELETE is not allowed here"}))
 
     def test_emptySegmentIsAMissingRouteNotARedirect(self) -> None:
         """
         A path with an empty segment that would match once merged (werkzeug raises a redirect
         for it, which API clients do not follow) is a 404 in the route's API shape, not a 500.
         """
-        proxy = InMemoryProxy(Path(self.mktemp()), PROFILES)
-
-        def call(method: bytes, path: str) -> tuple[int, Any]:
-            response = self.successResultOf(proxy.client.request(method.decode(), "http://localhost" + path))
-            return response.code, self.successResultOf(json_content(response))
-
-        code, document = call(b"GET", "/v1//models/qwen")
+        code, document = self.call(b"GET", "/v1//models/qwen")
         self.assertEqual((code, document["error"]["message"]), (404, "Invalid URL (GET /v1//models/qwen)"))
         self.assertEqual(set(document["error"]), {"message", "type", "code", "param"})
-        code, document = call(b"POST", "/v1//chat/completions")
+        code, document = self.call(b"POST", "/v1//chat/completions")
         self.assertEqual(code, 404)
         self.assertIn("error", document)
-        self.assertEqual(call(b"GET", "/api//tags"), (404, {"error": "no route /api//tags"}))
+        self.assertEqual(self.call(b"GET", "/api//tags"), (404, {"error": "no route /api//tags"}))
 
 
 class AuthTests(SynchronousTestCase):
