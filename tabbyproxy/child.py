@@ -426,7 +426,7 @@ class Child:
         return check
 
     async def _judgeHang(self) -> HangVerdict:
-        answered, silent, problem = await self._askHealth(self.baseURL + "/health", self.settings.hangTimeout)
+        _, silent, problem = await self._askHealth(self.baseURL + "/health", self.settings.hangTimeout)
         return HangVerdict(hung=silent, problem=problem)
 
     def stop(self, reason: StopReason, why: str) -> None:
@@ -488,7 +488,7 @@ class Child:
 
         @return: whether an HTTP answer came, and what is wrong (C{None} for a 200).
         """
-        answered, silent, problem = await self._askHealth(url, self.settings.healthTimeout)
+        answered, _, problem = await self._askHealth(url, self.settings.healthTimeout)
         return answered, problem
 
     async def _askHealth(self, url: str, timeout: float) -> tuple[bool, bool, str | None]:
