@@ -48,8 +48,10 @@ from tabbyproxy.listener import listenerOwnedBy
 from tabbyproxy.metrics import Metrics
 
 LAST_LINES = 30
-# TabbyAPI's start-up line when its port is busy: it then serves on the next port.
+# TabbyAPI's start-up lines when its port is busy: it then serves on the next port, or, when that
+# one is busy too, exits with status 0 without serving.
 _PORT_SWITCH = re.compile(r"Port (\d+) is currently in use\. Switching to (\d+)")
+_PORTS_TAKEN = re.compile(r"Ports (\d+) and (\d+) are in use")
 # Where a failure's message ends and TabbyAPI's last lines begin (L{Child.withLastLines}).
 LAST_OUTPUT = "; last output of TabbyAPI:\n"
 
@@ -562,10 +564,10 @@ class Child:
 
     def _lineSeen(self, line: str) -> None:
         """
-        Readiness is never read from the console, but one start-up line matters: TabbyAPI that
-        finds its port busy says so and serves on the next port, which the proxy did not pick
-        and whose listener nobody checked.  The child is stopped; its owner starts another on a
-        port it picks.
+        Readiness is never read from the console, but the port lines matter: TabbyAPI that finds
+        its port busy says so and serves on the next port, which the proxy did not pick and whose
+        listener nobody checked, or, when that one is busy too, says so and exits with status 0.
+        Either way the child is stopped and its owner starts another on a port it picks.
         """
         if self.state is not ChildState.STARTING:
             return
@@ -577,24 +579,32 @@ class Child:
             if self.loadTimeoutCall is not None and self.loadTimeoutCall.active():
                 self.loadTimeoutCall.reset(self.settings.loadTimeout)
             return
-        if "Switching to" not in line:
-            return
-        switch = _PORT_SWITCH.search(line)
-        if switch is None or int(switch.group(1)) != self.port:
-            return
-        movedTo = int(switch.group(2))
+        if "Switching to" in line:
+            switch = _PORT_SWITCH.search(line)
+            if switch is not None and int(switch.group(1)) == self.port:
+                self._portBusy(f"TabbyAPI moved to port {switch.group(2)}, which the proxy did not pick",
+                               f"it moved to port {switch.group(2)}")
+        elif "are in use" in line:
+            taken = _PORTS_TAKEN.search(line)
+            if taken is not None and int(taken.group(1)) == self.port:
+                self._portBusy(f"so was port {taken.group(2)}, and TabbyAPI gave up", f"so was port {taken.group(2)}")
+
+    def _portBusy(self, outcome: str, why: str) -> None:
+        """
+        Stop a child whose port was busy at its start: whether TabbyAPI moved to a port nobody
+        checked or gave up, the owner starts the model again on a port it picks.
+        """
         self.log.warn(
-            "Port {port} of {model} (pid {pid}) was busy and TabbyAPI moved to port {movedTo}, which "
-            "the proxy does not trust: stopping it",
-            model=self.profile.id, pid=self.pid, port=self.port, movedTo=movedTo,
+            "Port {port} of {model} (pid {pid}) was busy and {outcome}: stopping it",
+            model=self.profile.id, pid=self.pid, port=self.port, outcome=outcome,
         )
         # The owner first: a fake child that obeys SIGTERM at once exits inside stop().
         self.owner.childMoved(
             self,
             f"port {self.port} of TabbyAPI for {self.profile.id} was busy (another process listens on it), "
-            f"and TabbyAPI moved to port {movedTo}, which the proxy did not pick",
+            f"and {outcome}",
         )
-        self.stop(StopReason.PORT_MOVED, f"its port {self.port} was busy and it moved to port {movedTo}")
+        self.stop(StopReason.PORT_MOVED, f"its port {self.port} was busy and {why}")
 
     def _loadTimedOut(self) -> None:
         if self.state is not ChildState.STARTING:

@@ -449,11 +449,35 @@ class HungChildTests(TestCase):
 
 class PortMoveTests(TestCase):
     """
-    Issue 10, item 12: TabbyAPI that finds its port busy serves on the next one; the proxy
-    trusts neither and starts it again on a port it picked.
+    Issue 10, item 12: TabbyAPI that finds its port busy serves on the next one, or gives up
+    when that one is busy too; the proxy trusts neither and starts it again on a port it picked.
     """
 
     timeout = 60
+
+    async def startPastBusyPorts(self, held: int) -> tuple[CapturedEvents, RunningProxy, int]:
+        """
+        Start a proxy whose first child gets a port that, with the C{held - 1} ports after it,
+        another listener holds, and send it a completion: it must be answered by a child on a
+        port the proxy picked.  Returns the events, the proxy and the first port.
+        """
+        events = CapturedEvents(self)
+        proxy = RunningProxy(self, {"alpha": {"model": {"model_name": "Alpha"}}})
+        busy = findFreePorts(2)
+        for port in range(busy, busy + held):
+            squatter = socket.socket()
+            self.addCleanup(squatter.close)
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen(8)
+        picked = iter([busy])
+        proxy.scheduler.pickPort = lambda: next(picked, None) or pickFreePort()
+
+        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"})
+        self.assertEqual(response.code, 200)
+        self.assertTrue((await response.json())["choices"][0]["text"].startswith("Alpha "))
+        self.assertEqual(proxy.scheduler.starts, 2)
+        self.assertNotIn(proxy.scheduler.status()["port"], (busy, busy + 1))
+        return events, proxy, busy
 
     async def test_busyPortStartsTheChildAgainOnAFreshPort(self) -> None:
         """
@@ -461,22 +485,19 @@ class PortMoveTests(TestCase):
         to the next port; the proxy stops that child and starts another on a fresh port, and
         the waiting request is answered by it, not by whatever listens on either port.
         """
-        events = CapturedEvents(self)
-        proxy = RunningProxy(self, {"alpha": {"model": {"model_name": "Alpha"}}})
-        busy = findFreePorts(2)
-        squatter = socket.socket()
-        self.addCleanup(squatter.close)
-        squatter.bind(("127.0.0.1", busy))
-        squatter.listen(8)
-        picked = iter([busy])
-        proxy.scheduler.pickPort = lambda: next(picked, None) or pickFreePort()
-
-        response = await proxy.http.post(proxy.url + "/v1/completions", json={"model": "alpha", "prompt": "x"})
-        self.assertEqual(response.code, 200)
-        self.assertTrue((await response.json())["choices"][0]["text"].startswith("Alpha "))
+        events, proxy, busy = await self.startPastBusyPorts(held=1)
         self.assertTrue(events.childSaid(f"Port {busy} is currently in use. Switching to {busy + 1}."))
         self.assertEqual(events.stops(), [f"its port {busy} was busy and it moved to port {busy + 1}"])
-        self.assertEqual(proxy.scheduler.starts, 2)
-        self.assertNotIn(proxy.scheduler.status()["port"], (busy, busy + 1))
         [moved] = [e["pid"] for e in events.events if e.get("log_format", "").startswith("Stopping {model}")]
         await waitForExit(moved, timeout=10)
+
+    async def test_bothPortsBusyStartTheChildAgainOnAFreshPort(self) -> None:
+        """
+        With the next port held too, the simulator says so and exits with status 0 without
+        serving, as TabbyAPI does; the proxy starts another child at once instead of failing
+        the waiting request.
+        """
+        events, proxy, busy = await self.startPastBusyPorts(held=2)
+        self.assertTrue(events.childSaid(f"Ports {busy} and {busy + 1} are in use by other programs."))
+        self.assertEqual(events.stops(), [f"its port {busy} was busy and so was port {busy + 1}"])
+        self.assertIsNone(proxy.scheduler.status()["last_error"])

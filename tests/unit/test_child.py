@@ -181,7 +181,8 @@ class ChildTests(_SchedulerTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)
         self.assertEqual(self.reactor.spawned[1].config()["network"]["port"], 7101)
         self.assertNoResult(waiting)
-        self.assertEqual([e["movedTo"] for e in events if "movedTo" in e], [7002])
+        self.assertEqual([e["outcome"] for e in events if "outcome" in e],
+                         ["TabbyAPI moved to port 7002, which the proxy did not pick"])
 
         moved.exit(signal=15)
         self.assertEqual(self.scheduler.status()["state"], "starting")
@@ -189,6 +190,30 @@ class ChildTests(_SchedulerTestCase):
         self.reactor.advance(ChildSettings().healthInterval)
         lease = self.successResultOf(waiting)
         self.assertEqual(lease.baseURL, "http://127.0.0.1:7101")
+        self.assertIsNone(self.scheduler.status()["last_error"])
+
+    def test_bothPortsBusyStartsAgainOnAFreshPort(self) -> None:
+        """
+        When the next port is busy too, TabbyAPI says so and exits with status 0 without
+        serving: the proxy starts another child at once on a port it picks, and the request
+        waiting for the model is served by it, not failed by the first child's exit.
+        """
+        ports = iter([7001, 7101])
+        self.scheduler.pickPort = lambda: next(ports)
+        self.tabby.healthy = False
+        waiting = self.acquire("a")
+        first = self.reactor.spawned[0]
+        first.obeys = set()
+        first.print("2026-12-04 15:40:00.123 ERROR:    Ports 7001 and 7002 are in use by other programs. "
+                    "Please free one of them or change the port in config.yml.\n")
+        first.exit(status=0)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.reactor.spawned[1].config()["network"]["port"], 7101)
+        self.assertNoResult(waiting)
+
+        self.tabby.healthy = True
+        self.reactor.advance(ChildSettings().healthInterval)
+        self.assertEqual(self.successResultOf(waiting).baseURL, "http://127.0.0.1:7101")
         self.assertIsNone(self.scheduler.status()["last_error"])
 
     def test_threePortMovesFailTheStart(self) -> None:
