@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Callable, Mapping, cast
 from weakref import WeakKeyDictionary
 
-import treq
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError
@@ -104,8 +103,12 @@ class _BodyPump(Protocol):
 
     transport: IPushProducer  # type: ignore[assignment]
 
-    def __init__(self, request: Request, sink: Callable[[bytes], None], done: Deferred[None],
+    def __init__(self, request: Request | None, sink: Callable[[bytes], None], done: Deferred[None],
                  clock: IReactorTime, timeouts: ReadTimeouts) -> None:
+        """
+        @param request: the client's request, which paces the body; L{None} for a body no client
+            reads as it comes (an error, read whole).
+        """
         self.request = request
         self.sink = sink
         self.done = done
@@ -118,7 +121,8 @@ class _BodyPump(Protocol):
         self._stalled: str | None = None
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self, True)
+        if self.request is not None:
+            self.request.registerProducer(self, True)
         self.producing = True
         self._watch()
 
@@ -132,7 +136,7 @@ class _BodyPump(Protocol):
         if self.producing:
             self.producing = False
             # A request whose client already left has no channel to unregister from.
-            if self.request.channel is not None:
+            if self.request is not None and self.request.channel is not None:
                 self.request.unregisterProducer()
         if self.done.called:
             return
@@ -286,14 +290,20 @@ class Upstream:
             connection to TabbyAPI broke (L{UpstreamStalled} when it stayed silent too long, and
             the proxy closed it), and stops the download when cancelled.
         """
+        # Every request twisted.web hands a route is a Request, which takes producers.
+        return self._pump(response, cast(Request, request), sink)
+
+    def _pump(self, response: IResponse, request: Request | None, sink: Callable[[bytes], None]) -> Deferred[None]:
+        """
+        L{pipe}, for a client's request or (L{None}) for none: a body read whole.
+        """
         pump: _BodyPump
 
         def cancel(d: Deferred[None]) -> None:
             pump.stop()
 
         done: Deferred[None] = Deferred(cancel)
-        # Every request twisted.web hands a route is a Request, which takes producers.
-        pump = _BodyPump(cast(Request, request), sink, done, self.clock, self.timeouts)
+        pump = _BodyPump(request, sink, done, self.clock, self.timeouts)
         response.deliverBody(pump)
         lease = self._leases.get(response)
         if lease is not None and not done.called:
@@ -317,18 +327,17 @@ class Upstream:
         await self.pipe(response, request, pieces.append)
         return b"".join(pieces)
 
-    @staticmethod
-    async def read(response: IResponse) -> bytes:
+    async def read(self, response: IResponse) -> bytes:
         """
-        The whole body of a small answer (an error, a model card).
+        The whole body of a small answer (an error), bounded as any body is: by the silences
+        L{ReadTimeouts} allow, and by its child being given up.
 
-        @raise UpstreamBroken: when the connection to TabbyAPI broke before the body was complete.
+        @raise UpstreamBroken: when the connection to TabbyAPI broke before the body was complete
+            (L{UpstreamStalled} when it stayed silent too long, and the proxy closed it).
         """
-        try:
-            body: bytes = await treq.content(response)
-        except ResponseFailed as e:
-            raise UpstreamBroken(f"the connection to TabbyAPI broke: {e}") from e
-        return body
+        pieces: list[bytes] = []
+        await self._pump(response, None, pieces.append)
+        return b"".join(pieces)
 
 
 def _cancelled(error: Exception) -> bool:

@@ -710,6 +710,44 @@ class HungChildTests(TestCase):
         self.assertEqual(self.proxy.scheduler.status()["health"], "ok")
 
 
+    def test_anErrorBodyThatStopsComingEnds(self) -> None:
+        """
+        An error answer whose body stops coming is bounded as any body is: 120 s after its
+        last piece the client gets a 502 that names --chunk-timeout, and TabbyAPI's request is
+        closed.
+        """
+        waiting = self.post("/v1/completions", {"model": "qwen", "prompt": "hi"})
+        [upstream] = self.proxy.tabby.pending
+        gone: list[Failure] = []
+        upstream.notifyFinish().addErrback(gone.append)
+        upstream.setResponseCode(500)
+        upstream.setHeader(b"Content-Type", b"application/json")
+        upstream.write(b'{"detail": "')
+        self.proxy.flush()
+        self.wait(119)
+        self.assertNoResult(waiting)
+        self.wait(1)
+        code, raw = self.body(waiting)
+        self.assertEqual(code, 502)
+        self.assertIn("TabbyAPI sent nothing for 120s (--chunk-timeout)", json.loads(raw)["error"]["message"])
+        self.assertEqual(len(gone), 1)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
+
+    def test_anErrorBodyEndsWhenTheChildHangs(self) -> None:
+        """
+        The error body of a child judged hung ends with the hang, in the route's shape.
+        """
+        waiting = self.post("/v1/completions", {"model": "qwen", "prompt": "hi"})
+        [upstream] = self.proxy.tabby.pending
+        upstream.setResponseCode(500)
+        upstream.write(b'{"detail": "')
+        self.proxy.flush()
+        self.hang()
+        code, raw = self.body(waiting)
+        self.assertEqual(code, 502)
+        self.assertIn("hung: GET /health did not answer within 60s", json.loads(raw)["error"]["message"])
+
+
 def _without(document: Any, names: set[str]) -> Any:
     """
     C{document} without the keys C{names}, at any depth.
