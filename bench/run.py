@@ -32,10 +32,11 @@ import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
@@ -170,6 +171,64 @@ def writeSimulatorDirectory(directory: Path, port: int, knobs: dict[str, Any]) -
     (directory / "config.yml").write_text(yaml.safe_dump(config))
 
 
+class Sigterm:
+    """
+    SIGTERM (a timeout, a CI job cancelled) ends the run like an exception, so that the cleanup
+    stops every process the run started and removes its directory; a second SIGTERM waits for it.
+    While a process is being started and handed to whoever stops it (L{owning}), the exit waits:
+    raised between the fork and that hand-over, it would leave the process running, stopped by
+    nobody.
+    """
+
+    def __init__(self) -> None:
+        self.owning = 0
+        self.pending: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.received)
+
+    def received(self, signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.owning:
+            self.pending = signum
+            return
+        raise SystemExit(128 + signum)
+
+    @contextmanager
+    def handingOver(self) -> Iterator[None]:
+        """
+        Hold a SIGTERM back while the block starts a process and gives it to its owner.
+        """
+        self.owning += 1
+        try:
+            yield
+        finally:
+            self.owning -= 1
+            if not self.owning and self.pending is not None:
+                raise SystemExit(128 + self.pending)
+
+
+SIGTERM = Sigterm()
+
+
+def runTool(command: Sequence[str], check: bool) -> str:
+    """
+    Run a load generator to its end and return what it printed; stopped with the run.
+    """
+    process: subprocess.Popen[str] | None = None
+    try:
+        with SIGTERM.handingOver():
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        output, errors = process.communicate()
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+    if check and process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command, output, errors)
+    return output
+
+
 def spawnSimulator(directory: Path) -> subprocess.Popen[bytes]:
     log = open(directory / "simulator.log", "wb")
     return subprocess.Popen(
@@ -248,8 +307,9 @@ class Servers:
         directory = self.root / f"direct-{name}"
         port = freePort()
         writeSimulatorDirectory(directory, port, knobs)
-        process = spawnSimulator(directory)
-        self.processes.append(process)
+        with SIGTERM.handingOver():
+            process = spawnSimulator(directory)
+            self.processes.append(process)
         waitForHealth(port, process, f"the {name} simulator")
         self.directPorts[name] = port
         self.directPids[name] = process.pid
@@ -271,11 +331,11 @@ class Servers:
                             for kind, port in self.nginxPorts.items())
         config = self.root / "nginx.conf"
         config.write_text(NGINX_CONF.format(root=self.root, servers=servers))
-        with open(self.root / "nginx-stderr.log", "wb") as log:
+        with open(self.root / "nginx-stderr.log", "wb") as log, SIGTERM.handingOver():
             self.nginx = subprocess.Popen(
                 [binary, "-p", str(self.root), "-e", str(self.root / "nginx-error.log"), "-c", str(config)],
                 cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        self.processes.append(self.nginx)
+            self.processes.append(self.nginx)
         for port in self.nginxPorts.values():
             waitForHealth(port, self.nginx, "nginx")
         return None
@@ -297,9 +357,10 @@ class Servers:
                    # Room for every profile at once (each is estimated at 1 GiB), so scenarios never
                    # swap models; scenario m unloads to compare one model with two.
                    "--simulate-gpus", "2x24GiB"]
-        self.proxy = subprocess.Popen(command, cwd=self.root, env={**os.environ, "PYTHONPATH": str(repo)},
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.processes.append(self.proxy)
+        with SIGTERM.handingOver():
+            self.proxy = subprocess.Popen(command, cwd=self.root, env={**os.environ, "PYTHONPATH": str(repo)},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            self.processes.append(self.proxy)
         waitForHealth(self.proxyPort, self.proxy, "the proxy")
         return self.proxyPort
 
@@ -394,7 +455,7 @@ def runWrk(root: Path, port: int, path: str, body: dict[str, Any], connections: 
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "60s", "--latency",
                "-s", str(script), f"http://127.0.0.1:{port}{path}"]
     cpu = CPUWatch(watch)
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    output = runTool(command, check=True)
     usage, used = cpu.percent(), cpu.seconds()
     percentiles: dict[str, float] = {}
     requests = errors = 0
@@ -435,7 +496,7 @@ def runCurlTTFB(root: Path, port: int, path: str, body: dict[str, Any], parallel
     command = ["curl", "--silent", "--parallel", "--parallel-immediate", "--parallel-max", str(parallel),
                "-H", "Content-Type: application/json", "--data-binary", f"@{bodyFile}",
                "--write-out", "%{time_starttransfer} %{http_code}\\n", "--config", str(config)]
-    output = subprocess.run(command, check=False, capture_output=True, text=True).stdout
+    output = runTool(command, check=False)
     times = [float(first) for first, code in (line.split() for line in output.splitlines()) if code == "200"]
     return times, transfers - len(times)
 
@@ -618,7 +679,9 @@ def coldStart(run: Round) -> None:
             port = freePort()
             writeSimulatorDirectory(directory, port, FAST)
             started = time.perf_counter()
-            process = spawnSimulator(directory)
+            with SIGTERM.handingOver():
+                process = spawnSimulator(directory)
+                servers.processes.append(process)
             try:
                 took = firstTokenWhenUp(port, CHAT, body) - started
             finally:
@@ -914,15 +977,6 @@ def severalModels(run: Round) -> None:
         report.notes.append(f"m round {run.number}: {errors} wrk errors")
 
 
-def stopOnSigterm(signum: int, frame: object) -> None:
-    """
-    SIGTERM (a timeout, a CI job cancelled) ends the run like an exception, so that the cleanup
-    stops every process the run started and removes its directory; a second SIGTERM waits for it.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: every scenario, tiny loads, one round")
@@ -944,7 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     contenders = [name for name in CONTENDERS if name not in options.without.split(",")]
     started = datetime.now(timezone.utc)
     loadBefore = os.getloadavg()[0]
-    signal.signal(signal.SIGTERM, stopOnSigterm)
+    SIGTERM.install()
     try:
         print(f"bench: starting simulators, nginx and the proxy in {root}", file=sys.stderr)
         servers.startDirect("fast", FAST)
