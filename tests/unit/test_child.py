@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import stat
 
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
 from tabbyproxy.child import ChildSettings
-from tabbyproxy.scheduler import ShuttingDown, StartFailed
+from tabbyproxy.scheduler import Lease, ShuttingDown, StartFailed
 from tests.support.fakes import FakeProcess
 from tests.unit.test_scheduler import GRACE, _SchedulerTestCase
 
@@ -162,6 +163,19 @@ class ChildTests(_SchedulerTestCase):
         """
         process.print(f"2026-12-04 15:40:00.123 WARNING:  Port {port} is currently in use. Switching to {port + 1}.\n")
 
+    def startOnPorts(self, *ports: int) -> tuple[Deferred[Lease], FakeProcess]:
+        """
+        Start model C{a} with the proxy picking C{ports} in turn, its children not ready yet;
+        return the request waiting for it and the first child, which ignores SIGTERM.
+        """
+        picked = iter(ports)
+        self.scheduler.pickPort = lambda: next(picked)
+        self.tabby.healthy = False
+        waiting = self.acquire("a")
+        first = self.reactor.spawned[0]
+        first.obeys = set()
+        return waiting, first
+
     def test_portSwitchStartsAgainOnAFreshPort(self) -> None:
         """
         A child that says its port is busy and it switches to the next one is stopped before
@@ -169,12 +183,7 @@ class ChildTests(_SchedulerTestCase):
         picked; the request waiting for the model is served by that one, and the moved child's
         exit does not end the new start.
         """
-        ports = iter([7001, 7101])
-        self.scheduler.pickPort = lambda: next(ports)
-        self.tabby.healthy = False
-        waiting = self.acquire("a")
-        moved = self.reactor.spawned[0]
-        moved.obeys = set()
+        waiting, moved = self.startOnPorts(7001, 7101)
         with capturedLogs() as events:
             self.switchPorts(moved, 7001)
         self.assertEqual(moved.signals, ["TERM"])
@@ -198,12 +207,7 @@ class ChildTests(_SchedulerTestCase):
         serving: the proxy starts another child at once on a port it picks, and the request
         waiting for the model is served by it, not failed by the first child's exit.
         """
-        ports = iter([7001, 7101])
-        self.scheduler.pickPort = lambda: next(ports)
-        self.tabby.healthy = False
-        waiting = self.acquire("a")
-        first = self.reactor.spawned[0]
-        first.obeys = set()
+        waiting, first = self.startOnPorts(7001, 7101)
         first.print("2026-12-04 15:40:00.123 ERROR:    Ports 7001 and 7002 are in use by other programs. "
                     "Please free one of them or change the port in config.yml.\n")
         first.exit(status=0)
