@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, IServiceCollection, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
@@ -37,6 +38,7 @@ from tabbyproxy.routes.root import makeSite
 from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT
 from tabbyproxy.reloader import ProfileReloader
 from tabbyproxy.simulator.install import simulatedInstall
+from tabbyproxy.textlog import twistdLogObserver
 from tabbyproxy.child import ChildSettings, diesWithParent
 from tabbyproxy.scheduler import Scheduler, SchedulerSettings
 from tabbyproxy.upstream import ReadTimeouts, Upstream
@@ -289,11 +291,21 @@ class _ProxyService(MultiService):
     """
     The proxy's services.  A start that fails (a busy C{--listen} port fails the privileged
     start, before any service runs) removes the private runtime directory, as a stop does.
+
+    @ivar logObserver: the observer twistd is to log to, given to twistd's application as its
+        C{ILogObserver} (which twistd takes when no C{--logger} is given), or C{None} to leave
+        twistd's own choice alone.
     """
 
-    def __init__(self, runtime: Path) -> None:
+    def __init__(self, runtime: Path, logObserver: ILogObserver | None = None) -> None:
         super().__init__()
         self.runtime = runtime
+        self.logObserver = logObserver
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logObserver)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:
@@ -395,17 +407,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    # Under twistd (whose options parsed these), its log file is written by a cheaper observer.
+    twistdOptions = getattr(options, "parent", None)
+    logObserver = twistdLogObserver(twistdOptions) if twistdOptions is not None else None
     runtime = Path(tempfile.mkdtemp(prefix="tabbyproxy-"))
     try:
-        return _buildService(options, reactor, runtime)
+        return _buildService(options, reactor, runtime, logObserver)
     except BaseException:
         # Nothing will stop a service that was never returned: its directory goes now.
         shutil.rmtree(runtime, ignore_errors=True)
         raise
 
 
-def _buildService(options: Options, reactor: Any, runtime: Path) -> IService:
-    top = _ProxyService(runtime)
+def _buildService(options: Options, reactor: Any, runtime: Path, logObserver: ILogObserver | None) -> IService:
+    top = _ProxyService(runtime, logObserver)
 
     install = options.install
     if install is None:
