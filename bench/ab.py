@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from run import (CONTENDERS, FAST, PROFILES, REPO, SLOW, Report, Round, Servers, Settings, realistic, small,
-                 streaming)
+from run import (CONTENDERS, FAST, PROFILES, REPO, SLOW, Report, Round, Servers, Settings, agentAPIs, memory,
+                 ollama, realistic, small, streaming)
 
-SCENARIOS = "abr"
+SCENARIOS = "abcer"
 
 
 def exportTree(ref: str, root: Path) -> Path:
@@ -51,7 +51,7 @@ def compare(refs: Sequence[str], reports: dict[str, Report]) -> str:
     rows = [header]
     first = reports[refs[0]]
     for key, figure in first.figures.items():
-        if figure.kind == "plain" or "proxy" not in figure.medians():
+        if "proxy" not in figure.medians():
             continue
         row = list(key)
         base = figure.medians()["proxy"]
@@ -91,11 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         servers.startDirect("fast", FAST)
         servers.startDirect("slow", SLOW)
+        servers.startDirect("hold", settings.holdKnobs)
         if options.nginx and servers.startNginx() is not None:
             contenders.remove("nginx")
         for index, ref in enumerate(options.refs):
-            port = servers.startProxy({PROFILES["fast"]: FAST, PROFILES["slow"]: SLOW},
-                                      repo=exportTree(ref, root), name=f"proxy-{index}")
+            profiles = {PROFILES["fast"]: FAST, PROFILES["slow"]: SLOW, PROFILES["hold"]: settings.holdKnobs}
+            port = servers.startProxy(profiles, repo=exportTree(ref, root), name=f"proxy-{index}")
             assert servers.proxy is not None
             proxies[ref] = (port, servers.proxy)
             servers.use(PROFILES["fast"])
@@ -109,10 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run = Round(servers, reports[ref], settings, tuple(contenders[order:] + contenders[:order]),
                             number + 1)
                 print(f"bench: round {number + 1} of {settings.rounds}: {ref}", file=sys.stderr)
-                if "a" in options.only:
-                    streaming(run, perAnswer[ref])
+                if "e" in options.only:
+                    memory(run)
+                openaiChunks: dict[int, float] = {}
+                if "a" in options.only or "c" in options.only:
+                    openaiChunks = streaming(run, perAnswer[ref])
                 if "b" in options.only:
                     small(run)
+                if "c" in options.only:
+                    ollama(run, openaiChunks)
+                    agentAPIs(run, openaiChunks)
                 if "r" in options.only:
                     realistic(run, "not measured by ab.py")
     finally:
