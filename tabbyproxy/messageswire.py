@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import encode_basestring as _jsonString
 from typing import Any, Callable, Iterable, Mapping
 
 from attrs import define, field, frozen
 
 from tabbyproxy.jsontypes import describeJSON
-from tabbyproxy.responseswire import randomId
+from tabbyproxy.responseswire import randomId, sseFrame
 from tabbyproxy.tabbywire import (
     Event,
     Finish,
@@ -403,6 +404,11 @@ class _Block:
     parts: list[str] = field(factory=list)
 
 
+# What the encoder makes of a batch of events: the events, with each delta of text or thinking
+# as its block's index, its kind and its text (see MessageEncoder._translate).
+_Pieces = list[dict[str, Any] | tuple[int, str, str]]
+
+
 @define
 class MessageEncoder:
     """
@@ -466,18 +472,43 @@ class MessageEncoder:
         """
         The Messages events for TabbyAPI's C{events}.  A L{StreamError} is left to L{fail}.
         """
-        out: list[dict[str, Any]] = []
+        return [{"type": "content_block_delta", "index": piece[0],
+                 "delta": {"type": f"{piece[1]}_delta", piece[1]: piece[2]}}
+                if isinstance(piece, tuple) else piece for piece in self._translate(events)]
+
+    def feedSSE(self, events: Iterable[Event]) -> bytes:
+        """
+        L{feed}'s events as SSE frames, exactly as L{sseFrame} writes them; the deltas of text and
+        thinking, one per token, are filled into a template instead of building and encoding an
+        object for each.
+        """
+        frames = []
+        for piece in self._translate(events):
+            if isinstance(piece, tuple):
+                index, kind, text = piece
+                frames.append(f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{index},'
+                              f'"delta":{{"type":"{kind}_delta","{kind}":{_jsonString(text)}}}}}\n\n'.encode("utf-8"))
+            else:
+                frames.append(sseFrame(piece))
+        return b"".join(frames)
+
+    def _translate(self, events: Iterable[Event]) -> _Pieces:
+        """
+        L{feed}'s events, with each delta of text or thinking as its block's index, the block's
+        kind and the text, to be made into an event or a frame.
+        """
+        out: _Pieces = []
         for event in events:
             if isinstance(event, TextDelta):
                 block = self._block("text", {"type": "text", "text": ""}, out)
                 block.parts.append(event.text)
-                out.append(self._delta(block, {"type": "text_delta", "text": event.text}))
+                out.append((block.index, "text", event.text))
             elif isinstance(event, ReasoningDelta):
                 block = self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
                 block.parts.append(event.text)
-                out.append(self._delta(block, {"type": "thinking_delta", "thinking": event.text}))
+                out.append((block.index, "thinking", event.text))
             elif isinstance(event, ToolCallStart):
-                self._close(out)
+                self._close(out.append)
                 block = self._openBlock("tool_use", {"type": "tool_use", "id": self.newId("toolu"),
                                                      "name": event.name, "input": {}}, out)
                 self._calls[event.index] = block
@@ -504,7 +535,7 @@ class MessageEncoder:
         The open block closed, then C{message_delta} with why it stopped, and C{message_stop}.
         """
         out: list[dict[str, Any]] = []
-        self._close(out)
+        self._close(out.append)
         if self.finishReason is None:
             self.finishReason = "stop"
         out.append({"type": "message_delta",
@@ -522,23 +553,23 @@ class MessageEncoder:
 
     # -- blocks
 
-    def _openBlock(self, kind: str, document: dict[str, Any], out: list[dict[str, Any]]) -> _Block:
+    def _openBlock(self, kind: str, document: dict[str, Any], out: _Pieces) -> _Block:
         block = self._open = _Block(len(self.content), kind, document)
         self.content.append(document)
         out.append({"type": "content_block_start", "index": block.index, "content_block": dict(document)})
         return block
 
-    def _block(self, kind: str, document: dict[str, Any], out: list[dict[str, Any]]) -> _Block:
+    def _block(self, kind: str, document: dict[str, Any], out: _Pieces) -> _Block:
         if self._open is not None and self._open.kind == kind:
             return self._open
-        self._close(out)
+        self._close(out.append)
         return self._openBlock(kind, document, out)
 
     @staticmethod
     def _delta(block: _Block, delta: dict[str, Any]) -> dict[str, Any]:
         return {"type": "content_block_delta", "index": block.index, "delta": delta}
 
-    def _close(self, out: list[dict[str, Any]]) -> None:
+    def _close(self, emit: Callable[[dict[str, Any]], object]) -> None:
         block, self._open = self._open, None
         if block is None:
             return
@@ -548,11 +579,11 @@ class MessageEncoder:
         elif block.kind == "thinking":
             signature = signatureOf(text)
             block.block.update(thinking=text, signature=signature)
-            out.append(self._delta(block, {"type": "signature_delta", "signature": signature}))
+            emit(self._delta(block, {"type": "signature_delta", "signature": signature}))
         else:
             block.block["input"] = _arguments(block.parts)
         self.content[block.index] = block.block
-        out.append({"type": "content_block_stop", "index": block.index})
+        emit({"type": "content_block_stop", "index": block.index})
 
 
 def _arguments(parts: list[str]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from json.encoder import encode_basestring as _jsonString
 from typing import Any, Callable, Iterable, Mapping
 
 from attrs import define, field, frozen
@@ -556,6 +557,12 @@ class _Item:
         return itemId
 
 
+# What the encoder makes of a batch of events: the events, with each delta of text or
+# reasoning as its kind, sequence number, item id, output index and text (see
+# ResponseEncoder._deltaEvent), to be made into an event or a frame.
+_Pieces = list[dict[str, Any] | tuple[str, int, str, int, str]]
+
+
 @define
 class ResponseEncoder:
     """
@@ -619,7 +626,37 @@ class ResponseEncoder:
         """
         The Responses events for TabbyAPI's C{events}.  A L{tabbyproxy.tabbywire.StreamError} is left to L{fail}.
         """
-        out: list[dict[str, Any]] = []
+        return self._events(self._translate(events))
+
+    def feedSSE(self, events: Iterable[Event]) -> bytes:
+        """
+        L{feed}'s events as SSE frames, exactly as L{sseFrame} writes them; the deltas of text and
+        reasoning, one per token, are filled into a template instead of building and encoding an
+        object for each.
+        """
+        frames = []
+        for piece in self._translate(events):
+            if not isinstance(piece, tuple):
+                frames.append(sseFrame(piece))
+                continue
+            kind, sequence, itemId, outputIndex, text = piece
+            if kind == "text":
+                frame = (f'event: response.output_text.delta\ndata: {{"type":"response.output_text.delta",'
+                         f'"sequence_number":{sequence},"item_id":{_jsonString(itemId)},"output_index":{outputIndex},'
+                         f'"content_index":0,"delta":{_jsonString(text)},"logprobs":[]}}\n\n')
+            else:
+                frame = (f'event: response.reasoning_summary_text.delta\ndata: {{"type":'
+                         f'"response.reasoning_summary_text.delta","sequence_number":{sequence},"item_id":'
+                         f'{_jsonString(itemId)},"output_index":{outputIndex},"summary_index":0,'
+                         f'"delta":{_jsonString(text)}}}\n\n')
+            frames.append(frame.encode("utf-8"))
+        return b"".join(frames)
+
+    def _translate(self, events: Iterable[Event]) -> _Pieces:
+        """
+        L{feed}'s events, with each delta of text or reasoning as what L{_deltaEvent} makes it from.
+        """
+        out: _Pieces = []
         for event in events:
             if isinstance(event, TextDelta):
                 self._closeReasoning(out)
@@ -657,43 +694,63 @@ class ResponseEncoder:
         """
         Every item still open closed, then C{response.completed} (or C{response.incomplete}).
         """
-        out: list[dict[str, Any]] = []
+        out: _Pieces = []
         self.status = "incomplete" if self.finishReason == "length" else "completed"
         self._closeAll(out, status=self.status)
         out.append(self._event(f"response.{self.status}", response=self.response()))
-        return out
+        return self._events(out)
 
     def fail(self, message: str, code: str | None = None) -> list[dict[str, Any]]:
         """
         The generation failed with C{message}: an C{error} event, then C{response.failed}.
         """
-        out: list[dict[str, Any]] = []
+        out: _Pieces = []
         self._closeAll(out, status="incomplete")
         code = code or errorCode(message)
         self.status = "failed"
         self.error = {"code": code, "message": message}
         out.append(self._event("error", code=code, message=message, param=None))
         out.append(self._event("response.failed", response=self.response()))
-        return out
+        return self._events(out)
 
     # -- items
+
+    @staticmethod
+    def _events(pieces: _Pieces) -> list[dict[str, Any]]:
+        return [ResponseEncoder._deltaEvent(*piece) if isinstance(piece, tuple) else piece for piece in pieces]
+
+    @staticmethod
+    def _deltaEvent(kind: str, sequence: int, itemId: str, outputIndex: int, text: str) -> dict[str, Any]:
+        """
+        The delta event of a piece of text (C{kind} C{"text"}) or reasoning.
+        """
+        if kind == "text":
+            return {"type": "response.output_text.delta", "sequence_number": sequence, "item_id": itemId,
+                    "output_index": outputIndex, "content_index": 0, "delta": text, "logprobs": []}
+        return {"type": "response.reasoning_summary_text.delta", "sequence_number": sequence, "item_id": itemId,
+                "output_index": outputIndex, "summary_index": 0, "delta": text}
+
+    def _delta(self, kind: str, item: _Item, text: str, out: _Pieces) -> None:
+        item.text.append(text)
+        out.append((kind, self._sequence, item.id, item.outputIndex, text))
+        self._sequence += 1
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return event
 
-    def _open(self, item: dict[str, Any], out: list[dict[str, Any]]) -> _Item:
+    def _open(self, item: dict[str, Any], out: _Pieces) -> _Item:
         opened = _Item(len(self.output), item)
         self.output.append(item)
         out.append(self._event("response.output_item.added", output_index=opened.outputIndex, item=dict(item)))
         return opened
 
-    def _done(self, item: _Item, out: list[dict[str, Any]]) -> None:
+    def _done(self, item: _Item, out: _Pieces) -> None:
         self.output[item.outputIndex] = item.item
         out.append(self._event("response.output_item.done", output_index=item.outputIndex, item=item.item))
 
-    def _text(self, text: str, out: list[dict[str, Any]]) -> None:
+    def _text(self, text: str, out: _Pieces) -> None:
         message = self._message
         if message is None:
             message = self._message = self._open(
@@ -702,11 +759,9 @@ class ResponseEncoder:
             out.append(self._event("response.content_part.added", item_id=message.id,
                                    output_index=message.outputIndex, content_index=0,
                                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
-        message.text.append(text)
-        out.append(self._event("response.output_text.delta", item_id=message.id, output_index=message.outputIndex,
-                               content_index=0, delta=text, logprobs=[]))
+        self._delta("text", message, text, out)
 
-    def _closeMessage(self, out: list[dict[str, Any]], status: str = "completed") -> None:
+    def _closeMessage(self, out: _Pieces, status: str = "completed") -> None:
         message, self._message = self._message, None
         if message is None:
             return
@@ -719,18 +774,16 @@ class ResponseEncoder:
         message.item = {**message.item, "status": status, "content": [part]}
         self._done(message, out)
 
-    def _reasoningText(self, text: str, out: list[dict[str, Any]]) -> None:
+    def _reasoningText(self, text: str, out: _Pieces) -> None:
         reasoning = self._reasoning
         if reasoning is None:
             reasoning = self._reasoning = self._open({"id": self.newId("rs"), "type": "reasoning", "summary": []}, out)
             out.append(self._event("response.reasoning_summary_part.added", item_id=reasoning.id,
                                    output_index=reasoning.outputIndex, summary_index=0,
                                    part={"type": "summary_text", "text": ""}))
-        reasoning.text.append(text)
-        out.append(self._event("response.reasoning_summary_text.delta", item_id=reasoning.id,
-                               output_index=reasoning.outputIndex, summary_index=0, delta=text))
+        self._delta("reasoning", reasoning, text, out)
 
-    def _closeReasoning(self, out: list[dict[str, Any]], status: str = "completed") -> None:
+    def _closeReasoning(self, out: _Pieces, status: str = "completed") -> None:
         reasoning, self._reasoning = self._reasoning, None
         if reasoning is None:
             return
@@ -743,7 +796,7 @@ class ResponseEncoder:
         reasoning.item = {**reasoning.item, "summary": [part], "status": status}
         self._done(reasoning, out)
 
-    def _startCall(self, start: ToolCallStart, out: list[dict[str, Any]]) -> None:
+    def _startCall(self, start: ToolCallStart, out: _Pieces) -> None:
         item: dict[str, Any] = {
             "id": self.newId("fc"), "type": "function_call", "status": "in_progress",
             "call_id": start.callId or self.newId("call"), "name": start.name, "arguments": "",
@@ -753,7 +806,7 @@ class ResponseEncoder:
             item["namespace"], item["name"] = split
         self._calls[start.index] = self._open(item, out)
 
-    def _closeCalls(self, out: list[dict[str, Any]], status: str = "completed") -> None:
+    def _closeCalls(self, out: _Pieces, status: str = "completed") -> None:
         calls, self._calls = self._calls, {}
         for call in calls.values():
             arguments = "".join(call.text)
@@ -762,7 +815,7 @@ class ResponseEncoder:
             call.item = {**call.item, "arguments": arguments, "status": status}
             self._done(call, out)
 
-    def _closeAll(self, out: list[dict[str, Any]], status: str = "completed") -> None:
+    def _closeAll(self, out: _Pieces, status: str = "completed") -> None:
         # In output order, so the done events come as the items were added.
         closers = sorted(
             [(item.outputIndex, closer) for item, closer in (

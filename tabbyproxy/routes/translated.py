@@ -50,6 +50,11 @@ class EventEncoder(Protocol):
         The API's events for these chat events (none while a block is still building).
         """
 
+    def feedSSE(self, events: Iterable[Event]) -> bytes:
+        """
+        L{feed}'s events as the SSE frames L{sseFrame} writes.
+        """
+
 
 E = TypeVar("E", bound=EventEncoder)
 
@@ -70,14 +75,18 @@ class TranslatedStream(Generic[E]):
     ticks: LoadingTicks | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        events = self.encoder.feed(self.decoder.feed(data))
-        if not events:
+        events = self.decoder.feed(data)
+        if not self.streaming:
+            self.encoder.feed(events)
+            return
+        frames = self.encoder.feedSSE(events)
+        if not frames:
             return
         if self.ticks is not None:
             self.ticks.stop()
             self.ticks = None
         # One write per read from TabbyAPI, however many tokens it carried.
-        self.send(events)
+        self.request.write(frames)
 
     def send(self, events: list[dict[str, Any]]) -> None:
         if self.streaming:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.messageswire import MessageEncoder, MessagesRequestError, signatureOf, translateRequest
-from tabbyproxy.tabbywire import ChatStreamDecoder
+from tabbyproxy.responseswire import sseFrame
+from tabbyproxy.tabbywire import ChatStreamDecoder, Event, ReasoningDelta, TextDelta, ToolCallArguments, ToolCallStart
 from tests.support.messagestypes import parseEvent, parseMessage
 
 CLAUDE_CAPTURE = Path(__file__).parent.parent / "support" / "captures" / "claude-code-2.1.197-messages.json"
@@ -266,6 +267,44 @@ class EncoderTests(SynchronousTestCase):
         split, splitEncoder = encode(pieces)
         self.assertEqual(joined(split), joined(whole))
         self.assertEqual(splitEncoder.message(), wholeEncoder.message())
+
+
+def written(frames: Callable[[], bytes]) -> bytes | type[UnicodeEncodeError]:
+    """
+    The frames C{frames} makes, or L{UnicodeEncodeError} where a lone surrogate cannot be UTF-8.
+    """
+    try:
+        return frames()
+    except UnicodeEncodeError:
+        return UnicodeEncodeError
+
+
+# Any text, lone surrogates included (st.text() leaves them out).
+ANY_TEXT = st.text(st.characters(exclude_categories=()))
+
+
+class SSETemplateTests(SynchronousTestCase):
+    @given(
+        st.lists(st.tuples(st.sampled_from(["text", "thinking"]), ANY_TEXT), max_size=8),
+        st.booleans(),
+    )
+    def test_sameAsSSEFrame(self, deltas: list[tuple[str, str]], toolCall: bool) -> None:
+        """
+        L{MessageEncoder.feedSSE} writes exactly L{sseFrame} of each of L{MessageEncoder.feed}'s
+        events, whatever the text (quotes, backslashes, control characters, non-ASCII; a lone
+        surrogate fails both alike), for text, thinking and tool-call blocks, and leaves the
+        encoder as L{MessageEncoder.feed} does.
+        """
+        events: list[Event] = [TextDelta(text) if kind == "text" else ReasoningDelta(text) for kind, text in deltas]
+        if toolCall:
+            events += [ToolCallStart(0, "c0", "look\u00e9\""), ToolCallArguments(0, '{"q": "\\n\u2028"}')]
+        made = [MessageEncoder("qwen\u00e9", newId=ids()) for _ in range(2)]
+        for encoder in made:
+            encoder.start()
+        expected = written(lambda: b"".join(sseFrame(event) for event in made[0].feed(events)))
+        self.assertEqual(written(lambda: made[1].feedSSE(events)), expected)
+        self.assertEqual(made[1].finish(), made[0].finish())
+        self.assertEqual(made[1].message(), made[0].message())
 
 
 def joined(events: list[dict[str, Any]]) -> list[Any]:

@@ -22,7 +22,7 @@ from tabbyproxy.responseswire import (
     sseFrame,
     translateRequest,
 )
-from tabbyproxy.tabbywire import ChatStreamDecoder
+from tabbyproxy.tabbywire import ChatStreamDecoder, Event, ReasoningDelta, TextDelta, ToolCallArguments, ToolCallStart
 from tests.support.responsestypes import parseEvent, parseResponse
 from tests.support.wire import namedEvents
 
@@ -433,3 +433,46 @@ class EncoderTests(SynchronousTestCase):
         whole, _ = encode({"input": "x", "tools": TOOLS}, FULL_STREAM)
         cut, _ = encode({"input": "x", "tools": TOOLS}, FULL_STREAM, splits)
         self.assertEqual(cut, whole)
+
+
+def written(frames: Callable[[], bytes]) -> bytes | type[UnicodeEncodeError]:
+    """
+    The frames C{frames} makes, or L{UnicodeEncodeError} where a lone surrogate cannot be UTF-8.
+    """
+    try:
+        return frames()
+    except UnicodeEncodeError:
+        return UnicodeEncodeError
+
+
+# Any text, lone surrogates included (st.text() leaves them out).
+ANY_TEXT = st.text(st.characters(exclude_categories=()))
+
+
+class SSETemplateTests(SynchronousTestCase):
+    @given(
+        st.lists(st.tuples(st.sampled_from(["text", "reasoning"]), ANY_TEXT), max_size=8),
+        st.booleans(),
+        ANY_TEXT,
+    )
+    def test_sameAsSSEFrame(self, deltas: list[tuple[str, str]], toolCall: bool, prefix: str) -> None:
+        """
+        L{ResponseEncoder.feedSSE} writes exactly L{sseFrame} of each of L{ResponseEncoder.feed}'s
+        events, whatever the text and the item ids (quotes, backslashes, control characters,
+        non-ASCII; a lone surrogate fails both alike), for message, reasoning and function-call
+        items, numbered alike, and leaves the encoder as L{ResponseEncoder.feed} does.
+        """
+        events: list[Event] = [TextDelta(text) if kind == "text" else ReasoningDelta(text) for kind, text in deltas]
+        if toolCall:
+            events += [ToolCallStart(0, "c0", "look\u00e9\""), ToolCallArguments(0, '{"q": "\\n\u2028"}')]
+
+        def ids() -> Callable[[str], str]:
+            numbers = itertools.count(1)
+            return lambda kind: f"{prefix}{kind}_{next(numbers)}"
+
+        made = [ResponseEncoder(translateRequest({"input": "x"}), "qwen", 1, newId=ids()) for _ in range(2)]
+        for encoder in made:
+            encoder.start()
+        expected = written(lambda: b"".join(sseFrame(event) for event in made[0].feed(events)))
+        self.assertEqual(written(lambda: made[1].feedSSE(events)), expected)
+        self.assertEqual(made[1].finish(), made[0].finish())
