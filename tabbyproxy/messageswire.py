@@ -404,9 +404,10 @@ class _Block:
     parts: list[str] = field(factory=list)
 
 
-# What the encoder makes of a batch of events: the events, with each delta of text or thinking
-# as its block's index, its kind and its text (see MessageEncoder._translate).
-_Pieces = list[dict[str, Any] | tuple[int, str, str]]
+# What the encoder makes of a batch of events: the events, with each delta of text, thinking or
+# a tool call's JSON as its block's index, the delta's type, its field and its text (see
+# MessageEncoder._translate).
+_Pieces = list[dict[str, Any] | tuple[int, str, str, str]]
 
 
 @define
@@ -472,41 +473,40 @@ class MessageEncoder:
         """
         The Messages events for TabbyAPI's C{events}.  A L{StreamError} is left to L{fail}.
         """
-        return [{"type": "content_block_delta", "index": piece[0],
-                 "delta": {"type": f"{piece[1]}_delta", piece[1]: piece[2]}}
+        return [{"type": "content_block_delta", "index": piece[0], "delta": {"type": piece[1], piece[2]: piece[3]}}
                 if isinstance(piece, tuple) else piece for piece in self._translate(events)]
 
     def feedSSE(self, events: Iterable[Event]) -> bytes:
         """
-        L{feed}'s events as SSE frames, exactly as L{sseFrame} writes them; the deltas of text and
-        thinking, one per token, are filled into a template instead of building and encoding an
-        object for each.
+        L{feed}'s events as SSE frames, exactly as L{sseFrame} writes them; the deltas of text,
+        thinking and tool calls' JSON, one per token, are filled into a template instead of
+        building and encoding an object for each.
         """
         frames = []
         for piece in self._translate(events):
             if isinstance(piece, tuple):
-                index, kind, text = piece
+                index, kind, name, text = piece
                 frames.append(f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{index},'
-                              f'"delta":{{"type":"{kind}_delta","{kind}":{_jsonString(text)}}}}}\n\n'.encode("utf-8"))
+                              f'"delta":{{"type":"{kind}","{name}":{_jsonString(text)}}}}}\n\n'.encode("utf-8"))
             else:
                 frames.append(sseFrame(piece))
         return b"".join(frames)
 
     def _translate(self, events: Iterable[Event]) -> _Pieces:
         """
-        L{feed}'s events, with each delta of text or thinking as its block's index, the block's
-        kind and the text, to be made into an event or a frame.
+        L{feed}'s events, with each delta of text, thinking or a tool call's JSON as its block's
+        index, the delta's type, its field and the text, to be made into an event or a frame.
         """
         out: _Pieces = []
         for event in events:
             if isinstance(event, TextDelta):
                 block = self._block("text", {"type": "text", "text": ""}, out)
                 block.parts.append(event.text)
-                out.append((block.index, "text", event.text))
+                out.append((block.index, "text_delta", "text", event.text))
             elif isinstance(event, ReasoningDelta):
                 block = self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
                 block.parts.append(event.text)
-                out.append((block.index, "thinking", event.text))
+                out.append((block.index, "thinking_delta", "thinking", event.text))
             elif isinstance(event, ToolCallStart):
                 self._close(out.append)
                 block = self._openBlock("tool_use", {"type": "tool_use", "id": self.newId("toolu"),
@@ -517,7 +517,7 @@ class MessageEncoder:
                 if call is not None:
                     call.parts.append(event.text)
                     if call is self._open:
-                        out.append(self._delta(call, {"type": "input_json_delta", "partial_json": event.text}))
+                        out.append((call.index, "input_json_delta", "partial_json", event.text))
                     else:
                         # Arguments of a call already closed: kept for the Message, as no
                         # event can reach a closed block.

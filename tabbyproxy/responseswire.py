@@ -557,8 +557,8 @@ class _Item:
         return itemId
 
 
-# What the encoder makes of a batch of events: the events, with each delta of text or
-# reasoning as its kind, sequence number, item id, output index and text (see
+# What the encoder makes of a batch of events: the events, with each delta of text, reasoning
+# or a function call's arguments as its kind, sequence number, item id, output index and text (see
 # ResponseEncoder._deltaEvent), to be made into an event or a frame.
 _Pieces = list[dict[str, Any] | tuple[str, int, str, int, str]]
 
@@ -630,9 +630,9 @@ class ResponseEncoder:
 
     def feedSSE(self, events: Iterable[Event]) -> bytes:
         """
-        L{feed}'s events as SSE frames, exactly as L{sseFrame} writes them; the deltas of text and
-        reasoning, one per token, are filled into a template instead of building and encoding an
-        object for each.
+        L{feed}'s events as SSE frames, exactly as L{sseFrame} writes them; the deltas of text,
+        reasoning and function calls' arguments, one per token, are filled into a template
+        instead of building and encoding an object for each.
         """
         frames = []
         for piece in self._translate(events):
@@ -644,17 +644,22 @@ class ResponseEncoder:
                 frame = (f'event: response.output_text.delta\ndata: {{"type":"response.output_text.delta",'
                          f'"sequence_number":{sequence},"item_id":{_jsonString(itemId)},"output_index":{outputIndex},'
                          f'"content_index":0,"delta":{_jsonString(text)},"logprobs":[]}}\n\n')
-            else:
+            elif kind == "reasoning":
                 frame = (f'event: response.reasoning_summary_text.delta\ndata: {{"type":'
                          f'"response.reasoning_summary_text.delta","sequence_number":{sequence},"item_id":'
                          f'{_jsonString(itemId)},"output_index":{outputIndex},"summary_index":0,'
                          f'"delta":{_jsonString(text)}}}\n\n')
+            else:
+                frame = (f'event: response.function_call_arguments.delta\ndata: {{"type":'
+                         f'"response.function_call_arguments.delta","sequence_number":{sequence},"item_id":'
+                         f'{_jsonString(itemId)},"output_index":{outputIndex},"delta":{_jsonString(text)}}}\n\n')
             frames.append(frame.encode("utf-8"))
         return b"".join(frames)
 
     def _translate(self, events: Iterable[Event]) -> _Pieces:
         """
-        L{feed}'s events, with each delta of text or reasoning as what L{_deltaEvent} makes it from.
+        L{feed}'s events, with each delta of text, reasoning or arguments as what L{_deltaEvent}
+        makes it from.
         """
         out: _Pieces = []
         for event in events:
@@ -673,9 +678,7 @@ class ResponseEncoder:
             elif isinstance(event, ToolCallArguments):
                 call = self._calls.get(event.index)
                 if call is not None:
-                    call.text.append(event.text)
-                    out.append(self._event("response.function_call_arguments.delta", item_id=call.id,
-                                           output_index=call.outputIndex, delta=event.text))
+                    self._delta("arguments", call, event.text, out)
             elif isinstance(event, Usage):
                 inputTokens = event.promptTokens or 0
                 outputTokens = event.completionTokens or 0
@@ -722,13 +725,17 @@ class ResponseEncoder:
     @staticmethod
     def _deltaEvent(kind: str, sequence: int, itemId: str, outputIndex: int, text: str) -> dict[str, Any]:
         """
-        The delta event of a piece of text (C{kind} C{"text"}) or reasoning.
+        The delta event of a piece of text (C{kind} C{"text"}), reasoning (C{"reasoning"}) or a
+        function call's arguments (C{"arguments"}).
         """
         if kind == "text":
             return {"type": "response.output_text.delta", "sequence_number": sequence, "item_id": itemId,
                     "output_index": outputIndex, "content_index": 0, "delta": text, "logprobs": []}
-        return {"type": "response.reasoning_summary_text.delta", "sequence_number": sequence, "item_id": itemId,
-                "output_index": outputIndex, "summary_index": 0, "delta": text}
+        if kind == "reasoning":
+            return {"type": "response.reasoning_summary_text.delta", "sequence_number": sequence, "item_id": itemId,
+                    "output_index": outputIndex, "summary_index": 0, "delta": text}
+        return {"type": "response.function_call_arguments.delta", "sequence_number": sequence, "item_id": itemId,
+                "output_index": outputIndex, "delta": text}
 
     def _delta(self, kind: str, item: _Item, text: str, out: _Pieces) -> None:
         item.text.append(text)

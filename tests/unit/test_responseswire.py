@@ -450,21 +450,24 @@ ANY_TEXT = st.text(st.characters(exclude_categories=()))
 
 
 class SSETemplateTests(SynchronousTestCase):
-    @given(
-        st.lists(st.tuples(st.sampled_from(["text", "reasoning"]), ANY_TEXT), max_size=8),
-        st.booleans(),
-        ANY_TEXT,
-    )
-    def test_sameAsSSEFrame(self, deltas: list[tuple[str, str]], toolCall: bool, prefix: str) -> None:
+    @given(st.lists(st.tuples(st.sampled_from(["text", "reasoning", "arguments"]), ANY_TEXT), max_size=8), ANY_TEXT)
+    def test_sameAsSSEFrame(self, deltas: list[tuple[str, str]], prefix: str) -> None:
         """
         L{ResponseEncoder.feedSSE} writes exactly L{sseFrame} of each of L{ResponseEncoder.feed}'s
         events, whatever the text and the item ids (quotes, backslashes, control characters,
         non-ASCII; a lone surrogate fails both alike), for message, reasoning and function-call
-        items, numbered alike, and leaves the encoder as L{ResponseEncoder.feed} does.
+        items in any order, numbered alike, and leaves the encoder as L{ResponseEncoder.feed} does.
         """
-        events: list[Event] = [TextDelta(text) if kind == "text" else ReasoningDelta(text) for kind, text in deltas]
-        if toolCall:
-            events += [ToolCallStart(0, "c0", "look\u00e9\""), ToolCallArguments(0, '{"q": "\\n\u2028"}')]
+        events: list[Event] = []
+        calls = 0
+        for kind, text in deltas:
+            if kind == "arguments":
+                if not events or not isinstance(events[-1], (ToolCallStart, ToolCallArguments)):
+                    events.append(ToolCallStart(calls, f"c{calls}", "look\u00e9\""))
+                    calls += 1
+                events.append(ToolCallArguments(calls - 1, text))
+            else:
+                events.append(TextDelta(text) if kind == "text" else ReasoningDelta(text))
 
         def ids() -> Callable[[str], str]:
             numbers = itertools.count(1)
