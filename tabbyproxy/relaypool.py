@@ -343,9 +343,16 @@ def _relayPoolClass() -> type[HTTPConnectionPool]:
 
     class RelayClientProtocol(_newclient.HTTP11ClientProtocol):
         def request(self, request: Any) -> Any:
-            if type(request.bodyProducer) is BytesProducer:
+            whole = type(request.bodyProducer) is BytesProducer
+            if whole:
                 request.writeTo = partial(_writeWhole, request, request.bodyProducer.body)
-            finished = super().request(request)
+            try:
+                finished = super().request(request)
+            finally:
+                if whole:
+                    # Written by now; kept, the partial and its request would be a cycle left
+                    # to the garbage collector.
+                    del request.writeTo
             parser = getattr(self, "_parser", None)
             if parser is not None:
                 parser._transferDecoders = {b"chunked": ChunkedDecoder}

@@ -266,6 +266,30 @@ class WholeBodyTests(SynchronousTestCase):
         protocol.connectionLost(Failure(ResponseDone()))
         self.failureResultOf(answered)
 
+    def test_writtenRequestIsNoCycle(self) -> None:
+        """
+        Once written, the request no longer holds the writer that refers back to it: freed by
+        reference counting alone, with no cycle for the garbage collector.
+        """
+        pool = makeConnectionPool(reactor)
+        protocol = pool._factory(lambda protocol: None, None).buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        request = _newclient.Request(b"POST", b"/v1/chat/completions", Headers({b"host": [b"127.0.0.1:1"]}),
+                                     BytesProducer(b'{"a":1}'), persistent=True)
+        answered = protocol.request(request)
+        self.assertNotIn("writeTo", vars(request))
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            gone = weakref.ref(request)
+            protocol.connectionLost(Failure(ResponseDone()))
+            self.failureResultOf(answered)
+            del request, protocol, answered
+            self.assertIsNone(gone())
+        finally:
+            if enabled:
+                gc.enable()
+
 
 class RelayPoolTests(TestCase):
     def setUp(self) -> None:
