@@ -16,7 +16,7 @@ import json
 import math
 import re
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from attrs import field, frozen
 from klein import Klein
@@ -35,7 +35,7 @@ from twisted.web.iweb import IRenderable, IRequest
 from twisted.web.resource import IResource, getChildForRequest
 from twisted.web.template import renderElement
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import MapAdapter, RequestRedirect, Rule
 
 from tabbyproxy.auth import Permission, authProblem
 from tabbyproxy.config import Catalog, Keys, TabbyInstall
@@ -89,9 +89,19 @@ class AcyclicKleinResource(KleinResource):
     the garbage collector, which took about 8% of the proxy's CPU on small requests.  Here the
     error handling is a method, and a served request is freed by reference counting alone.
 
+    The routes a path without variable parts matched are kept (a few hundred at most): werkzeug's
+    matcher is a recursive closure, so each match left a cycle for the garbage collector too.
+
     This uses Klein's private names (C{klein._resource}, C{klein._app}, C{klein._dihttp}); a
     Klein release that renames them fails the import, and the unit tests with it.
     """
+
+    # How many (path, method, scheme) matches are kept; later ones are matched each time.
+    MAX_MATCHES = 256
+
+    def __init__(self, app: Klein) -> None:
+        super().__init__(app)
+        self._matches: dict[tuple[str, str, str], tuple[Rule, Mapping[str, Any]]] = {}
 
     def render(self, request: IRequest) -> Any:
         try:
@@ -101,8 +111,9 @@ class AcyclicKleinResource(KleinResource):
                 legacyLog.err(fail, f"Invalid encoding in {what}.")
             request.setResponseCode(400)
             return b"Non-UTF-8 encoding in URL."
+        method = request.method.decode("utf-8")
         mapper = self._app.url_map.bind(serverName, scriptName, path_info=pathInfo,
-                                        default_method=request.method.decode("utf-8"), url_scheme=urlScheme)
+                                        default_method=method, url_scheme=urlScheme)
         IKleinRequest(request).mapper = mapper
         finished = [False]
 
@@ -110,7 +121,7 @@ class AcyclicKleinResource(KleinResource):
             finished[0] = True
 
         def execute() -> Deferred[Any]:
-            rule, kwargs = mapper.match(return_rule=True)
+            rule, kwargs = self._match(mapper, pathInfo, method, urlScheme)
             endpoint = rule.endpoint
             segments = route_metadata(self._app.endpoints[endpoint]).segment_count
             request.prepath.extend(request.postpath[:segments])
@@ -136,6 +147,21 @@ class AcyclicKleinResource(KleinResource):
         d.addCallback(writeResponse)
         d.addErrback(legacyLog.err, _why="Unhandled Error writing response")
         return server.NOT_DONE_YET
+
+    def _match(self, mapper: MapAdapter, pathInfo: str, method: str, urlScheme: str) -> tuple[Rule, Mapping[str, Any]]:
+        """
+        C{mapper.match}'s rule and arguments for the request: the same for the same path,
+        method and scheme (the tables' rules match neither host nor subdomain), so a match
+        without arguments is kept.  What raises (a 404, a 405, a redirect) is matched each time.
+        """
+        key = (pathInfo, method, urlScheme)
+        kept = self._matches.get(key)
+        if kept is not None:
+            return kept
+        found = mapper.match(return_rule=True)
+        if not found[1] and len(self._matches) < self.MAX_MATCHES:
+            self._matches[key] = found
+        return found
 
     @staticmethod
     def _process(r: object, request: IRequest) -> Any:
