@@ -5,6 +5,7 @@ build (the web site, the TabbyAPI scheduler, and the private runtime directory).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -349,6 +350,32 @@ class _ConnectionPool(Service):
         return closed
 
 
+class _CollectorThreshold(Service):
+    """
+    Runs CPython's cyclic garbage collector less often while the proxy serves.  A request leaves
+    no cyclic garbage (the route tables, the relay pool and its chunked decoder see to that), but
+    at the default threshold of 700 allocations the objects of the requests in flight set off a
+    young collection every few requests, and, promoted by them, a collection of the whole heap
+    every few thousand: about 7% of the proxy's time on small requests.  With
+    C{YOUNG_THRESHOLD}, a young collection comes only when that many objects outlive their
+    request; cyclic garbage, where some is made, still goes within that many allocations.
+    """
+
+    YOUNG_THRESHOLD = 2000
+
+    def __init__(self) -> None:
+        self._before = gc.get_threshold()
+
+    def startService(self) -> None:
+        super().startService()
+        self._before = gc.get_threshold()
+        gc.set_threshold(max(self.YOUNG_THRESHOLD, self._before[0]), *self._before[1:])
+
+    def stopService(self) -> None:
+        super().stopService()
+        gc.set_threshold(*self._before)
+
+
 @implementer(IStreamServerEndpoint)
 class _Announced:
     """
@@ -428,6 +455,7 @@ def _buildService(options: Options, reactor: Any, runtime: Path, logObserver: IL
         simulatorDirectory.mkdir(mode=0o700)
         install = simulatedInstall(simulatorDirectory, options.catalog, auth=options["simulate-auth"])
 
+    _CollectorThreshold().setServiceParent(top)
     metrics = Metrics()
     logs = LogBuffer()
     LogBufferService(logs, globalLogPublisher).setServiceParent(top)

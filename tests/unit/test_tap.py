@@ -278,6 +278,27 @@ class PluginTests(SynchronousTestCase):
         self.assertTrue(maker.description)
 
 
+class CollectorThresholdTests(SynchronousTestCase):
+    def test_youngThresholdWhileServing(self) -> None:
+        """
+        While the proxy runs, a young collection comes after C{YOUNG_THRESHOLD} allocations
+        (never sooner than it did), the older generations' thresholds stay as they were, and
+        all three are as before once it stops.
+        """
+        import gc
+
+        from tabbyproxy.tap import _CollectorThreshold
+
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        for before in [(700, 10, 10), (50000, 5, 20)]:
+            gc.set_threshold(*before)
+            service = _CollectorThreshold()
+            service.startService()
+            self.assertEqual(gc.get_threshold(), (max(2000, before[0]), *before[1:]))
+            service.stopService()
+            self.assertEqual(gc.get_threshold(), before)
+
+
 class FirstContactTests(SynchronousTestCase):
     def test_listeningAnnouncesDashboardAndCurlNotKeys(self) -> None:
         """
