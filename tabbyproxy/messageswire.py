@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Mapping
 from attrs import define, field, frozen
 
 from tabbyproxy.jsontypes import describeJSON
-from tabbyproxy.responseswire import randomId, sseFrame
+from tabbyproxy.responseswire import jsonBytes, randomId, sseFrame
 from tabbyproxy.tabbywire import (
     Event,
     Finish,
@@ -486,8 +486,8 @@ class MessageEncoder:
         for piece in self._translate(events):
             if isinstance(piece, tuple):
                 index, kind, name, text = piece
-                frames.append(f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{index},'
-                              f'"delta":{{"type":"{kind}","{name}":{_jsonString(text)}}}}}\n\n'.encode("utf-8"))
+                frames.append(jsonBytes(f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{index},'
+                                        f'"delta":{{"type":"{kind}","{name}":{_jsonString(text)}}}}}\n\n'))
             else:
                 frames.append(sseFrame(piece))
         return b"".join(frames)

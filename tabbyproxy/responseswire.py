@@ -521,13 +521,22 @@ def randomId(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def jsonBytes(text: str) -> bytes:
+    """
+    JSON text written with C{ensure_ascii=False}, in UTF-8.  A lone UTF-16 surrogate (one
+    TabbyAPI sent as C{"\\ud800"}) has no UTF-8: it is written as that escape again, which is what
+    C{json.dumps} writes for it, so that the frame is still valid JSON and nothing fails.
+    """
+    return text.encode("utf-8", "backslashreplace")
+
+
 def sseFrame(event: Mapping[str, Any]) -> bytes:
     """
     One Responses event on the wire: its C{event:} line names its type, as OpenAI's do.
     """
     return (
         b"event: " + str(event["type"]).encode("ascii") + b"\ndata: "
-        + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+        + jsonBytes(json.dumps(event, ensure_ascii=False, separators=(",", ":"))) + b"\n\n"
     )
 
 
@@ -653,7 +662,7 @@ class ResponseEncoder:
                 frame = (f'event: response.function_call_arguments.delta\ndata: {{"type":'
                          f'"response.function_call_arguments.delta","sequence_number":{sequence},"item_id":'
                          f'{_jsonString(itemId)},"output_index":{outputIndex},"delta":{_jsonString(text)}}}\n\n')
-            frames.append(frame.encode("utf-8"))
+            frames.append(jsonBytes(frame))
         return b"".join(frames)
 
     def _translate(self, events: Iterable[Event]) -> _Pieces:

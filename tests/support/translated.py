@@ -147,3 +147,18 @@ class SharedBehaviours:
         self.failureResultOf(body.ended)
         self.assertEqual(len(upstreamGone), 1)
         self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
+
+    def test_loneSurrogateFromTabbyAPIIsEscaped(self: Any) -> None:
+        """
+        A lone UTF-16 surrogate in TabbyAPI's text (JSON's escape allows it; UTF-8 has none)
+        reaches the client escaped as TabbyAPI sent it, streamed or not, and the answer is
+        complete.
+        """
+        self.proxy.tabby.chunks = [chunk({"content": "a\ud800b"}, "stop"), DONE]
+        events = self.stream(self.streamedRequest)
+        # Responses gives a delta's text as the delta, Messages as its "text".
+        deltas = [event["delta"] for event in events if event["type"].encode() == self.deltaEvent]
+        self.assertEqual([delta if isinstance(delta, str) else delta["text"] for delta in deltas], ["a\ud800b"])
+        self.assertIn(events[-1]["type"], ("message_stop", "response.completed"))
+        answer = self.create({**self.streamedRequest, "stream": False})
+        self.assertIn('"a\\ud800b"', json.dumps(answer))
