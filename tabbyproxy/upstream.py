@@ -119,6 +119,7 @@ class _BodyPump(Protocol):
         self._paused = False
         self._silence: IDelayedCall | None = None
         self._stalled: str | None = None
+        self._sinkFailure: Failure | None = None
 
     def connectionMade(self) -> None:
         if self.request is not None:
@@ -129,7 +130,13 @@ class _BodyPump(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._received = True
         self._watch()
-        self.sink(data)
+        try:
+            self.sink(data)
+        except Exception:
+            # The proxy's own fault (a translation that failed), not TabbyAPI's: the body ends
+            # with it, reported as what it is.
+            self._sinkFailure = Failure()
+            self.stop()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         self._unwatch()
@@ -140,7 +147,9 @@ class _BodyPump(Protocol):
                 self.request.unregisterProducer()
         if self.done.called:
             return
-        if self._stalled is not None:
+        if self._sinkFailure is not None:
+            self.done.errback(self._sinkFailure)
+        elif self._stalled is not None:
             self.done.errback(UpstreamStalled(self._stalled))
         elif reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)

@@ -14,7 +14,9 @@ from treq import content
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tabbyproxy.routes.translated import TranslatedStream
 from tests.support.fakes import InMemoryProxy
+from tests.support.logs import CapturedEvents
 from tests.support.wire import StreamedBody, namedEvents
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -147,6 +149,36 @@ class SharedBehaviours:
         self.failureResultOf(body.ended)
         self.assertEqual(len(upstreamGone), 1)
         self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
+
+    def test_failedTranslationIsTheProxysError(self: Any) -> None:
+        """
+        A translation that fails on TabbyAPI's stream (a bug of the proxy's) ends the stream
+        with an internal error and closes TabbyAPI's request; it is logged with its traceback
+        as the proxy's error, not as TabbyAPI's stream breaking.
+        """
+        def fail(stream: TranslatedStream[Any], data: bytes) -> None:
+            raise ValueError("a translation bug")
+
+        self.patch(TranslatedStream, "dataReceived", fail)
+        self.proxy.tabby.hold = True
+        events = CapturedEvents(self)
+        d = self.proxy.client.post(f"http://localhost{self.path}", unbuffered=True, headers=self.headers,
+                                   json=self.streamedRequest)
+        self.proxy.flush()
+        [upstream] = self.proxy.tabby.pending
+        upstreamGone: list[Failure] = []
+        upstream.notifyFinish().addErrback(upstreamGone.append)
+        upstream.write(HELLO[0])
+        self.proxy.flush()
+        body = StreamedBody.of(self.successResultOf(d))
+        self.proxy.flush()
+        self.successResultOf(body.ended)
+        self.assertIn(b"internal error in tabbyproxy", body.data)
+        self.assertEqual(len(upstreamGone), 1)
+        self.assertEqual(self.proxy.scheduler.status()["in_flight"], 0)
+        self.assertEqual([failure.value.args for failure in self.flushLoggedErrors(ValueError)],
+                         [("a translation bug",)])
+        self.assertFalse([event for event in events.events if "problem" in event])
 
     def test_loneSurrogateFromTabbyAPIIsEscaped(self: Any) -> None:
         """
