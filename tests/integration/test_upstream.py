@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,6 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from tabbyproxy.relaypool import (BytesProducer, ChunkedDecoder, MalformedChunkedBody, makeAgent, makeConnectionPool,
                                   missingHooks)
+from tabbyproxy.upstream import ReadTimeouts, UpstreamStalled, _BodyPump
 
 reactor: Any = _globalReactor
 
@@ -227,6 +229,58 @@ class Collect(Protocol):
             self.done.callback(None)
         else:
             self.done.errback(reason)
+
+
+class ProducerTransport:
+    """
+    The body transport a pump reads from: records what the pump asks of it.
+    """
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.asked.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.asked.append("resume")
+
+    def stopProducing(self) -> None:
+        self.asked.append("stop")
+
+
+class BodyPumpSilenceTests(SynchronousTestCase):
+    def test_oneTimerMovedPerPiece(self) -> None:
+        """
+        The wait for the next piece of a body is one timer, moved on by each piece: 300 s
+        before the first piece, 120 s after each; none runs while the client holds the body
+        paused, and the wait starts over when it resumes.  A silence that lasts ends the body
+        with L{UpstreamStalled} naming the option.
+        """
+        clock = Clock()
+        done: Deferred[None] = Deferred()
+        pieces: list[bytes] = []
+        transport = ProducerTransport()
+        pump = _BodyPump(None, pieces.append, done, clock, ReadTimeouts(300.0, 120.0))
+        pump.makeConnection(transport)
+        [first] = clock.getDelayedCalls()
+        clock.advance(299)
+        for piece in (b"a", b"b", b"c"):
+            pump.dataReceived(piece)
+            clock.advance(119)
+        self.assertEqual(clock.getDelayedCalls(), [first])
+        self.assertEqual((pieces, transport.asked), ([b"a", b"b", b"c"], []))
+        pump.pauseProducing()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(1000)
+        pump.resumeProducing()
+        clock.advance(119)
+        self.assertEqual(transport.asked, ["pause", "resume"])
+        clock.advance(1)
+        self.assertEqual(transport.asked, ["pause", "resume", "stop"])
+        pump.connectionLost(Failure(ResponseDone()))
+        stalled = self.failureResultOf(done, UpstreamStalled)
+        self.assertEqual(str(stalled.value), "TabbyAPI sent nothing for 120s (--chunk-timeout)")
 
 
 class CountedWrites(StringTransport):
