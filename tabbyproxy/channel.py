@@ -3,11 +3,18 @@ twisted.web's HTTP/1.1 channel with clear answers where it would close silently 
 400, a bound on the whole time a request may take to arrive, and the raw answers written to a
 connection before any route runs.
 
+The channel also sends what one read of TabbyAPI's answer makes (headers, chunk framing, the
+chunk) in one C{send}, at once (L{ProxyChannel.cork}): Twisted's transport holds every write for
+the reactor's next turn, registering the socket for writing and unregistering it once sent, two
+C{epoll_ctl} calls and a turn of the reactor per relayed chunk.
+
 The channel has no public hooks for these cases, so this module, and only this module, overrides
 and reads private C{HTTPChannel} names: C{_respondToBadRequestAndDisconnect}, and the request line
-and header counters C{_command}, C{_path}, C{_receivedHeaderCount} and C{_receivedHeaderSize}.
-L{missingHooks} says which of them a Twisted release lacks; without them the channel answers as
-Twisted's own does (an empty 400 or a closed connection), which the start-up log warns about.
+and header counters C{_command}, C{_path}, C{_receivedHeaderCount} and C{_receivedHeaderSize};
+and it reads a TCP transport's buffers (C{dataBuffer}, C{_tempDataBuffer}) to send only when
+nothing waits before.  L{missingHooks} says which of them a Twisted release lacks; without them
+the channel answers as Twisted's own does (an empty 400 or a closed connection), which the
+start-up log warns about, and writes go through the transport as Twisted's do.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Callable, Protocol, cast
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
+from twisted.web.http_headers import Headers
 
 from tabbyproxy.limits import ConnectionLimit
 
@@ -50,7 +59,20 @@ def missingHooks() -> list[str]:
         for name in ("_respondToBadRequestAndDisconnect", "_receivedHeaderCount", "_receivedHeaderSize")
         if not hasattr(HTTPChannel, name)
     ]
+    missing += [f"twisted.internet.tcp.Connection.{name}" for name in ("dataBuffer", "_writeDisconnected", "writeSomeData")
+                if not hasattr(tcp.Connection, name)]
     return missing
+
+
+def _sendable(transport: object) -> bool:
+    """
+    Whether C{transport} is a TCP connection whose socket may be written to right now: open,
+    not closing, and with nothing of its own still waiting to be sent (a Twisted without those
+    buffers never is).
+    """
+    return (isinstance(transport, tcp.Connection) and bool(transport.connected) and not transport.disconnecting
+            and getattr(transport, "_writeDisconnected", True) is False
+            and getattr(transport, "dataBuffer", True) == b"" and getattr(transport, "_tempDataBuffer", True) == [])
 
 
 def rawResponse(status: int, body: bytes) -> bytes:
@@ -94,6 +116,8 @@ class ProxyChannel(HTTPChannel):
     overLimit = False
     _deadline: IDelayedCall | None = None
     _answering = False
+    # What was written while corked, in order; None when not corked.
+    _corked: list[bytes] | None = None
 
     def __init__(
         self, errorBody: ErrorBody, requestTimeout: float | None = None, connections: ConnectionLimit | None = None
@@ -171,6 +195,59 @@ class ProxyChannel(HTTPChannel):
             cast(EarlyAnswering, pending).refuse(408, f"the request was not complete within {within}")
         else:
             self._answer(408, self._requestPath(), f"the request headers were not complete within {within}")
+
+    def cork(self) -> bool:
+        """
+        Hold what the answer writes from now on, to be sent in one go by L{uncork}.
+
+        @return: whether this call corked the channel (C{False}: it was already).
+        """
+        if self._corked is not None:
+            return False
+        self._corked = []
+        return True
+
+    def uncork(self) -> None:
+        """
+        Send what was written since L{cork}: straight to the socket when the transport is a TCP
+        connection with nothing waiting, else (and whatever the socket does not take at once)
+        through the transport, as any write.
+        """
+        pieces, self._corked = self._corked, None
+        if not pieces or self.transport is None:
+            return
+        data = b"".join(pieces)
+        transport = self.transport
+        if _sendable(transport):
+            sent = cast(tcp.Connection, transport).writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                data = data[sent:]
+        if data:
+            transport.write(data)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        if self._corked is None or not isinstance(headers, Headers):
+            self.uncork()
+            super().writeHeaders(version, code, reason, headers)
+            return
+        # As HTTPChannel.writeHeaders lays them out.
+        self._corked.extend((version, b" ", code, b" ", reason, b"\r\n"))
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                self._corked.extend((name, b": ", value, b"\r\n"))
+        self._corked.append(b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self._corked is None:
+            super().write(data)
+        else:
+            self._corked.append(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        if self._corked is None:
+            super().writeSequence(iovec)
+        else:
+            self._corked.extend(iovec)
 
     def requestTarget(self) -> tuple[bytes, bytes]:
         """

@@ -30,6 +30,7 @@ from twisted.web.iweb import IAgent, IRequest, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from tabbyproxy.channel import ProxyChannel
 from tabbyproxy.relaypool import BytesProducer
 from tabbyproxy.scheduler import Lease
 from tabbyproxy.tabbywire import upstreamErrorMessage
@@ -130,6 +131,9 @@ class _BodyPump(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._received = True
         self._watch()
+        # What the sink writes for this piece goes to the client in one send, at once.
+        channel = self.request.channel if self.request is not None else None
+        corked = isinstance(channel, ProxyChannel) and channel.cork()
         try:
             self.sink(data)
         except Exception:
@@ -137,6 +141,9 @@ class _BodyPump(Protocol):
             # with it, reported as what it is.
             self._sinkFailure = Failure()
             self.stop()
+        finally:
+            if corked:
+                cast(ProxyChannel, channel).uncork()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         self._unwatch()

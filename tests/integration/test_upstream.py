@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor as _globalReactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -29,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from tabbyproxy.relaypool import (BytesProducer, ChunkedDecoder, MalformedChunkedBody, makeAgent, makeConnectionPool,
                                   missingHooks)
+from tabbyproxy.channel import ProxyChannel
 from tabbyproxy.upstream import ReadTimeouts, UpstreamStalled, _BodyPump
 
 reactor: Any = _globalReactor
@@ -430,3 +432,95 @@ class RelayPoolTests(TestCase):
         response.deliverBody(collect)
         with self.assertRaises(ResponseFailed):
             await collect.done
+
+
+def proxyChannel() -> ProxyChannel:
+    return ProxyChannel(lambda path, status, message: b"{}")
+
+
+def answerWrites(channel: ProxyChannel) -> None:
+    """
+    What a request's first write makes its channel write: headers, then a chunk's framing.
+    """
+    channel.writeHeaders(b"HTTP/1.1", b"200", b"OK",
+                         Headers({b"content-type": [b"text/event-stream"], b"x-two": [b"a", b"b"]}))
+    channel.writeSequence([b"5\r\n", b"hello", b"\r\n"])
+    channel.write(b"more")
+
+
+class CorkTests(SynchronousTestCase):
+    def test_heldUntilUncorked(self) -> None:
+        """
+        What is written to a corked channel reaches the transport in one write when it is
+        uncorked, byte for byte what the same writes make uncorked; a second cork while corked
+        does nothing.
+        """
+        plain, corked = proxyChannel(), proxyChannel()
+        plainTransport, corkedTransport = StringTransport(), CountedWrites()
+        plain.makeConnection(plainTransport)
+        corked.makeConnection(corkedTransport)
+        answerWrites(plain)
+        self.assertTrue(corked.cork())
+        self.assertFalse(corked.cork())
+        answerWrites(corked)
+        self.assertEqual((corkedTransport.value(), corkedTransport.writes), (b"", 0))
+        corked.uncork()
+        self.assertEqual(corkedTransport.value(), plainTransport.value())
+        self.assertEqual(corkedTransport.writes, 1)
+        corked.write(b"after")
+        self.assertEqual(corkedTransport.writes, 2)
+
+
+class Received(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.arrived: Deferred[None] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.arrived is not None:
+            arrived, self.arrived = self.arrived, None
+            arrived.callback(None)
+
+
+class CorkOverTCPTests(TestCase):
+    async def test_sentAtOnce(self) -> None:
+        """
+        Over TCP, uncorking sends at once: nothing stays in the transport's buffer and the
+        socket is never registered for writing; what the socket does not take at once (here,
+        more than its buffer) goes through the transport as any write, in order.
+        """
+        made: Deferred[ProxyChannel] = Deferred()
+
+        class Announcing(ProxyChannel):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                made.callback(self)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: Announcing(lambda path, status, message: b"{}")),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = Received()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+        transport = client.transport
+        assert transport is not None
+        self.addCleanup(transport.loseConnection)
+        channel = await made
+        channel.cork()
+        answerWrites(channel)
+        channel.uncork()
+        self.assertNotIn(channel.transport, reactor.getWriters())
+        expected = StringTransport()
+        plain = proxyChannel()
+        plain.makeConnection(expected)
+        answerWrites(plain)
+        large = b"x" * (8 * 1024 * 1024)
+        channel.cork()
+        channel.write(large)
+        channel.uncork()
+        self.assertIn(channel.transport, reactor.getWriters())
+        channel.write(b"end")
+        while len(client.data) < len(expected.value()) + len(large) + 3:
+            client.arrived = Deferred()
+            await client.arrived
+        self.assertEqual(client.data, expected.value() + large + b"end")
