@@ -255,9 +255,9 @@ class BodyPumpSilenceTests(SynchronousTestCase):
     def test_oneTimerMovedPerPiece(self) -> None:
         """
         The wait for the next piece of a body is one timer, moved on by each piece: 300 s
-        before the first piece, 120 s after each; none runs while the client holds the body
-        paused, and the wait starts over when it resumes.  A silence that lasts ends the body
-        with L{UpstreamStalled} naming the option.
+        before the first piece, then a timer of 120 s, moved on by each piece after; none runs
+        while the client holds the body paused, and the wait starts over when it resumes.  A
+        silence that lasts ends the body with L{UpstreamStalled} naming the option.
         """
         clock = Clock()
         done: Deferred[None] = Deferred()
@@ -265,9 +265,11 @@ class BodyPumpSilenceTests(SynchronousTestCase):
         transport = ProducerTransport()
         pump = _BodyPump(None, pieces.append, done, clock, ReadTimeouts(300.0, 120.0))
         pump.makeConnection(transport)
-        [first] = clock.getDelayedCalls()
         clock.advance(299)
-        for piece in (b"a", b"b", b"c"):
+        pump.dataReceived(b"a")
+        [first] = clock.getDelayedCalls()
+        clock.advance(119)
+        for piece in (b"b", b"c"):
             pump.dataReceived(piece)
             clock.advance(119)
         self.assertEqual(clock.getDelayedCalls(), [first])
