@@ -127,9 +127,11 @@ class SharedBehaviours:
     L{TranslatedRouteCase} of each route.
     """
 
-    def test_clientLeavingStopsUpstream(self: Any) -> None:
+    def streamFirstEvent(self: Any) -> tuple[StreamedBody, list[Failure]]:
         """
-        A client that leaves mid-stream closes the request to TabbyAPI and gives the lease back.
+        Start a streamed request and have TabbyAPI send its first chunk, holding the rest back;
+        returns the client's body as it comes, and the list that gets the failure that ends
+        TabbyAPI's request if it is closed.
         """
         self.proxy.tabby.hold = True
         d = self.proxy.client.post(f"http://localhost{self.path}", unbuffered=True, headers=self.headers,
@@ -140,7 +142,13 @@ class SharedBehaviours:
         upstream.notifyFinish().addErrback(upstreamGone.append)
         upstream.write(HELLO[0])
         self.proxy.flush()
-        body = StreamedBody.of(self.successResultOf(d))
+        return StreamedBody.of(self.successResultOf(d)), upstreamGone
+
+    def test_clientLeavingStopsUpstream(self: Any) -> None:
+        """
+        A client that leaves mid-stream closes the request to TabbyAPI and gives the lease back.
+        """
+        body, upstreamGone = self.streamFirstEvent()
         self.assertEqual(self.proxy.scheduler.status()["in_flight"], 1)
         self.assertIn(self.deltaEvent, body.data)
         body.hangUp()
@@ -160,17 +168,8 @@ class SharedBehaviours:
             raise ValueError("a translation bug")
 
         self.patch(TranslatedStream, "dataReceived", fail)
-        self.proxy.tabby.hold = True
         events = CapturedEvents(self)
-        d = self.proxy.client.post(f"http://localhost{self.path}", unbuffered=True, headers=self.headers,
-                                   json=self.streamedRequest)
-        self.proxy.flush()
-        [upstream] = self.proxy.tabby.pending
-        upstreamGone: list[Failure] = []
-        upstream.notifyFinish().addErrback(upstreamGone.append)
-        upstream.write(HELLO[0])
-        self.proxy.flush()
-        body = StreamedBody.of(self.successResultOf(d))
+        body, upstreamGone = self.streamFirstEvent()
         self.proxy.flush()
         self.successResultOf(body.ended)
         self.assertIn(b"internal error in tabbyproxy", body.data)
