@@ -473,8 +473,8 @@ class MessageEncoder:
         """
         The Messages events for TabbyAPI's C{events}.  A L{StreamError} is left to L{fail}.
         """
-        return [{"type": "content_block_delta", "index": piece[0], "delta": {"type": piece[1], piece[2]: piece[3]}}
-                if isinstance(piece, tuple) else piece for piece in self._translate(events)]
+        return [self._delta(piece[0], {"type": piece[1], piece[2]: piece[3]}) if isinstance(piece, tuple) else piece
+                for piece in self._translate(events)]
 
     def feedSSE(self, events: Iterable[Event]) -> bytes:
         """
@@ -566,8 +566,8 @@ class MessageEncoder:
         return self._openBlock(kind, document, out)
 
     @staticmethod
-    def _delta(block: _Block, delta: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "content_block_delta", "index": block.index, "delta": delta}
+    def _delta(index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "content_block_delta", "index": index, "delta": delta}
 
     def _close(self, emit: Callable[[dict[str, Any]], object]) -> None:
         block, self._open = self._open, None
@@ -579,7 +579,7 @@ class MessageEncoder:
         elif block.kind == "thinking":
             signature = signatureOf(text)
             block.block.update(thinking=text, signature=signature)
-            emit(self._delta(block, {"type": "signature_delta", "signature": signature}))
+            emit(self._delta(block.index, {"type": "signature_delta", "signature": signature}))
         else:
             block.block["input"] = _arguments(block.parts)
         self.content[block.index] = block.block
