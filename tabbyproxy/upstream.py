@@ -354,9 +354,7 @@ class Upstream:
 
         @raise UpstreamBroken: when the connection to TabbyAPI broke before the body was complete.
         """
-        pieces: list[bytes] = []
-        await self.pipe(response, request, pieces.append)
-        return b"".join(pieces)
+        return await self._whole(response, cast(Request, request))
 
     async def read(self, response: IResponse) -> bytes:
         """
@@ -366,8 +364,14 @@ class Upstream:
         @raise UpstreamBroken: when the connection to TabbyAPI broke before the body was complete
             (L{UpstreamStalled} when it stayed silent too long, and the proxy closed it).
         """
+        return await self._whole(response, None)
+
+    async def _whole(self, response: IResponse, request: Request | None) -> bytes:
+        """
+        The body of C{response}, whole, paced by C{request} (L{_pump}).
+        """
         pieces: list[bytes] = []
-        await self._pump(response, None, pieces.append)
+        await self._pump(response, request, pieces.append)
         return b"".join(pieces)
 
 
