@@ -4,9 +4,10 @@ twisted.web's HTTP/1.1 channel with clear answers where it would close silently 
 connection before any route runs.
 
 The channel also sends what one read of TabbyAPI's answer makes (headers, chunk framing, the
-chunk) in one C{send}, at once (L{ProxyChannel.cork}): Twisted's transport holds every write for
-the reactor's next turn, registering the socket for writing and unregistering it once sent, two
-C{epoll_ctl} calls and a turn of the reactor per relayed chunk.
+chunk), or a whole answer with its headers, in one C{send}, at once (L{ProxyChannel.cork},
+L{sendAtOnce}): Twisted's transport holds every write for the reactor's next turn, registering
+the socket for writing and unregistering it once sent, two C{epoll_ctl} calls and a turn of the
+reactor per relayed chunk.
 
 The channel has no public hooks for these cases, so this module, and only this module, overrides
 and reads private C{HTTPChannel} names: C{_respondToBadRequestAndDisconnect}, and the request line
@@ -23,7 +24,7 @@ from http import HTTPStatus
 from typing import Callable, Protocol, cast
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -73,6 +74,22 @@ def _sendable(transport: object) -> bool:
     return (isinstance(transport, tcp.Connection) and bool(transport.connected) and not transport.disconnecting
             and getattr(transport, "_writeDisconnected", True) is False
             and getattr(transport, "dataBuffer", True) == b"" and getattr(transport, "_tempDataBuffer", True) == [])
+
+
+def sendAtOnce(transport: object, data: bytes) -> None:
+    """
+    Write C{data} to C{transport} (an C{ITransport}): straight to the socket when it is a TCP
+    connection with nothing waiting (L{_sendable}), and whatever the socket does not take at
+    once, or all of it, through the transport, as any write.  The transport's own write would
+    hold it all for the reactor's next turn, registering the socket for writing and
+    unregistering it once sent: two C{epoll_ctl} calls and a turn of the reactor.
+    """
+    if _sendable(transport):
+        sent = cast(tcp.Connection, transport).writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            data = data[sent:]
+    if data:
+        cast(ITransport, transport).write(data)
 
 
 def rawResponse(status: int, body: bytes) -> bytes:
@@ -216,14 +233,7 @@ class ProxyChannel(HTTPChannel):
         pieces, self._corked = self._corked, None
         if not pieces or self.transport is None:
             return
-        data = b"".join(pieces)
-        transport = self.transport
-        if _sendable(transport):
-            sent = cast(tcp.Connection, transport).writeSomeData(data)
-            if isinstance(sent, int) and sent > 0:
-                data = data[sent:]
-        if data:
-            transport.write(data)
+        sendAtOnce(self.transport, b"".join(pieces))
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         if self._corked is None or not isinstance(headers, Headers):

@@ -87,6 +87,26 @@ def modelOf(request: IRequest) -> str | None:
     return request.modelId if isinstance(request, ProxyRequest) else None
 
 
+def writeWhole(request: IRequest, body: bytes) -> None:
+    """
+    Write C{body}, an answer's whole body, to C{request}: framed by its C{Content-Length} where
+    the answer has not started and says nothing of its framing (twisted.web would chunk it, as
+    for a body whose end it does not know), and on a L{ProxyChannel} sent with the headers in one
+    C{send}, at once, rather than at the reactor's next turn.
+    """
+    if isinstance(request, Request) and not request.startedWriting and request.code not in http.NO_BODY_CODES:
+        headers = request.responseHeaders
+        if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
+            headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    channel = getattr(request, "channel", None)
+    corked = isinstance(channel, ProxyChannel) and channel.cork()
+    try:
+        request.write(body)
+    finally:
+        if corked:
+            cast(ProxyChannel, channel).uncork()
+
+
 def noteModel(request: IRequest, modelId: str) -> None:
     """
     Say which model C{request} is for, so its access log line and metrics carry it.

@@ -44,7 +44,7 @@ from tabbyproxy.jsontypes import describeJSON
 from tabbyproxy.keepalive import KeepAliveError, parseKeepAlive
 from tabbyproxy.logbuffer import LogBuffer
 from tabbyproxy.metrics import Metrics
-from tabbyproxy.server import DEFAULT_MAX_BODY, headersSent, modelOf, noteBody, noteRoute, requestIdOf
+from tabbyproxy.server import DEFAULT_MAX_BODY, headersSent, modelOf, noteBody, noteRoute, requestIdOf, writeWhole
 from tabbyproxy.scheduler import SchedulingError, Scheduler
 from tabbyproxy.tabbywire import sseEvent
 from tabbyproxy.upstream import Upstream, UpstreamAnswered, UpstreamBroken, UpstreamUnreachable
@@ -137,7 +137,7 @@ class AcyclicKleinResource(KleinResource):
             if isinstance(r, str):
                 r = r.encode("utf-8")
             if isinstance(r, bytes):
-                request.write(r)
+                writeWhole(request, r)
             if not finished[0]:
                 request.finish()
 

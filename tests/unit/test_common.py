@@ -62,6 +62,16 @@ class ServedRequestTests(SynchronousTestCase):
         self.assertIn(b"hello", answer)
         self.assertIsNone(request())
 
+    def test_wholeAnswerHasItsLength(self) -> None:
+        """
+        An answer a route returns whole is sent with its C{Content-Length}, not chunked.
+        """
+        answer, _ = self.serve(b"/hello")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: 5", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertEqual(body, b"hello")
+
     def test_failedRequestIsAnsweredAndFreed(self) -> None:
         """
         A route's error is answered by the table's error handler, as with Klein's own resource,
