@@ -408,6 +408,21 @@ class RelayPoolTests(TestCase):
         await self.relay()
         self.assertEqual(len(set(self.tokens.clientPorts)), 1)
 
+    async def test_requestSentAtOnce(self) -> None:
+        """
+        A request on a kept connection goes to the socket as it is made, without waiting for the
+        reactor's next turn: its connection is never registered for writing.
+        """
+        await self.relay()
+        writers = set(reactor.getWriters())
+        answered = self.agent.request(b"POST", self.url, Headers(), BytesProducer(b'{"a":1}'))
+        self.assertEqual(set(reactor.getWriters()), writers)
+        response = await answered
+        collect = Collect()
+        response.deliverBody(collect)
+        await collect.done
+        self.assertEqual(self.tokens.bodies, [b'{"a":1}', b'{"a":1}'])
+
     def test_everyHookIsThere(self) -> None:
         """
         This Twisted has every private name the relay pool builds on (a Twisted upgrade that
