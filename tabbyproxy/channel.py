@@ -24,7 +24,7 @@ from http import HTTPStatus
 from typing import Callable, Protocol, cast
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IDelayedCall, ITransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -135,6 +135,7 @@ class ProxyChannel(HTTPChannel):
     _answering = False
     # What was written while corked, in order; None when not corked.
     _corked: list[bytes] | None = None
+    _host: IAddress | None = None
 
     def __init__(
         self, errorBody: ErrorBody, requestTimeout: float | None = None, connections: ConnectionLimit | None = None
@@ -155,6 +156,13 @@ class ProxyChannel(HTTPChannel):
             self.connections = None
         self._stopDeadline()
         super().connectionLost(reason)
+
+    def getHost(self) -> IAddress:
+        # twisted.web asks it for every request, a getsockname call each time; a connection's own
+        # address does not change.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data: bytes) -> None:
         # The first byte of a request starts its clock; the clock stops when its body is in.
