@@ -10,6 +10,8 @@ Twisted has no public hook for a response's transfer decoder, nor for the protoc
 connections speak, so this module, and only this module, uses private names:
 C{twisted.web._newclient.HTTP11ClientProtocol._parser} and its C{_transferDecoders},
 C{twisted.web._newclient.Request._writeHeaders} (to write a whole body with the headers),
+C{HTTP11ClientProtocol._transportProxy} and C{TransportProxyProducer} (to hold the pause its
+parser makes at the end of a response's headers),
 C{Agent._requestWithEndpoint} and C{_computeHostValue} (to work out an origin once),
 C{twisted.web.client._HTTP11ClientFactory} with its C{_quiescentCallback}, and
 C{HTTPConnectionPool._factory}, and the C{twisted.web.http._DataLoss} its parser turns into a
@@ -237,6 +239,10 @@ def missingHooks() -> list[str]:
         missing.append("twisted.web.client._HTTP11ClientFactory._quiescentCallback")
     if not hasattr(twistedHTTP, "_DataLoss"):
         missing.append("twisted.web.http._DataLoss")
+    if getattr(_newclient, "TransportProxyProducer", None) is None:
+        missing.append("twisted.web._newclient.TransportProxyProducer")
+    if protocol is not None and not hasattr(protocol, "_transportProxy"):
+        missing.append("twisted.web._newclient.HTTP11ClientProtocol._transportProxy")
     if not hasattr(HTTPConnectionPool, "_factory"):
         missing.append("twisted.web.client.HTTPConnectionPool._factory")
     return missing
@@ -344,6 +350,39 @@ def _relayPoolClass() -> type[HTTPConnectionPool]:
     L{missingHooks} found every private name it subclasses.
     """
 
+    class HeldPause(_newclient.TransportProxyProducer):
+        """
+        The go-between of a response's parser and its connection, which holds a pause made
+        while a read of the connection is handled (while L{holding}) until the read is done,
+        and makes it then if it still stands.  The parser pauses the connection at the end of
+        each response's headers until the body is asked for, and the proxy asks for it in the
+        same read: the pause and the resume were an C{epoll_ctl} call each, for no read missed.
+        """
+
+        holding = False
+        _held = False
+
+        def pauseProducing(self) -> None:
+            if self.holding:
+                self._held = True
+            else:
+                super().pauseProducing()
+
+        def resumeProducing(self) -> None:
+            if self._held:
+                self._held = False
+            else:
+                super().resumeProducing()
+
+        def release(self) -> None:
+            """
+            The read is handled: make the pause that still stands.
+            """
+            self.holding = False
+            if self._held:
+                self._held = False
+                super().pauseProducing()
+
     class RelayClientProtocol(_newclient.HTTP11ClientProtocol):
         def request(self, request: Any) -> Any:
             whole = type(request.bodyProducer) is BytesProducer
@@ -359,7 +398,20 @@ def _relayPoolClass() -> type[HTTPConnectionPool]:
             parser = getattr(self, "_parser", None)
             if parser is not None:
                 parser._transferDecoders = {b"chunked": ChunkedDecoder}
+                # Nothing is read before the request is made, so nothing used the plain proxy.
+                self._transportProxy = parser.transport = HeldPause(self.transport)
             return finished
+
+        def dataReceived(self, data: bytes) -> None:
+            proxy = self._transportProxy
+            if not isinstance(proxy, HeldPause):
+                super().dataReceived(data)
+                return
+            proxy.holding = True
+            try:
+                super().dataReceived(data)
+            finally:
+                proxy.release()
 
     class RelayClientFactory(client._HTTP11ClientFactory):
         # Not a log line for each connection opened and closed.

@@ -13,10 +13,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor as _globalReactor
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -422,6 +423,53 @@ class RelayPoolTests(TestCase):
         response.deliverBody(collect)
         await collect.done
         self.assertEqual(self.tokens.bodies, [b'{"a":1}', b'{"a":1}'])
+
+    async def test_bodyAskedForAtOnceNeverPauses(self) -> None:
+        """
+        A body asked for as its response arrives, as the proxy asks for it, never pauses the
+        connection at the end of the headers (a stopReading and a startReading, an C{epoll_ctl}
+        call each) on a kept connection.
+        """
+        await self.relay()
+        removed: list[object] = []
+        removeReader = reactor.removeReader
+
+        def counting(reader: Any) -> None:
+            removed.append(reader)
+            removeReader(reader)
+
+        self.patch(reactor, "removeReader", counting)
+        await self.relay()
+        await self.relay()
+        self.assertEqual([reader for reader in removed if isinstance(reader, tcp.Client)], [])
+
+    async def test_bodyAskedForLaterWaitsPaused(self) -> None:
+        """
+        A body not asked for while its headers are read waits with the connection paused, and
+        arrives whole once asked for.
+        """
+        rest: Deferred[None] = Deferred()
+
+        class InTwoParts(Resource):
+            isLeaf = True
+
+            def render(self, request: IRequest) -> int:
+                request.write(b"first ")
+                rest.addCallback(lambda _: (request.write(b"and rest"), request.finish()))
+                return NOT_DONE_YET
+
+        port = reactor.listenTCP(0, Site(InTwoParts()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        response = await self.agent.request(b"GET", b"http://127.0.0.1:%d/" % (port.getHost().port,))
+        await deferLater(reactor, 0, lambda: None)
+        connection = response._transport._producer  # type: ignore[attr-defined]
+        self.assertIsInstance(connection, tcp.Client)
+        self.assertNotIn(connection, reactor.getReaders())
+        rest.callback(None)
+        collect = Collect()
+        response.deliverBody(collect)
+        await collect.done
+        self.assertEqual(b"".join(collect.pieces), b"first and rest")
 
     def test_everyHookIsThere(self) -> None:
         """
