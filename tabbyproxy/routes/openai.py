@@ -31,7 +31,7 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
-from tabbyproxy.server import headersSent, noteModel
+from tabbyproxy.server import headersSent, noteModel, writeWhole
 from tabbyproxy.scheduler import Lease
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 
@@ -154,7 +154,7 @@ class OpenAIRoutes:
             if rewriter is not None:
                 rewriter.feed(data)
                 data = rewriter.end()
-            request.write(data)
+            writeWhole(request, data)
             return
 
         def rewritten(data: bytes) -> None:

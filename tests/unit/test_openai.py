@@ -143,6 +143,16 @@ class OpenAIRouteTests(SynchronousTestCase):
         self.assertEqual(body["stream_options"], {"x": 1, "include_usage": True})
         self.assertEqual(self.jsonOf(response)["model"], "qwen")
 
+    def test_replyHasItsLength(self) -> None:
+        """
+        A non-streamed reply, rewritten by the proxy, is sent with its own C{Content-Length}, not
+        chunked.
+        """
+        response = self.post("/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
+        body = self.successResultOf(content(response))
+        # Twisted's client keeps the framing headers to itself, and gives the length.
+        self.assertEqual(response.length, len(body))
+
     def test_completionsTakeModelAndDefaults(self) -> None:
         """
         /v1/completions accepts an Ollama-style tagged name and gets sampler defaults, but no
