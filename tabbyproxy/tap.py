@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.components import Componentized
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
 from tabbyproxy import channel
@@ -33,7 +32,7 @@ from tabbyproxy.keepalive import FOREVER, MAX_SECONDS, KeepAliveError, parseKeep
 from tabbyproxy.limits import DEFAULT_MAX_CONNECTIONS, connectionRoom, raiseFileLimit, systemBacklog, withBacklog
 from tabbyproxy.logbuffer import LogBuffer, LogBufferService
 from tabbyproxy.metrics import Metrics
-from tabbyproxy.relaypool import makeAgent, makeConnectionPool
+from tabbyproxy.relaypool import RelayAgent
 from tabbyproxy.routes.common import ProxyState
 from tabbyproxy.routes.root import makeSite
 from tabbyproxy.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT
@@ -341,7 +340,7 @@ class _ConnectionPool(Service):
     Closes the persistent connections to TabbyAPI when the proxy stops.
     """
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
+    def __init__(self, pool: RelayAgent) -> None:
         self.pool = pool
 
     def stopService(self) -> Deferred[None]:
@@ -464,9 +463,8 @@ def _buildService(options: Options, reactor: Any, runtime: Path, logObserver: IL
     if missing:
         log.warn("This Twisted lacks {names}: some malformed requests get Twisted's own answers",
                  names=", ".join(missing))
-    pool = makeConnectionPool(reactor)
-    _ConnectionPool(pool).setServiceParent(top)
-    agent = makeAgent(reactor, pool)
+    agent = RelayAgent(reactor)
+    _ConnectionPool(agent).setServiceParent(top)
     scheduler = Scheduler(
         install,
         reactor,
