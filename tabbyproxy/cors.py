@@ -101,6 +101,9 @@ def hostName(host: bytes) -> str:
     return text
 
 
+# Parsing an address for every request's Host was about 1% of a small request's CPU; the names
+# clients reach the proxy by are few, and an odd one only costs its parse.
+@functools.lru_cache(maxsize=256)
 def allowedHost(name: str, machineName: str) -> bool:
     """
     Whether a C{Host} name is this machine's by Ollama's rules: no name, C{localhost}, the
