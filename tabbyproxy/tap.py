@@ -435,7 +435,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = globalReactor
     # Under twistd (whose options parsed these), its log file is written by a cheaper observer.
     twistdOptions = getattr(options, "parent", None)
-    logObserver = twistdLogObserver(twistdOptions) if twistdOptions is not None else None
+    logObserver = twistdLogObserver(twistdOptions, reactor) if twistdOptions is not None else None
     runtime = Path(tempfile.mkdtemp(prefix="tabbyproxy-"))
     try:
         return _buildService(options, reactor, runtime, logObserver)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.application.service import Application
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
@@ -29,7 +31,7 @@ from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
 from tabbyproxy.tap import _ProxyService
-from tabbyproxy.textlog import ClassicLogText, twistdLogObserver
+from tabbyproxy.textlog import ClassicLogText, LineBatches, twistdLogObserver
 
 
 def twistedText(event: LogEvent) -> str | None:
@@ -180,3 +182,90 @@ class TwistdLogObserverTests(SynchronousTestCase):
         application = Application("tabbyproxy")
         _ProxyService(Path("unused")).setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver))
+
+
+class CountedFile:
+    """
+    A file that records each write and flush.
+    """
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class LineBatchesTests(SynchronousTestCase):
+    """
+    L{LineBatches} writes the lines of a busy moment together while the reactor runs, and each
+    line at once otherwise.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.file = CountedFile()
+        self.observer = twistdLogObserver({"nodaemon": True, "logfile": "-"}, self.reactor)
+        assert self.observer is not None
+        self.batches = self.observer._outFile
+        assert isinstance(self.batches, LineBatches)
+        self.batches.file = self.file
+
+    def log(self, message: str) -> None:
+        assert self.observer is not None
+        self.observer({"log_format": message, "log_time": 0.0, "log_system": "-"})
+
+    def start(self) -> None:
+        for hook, args, kwargs in self.reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+
+    def shutDown(self) -> None:
+        for hook, args, kwargs in self.reactor.triggers["after"]["shutdown"]:
+            hook(*args, **kwargs)
+
+    def test_atOnceBeforeTheReactorRuns(self) -> None:
+        self.log("starting")
+        self.assertEqual(self.file.writes, [twistedText({"log_format": "starting", "log_time": 0.0, "log_system": "-"})])
+        self.assertEqual(self.file.flushes, 1)
+
+    def test_batchedWhileRunning(self) -> None:
+        """
+        While the reactor runs, lines wait for L{LineBatches.DELAY} and go out in one write and
+        one flush, in order.
+        """
+        self.start()
+        for message in ("one", "two", "three"):
+            self.log(message)
+        self.assertEqual(self.file.writes, [])
+        self.reactor.advance(LineBatches.DELAY)
+        self.assertEqual(self.file.writes, ["".join(
+            twistedText({"log_format": message, "log_time": 0.0, "log_system": "-"}) or ""
+            for message in ("one", "two", "three"))])
+        self.assertEqual(self.file.flushes, 1)
+        self.log("four")
+        self.reactor.advance(LineBatches.DELAY)
+        self.assertEqual(len(self.file.writes), 2)
+
+    def test_writtenAtShutdown(self) -> None:
+        """
+        What waits when the reactor shuts down is written then, and later lines at once.
+        """
+        self.start()
+        self.log("stopping")
+        self.shutDown()
+        self.assertEqual(len(self.file.writes), 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.log("Main loop terminated.")
+        self.assertEqual(len(self.file.writes), 2)
+
+    def test_otherThreadsAtOnce(self) -> None:
+        self.start()
+        thread = threading.Thread(target=self.log, args=("from a thread",))
+        thread.start()
+        thread.join()
+        self.assertEqual(len(self.file.writes), 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
