@@ -340,13 +340,12 @@ class _ConnectionPool(Service):
     Closes the persistent connections to TabbyAPI when the proxy stops.
     """
 
-    def __init__(self, pool: RelayAgent) -> None:
-        self.pool = pool
+    def __init__(self, agent: RelayAgent) -> None:
+        self.agent = agent
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        closed: Deferred[None] = self.pool.closeCachedConnections()
-        return closed
+        return self.agent.closeCachedConnections()
 
 
 class _CollectorThreshold(Service):
