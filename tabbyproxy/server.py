@@ -107,6 +107,22 @@ def writeWhole(request: IRequest, body: bytes) -> None:
             cast(ProxyChannel, channel).uncork()
 
 
+def sendHeaders(request: IRequest) -> None:
+    """
+    Send C{request}'s status line and headers now, ahead of its body, in one C{send} at once on
+    a L{ProxyChannel}: twisted.web would hold them for the first piece of the body.
+    """
+    if headersSent(request):
+        return
+    channel = getattr(request, "channel", None)
+    corked = isinstance(channel, ProxyChannel) and channel.cork()
+    try:
+        request.write(b"")
+    finally:
+        if corked:
+            cast(ProxyChannel, channel).uncork()
+
+
 def noteModel(request: IRequest, modelId: str) -> None:
     """
     Say which model C{request} is for, so its access log line and metrics carry it.

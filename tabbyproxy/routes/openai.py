@@ -31,7 +31,7 @@ from tabbyproxy.routes.common import (
     writeJSON,
 )
 from tabbyproxy.routes.loading import LoadingTicks, loadingComment, startEventStream
-from tabbyproxy.server import headersSent, noteModel, writeWhole
+from tabbyproxy.server import headersSent, noteModel, sendHeaders, writeWhole
 from tabbyproxy.scheduler import Lease
 from tabbyproxy.template import applyRequestDefaults, applySystemPrompt
 
@@ -163,6 +163,9 @@ class OpenAIRoutes:
             if data:
                 relayed(data)
 
+        # As from TabbyAPI itself, a stream's headers reach the client as soon as TabbyAPI sent
+        # them, not with the first token (which a long prompt holds back for seconds).
+        sendHeaders(request)
         await upstream.pipe(response, request, relayed if rewriter is None else rewritten)
         if rewriter is not None:
             rest = rewriter.end()

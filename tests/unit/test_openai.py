@@ -608,6 +608,20 @@ class StalledAnswerTests(TestCase):
         message = json.loads(raw)["error"]["message"]
         return message
 
+    def test_headersComeBeforeTheFirstToken(self) -> None:
+        """
+        A stream's status and headers reach the client as soon as TabbyAPI sent them, before
+        its first token, as from TabbyAPI itself.
+        """
+        response = self.successResultOf(self.request)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+        collected = content(response)
+        self.upstream.write(self.proxy.tabby.chunks[0])
+        self.upstream.finish()
+        self.proxy.flush()
+        self.assertEqual(sseDocuments(self.successResultOf(collected))[0]["choices"][0]["delta"]["content"], "Hi")
+
     def test_silenceBetweenChunksEndsTheStream(self) -> None:
         """
         After a first token, 120 s without another piece end the stream with an error event
