@@ -279,6 +279,23 @@ class PluginTests(SynchronousTestCase):
 
 
 class CollectorThresholdTests(SynchronousTestCase):
+    def test_startHeapFrozenWhileServing(self) -> None:
+        """
+        While the proxy runs, what existed when it started is out of the collector's way
+        (C{gc.freeze}), and back in once it stops.
+        """
+        import gc
+
+        from tabbyproxy.tap import _CollectorThreshold
+
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        service = _CollectorThreshold()
+        service.startService()
+        self.addCleanup(gc.unfreeze)
+        self.assertGreater(gc.get_freeze_count(), 0)
+        service.stopService()
+        self.assertEqual(gc.get_freeze_count(), 0)
+
     def test_youngThresholdWhileServing(self) -> None:
         """
         While the proxy runs, a young collection comes after C{YOUNG_THRESHOLD} allocations
