@@ -98,13 +98,7 @@ def writeWhole(request: IRequest, body: bytes) -> None:
         headers = request.responseHeaders
         if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
             headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    channel = getattr(request, "channel", None)
-    corked = isinstance(channel, ProxyChannel) and channel.cork()
-    try:
-        request.write(body)
-    finally:
-        if corked:
-            cast(ProxyChannel, channel).uncork()
+    _writeAtOnce(request, body)
 
 
 def sendHeaders(request: IRequest) -> None:
@@ -112,12 +106,19 @@ def sendHeaders(request: IRequest) -> None:
     Send C{request}'s status line and headers now, ahead of its body, in one C{send} at once on
     a L{ProxyChannel}: twisted.web would hold them for the first piece of the body.
     """
-    if headersSent(request):
-        return
+    if not headersSent(request):
+        _writeAtOnce(request, b"")
+
+
+def _writeAtOnce(request: IRequest, data: bytes) -> None:
+    """
+    C{request.write(data)}, with what it makes the channel write (the headers first, if they
+    have not gone yet) sent in one C{send} at once on a L{ProxyChannel}.
+    """
     channel = getattr(request, "channel", None)
     corked = isinstance(channel, ProxyChannel) and channel.cork()
     try:
-        request.write(b"")
+        request.write(data)
     finally:
         if corked:
             cast(ProxyChannel, channel).uncork()
