@@ -387,11 +387,9 @@ class _Connection(Protocol):
         while True:
             end = head.find(b"\r\n\r\n")
             if end == -1:
+                self._head = head
                 if len(head) > MAX_HEAD:
-                    self._head = head
                     self._malformed(f"the answer's head is over {MAX_HEAD} bytes")
-                else:
-                    self._head = head
                 return
             try:
                 version, code, phrase, headers, framing = _parseHead(head[:end])
