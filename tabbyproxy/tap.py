@@ -350,17 +350,17 @@ class _ConnectionPool(Service):
 
 class _CollectorThreshold(Service):
     """
-    Runs CPython's cyclic garbage collector less often, and over less, while the proxy serves.  A request leaves
-    no cyclic garbage (the route tables, the relay pool and its chunked decoder see to that), but
-    at the default threshold of 700 allocations the objects of the requests in flight set off a
-    young collection every few requests, and, promoted by them, a collection of the whole heap
-    every few thousand: about 7% of the proxy's time on small requests.  With
-    C{YOUNG_THRESHOLD}, a young collection comes only when that many objects outlive their
-    request; cyclic garbage, where some is made, still goes within that many allocations.  What
-    exists when the proxy starts (its modules and their objects, most of the heap) lives as long as
-    it does, and is frozen out of the collections (C{gc.freeze}): after a burst of streams, a
-    collection of the whole heap walked all of it, a pause of tens of milliseconds in which 64
-    streams opened at once waited for their first byte.
+    Runs CPython's cyclic garbage collector less often, and over less, while the proxy serves.
+    A request leaves no cyclic garbage (the route tables, the relay's client and its chunked
+    decoder see to that), but at the default threshold of 700 allocations the objects of the
+    requests in flight set off a young collection every few requests, and, promoted by them, a
+    collection of the whole heap every few thousand: about 7% of the proxy's time on small
+    requests.  With C{YOUNG_THRESHOLD}, a young collection comes only when that many objects
+    outlive their request; cyclic garbage, where some is made, still goes within that many
+    allocations.  What exists when the proxy starts (its modules and their objects, most of the
+    heap) lives as long as it does, and is frozen out of the collections (C{gc.freeze}): after a
+    burst of streams, a collection of the whole heap walked all of it, a pause of tens of
+    milliseconds in which 64 streams opened at once waited for their first byte.
     """
 
     YOUNG_THRESHOLD = 2000
