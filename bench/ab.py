@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="duration of each wrk run [3]")
     parser.add_argument("--quick", action="store_true", help="tiny loads, as bench/run.py --quick")
     parser.add_argument("--nginx", action="store_true", help="measure nginx too, in each tree's round")
+    parser.add_argument("--twisted", action="store_true", help="measure Twisted's own relay too, in each tree's round")
     options = parser.parse_args(argv)
     if len(set(options.refs)) < 2 or set(options.only) - set(SCENARIOS):
         parser.error(f"needs two trees or more and scenarios of {SCENARIOS}")
@@ -86,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="tabbyproxy-bench-ab-"))
     servers = Servers(root)
     reports = {ref: Report(settings.rounds) for ref in options.refs}
-    contenders = [name for name in CONTENDERS if name != "nginx" or options.nginx]
+    # The reference relays run only when asked for (--nginx, --twisted).
+    contenders = [name for name in CONTENDERS if name not in ("nginx", "twisted") or getattr(options, name)]
     proxies: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
     try:
         servers.startDirect("fast", FAST)
@@ -94,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers.startDirect("hold", settings.holdKnobs)
         if options.nginx and servers.startNginx() is not None:
             contenders.remove("nginx")
+        if options.twisted:
+            servers.startTwisted()
         for index, ref in enumerate(options.refs):
             profiles = {PROFILES["fast"]: FAST, PROFILES["slow"]: SLOW, PROFILES["hold"]: settings.holdKnobs}
             port = servers.startProxy(profiles, repo=exportTree(ref, root), name=f"proxy-{index}")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """
 The proxy's own cost, measured: one TabbyAPI simulator run directly, nginx in front of it (the
-practical limit of a streaming relay), and the proxy (which runs its own simulator child with the
-same knobs), driven with the same loads in the same run, in interleaved rounds, and reported as
-the proxy's ratios to direct and to nginx.
+practical limit of a streaming relay), Twisted's own TCP relay in front of it (the least any relay
+on the proxy's stack can cost), and the proxy (which runs its own simulator child with the same
+knobs), driven with the same loads in the same run, in interleaved rounds, and reported as the
+proxy's ratios to direct, to nginx and to the Twisted relay.
 
 The simulator runs with zero token delay for the throughput scenarios, so what separates the
 paths is the relay, and writes each token in its own reactor turn as TabbyAPI does.  Load comes from compiled clients: C{wrk} for throughput and latency, C{curl
@@ -53,7 +54,7 @@ OLLAMA_CHAT = "/api/chat"
 TICK = os.sysconf("SC_CLK_TCK")
 
 # The contenders, in the order of a round's first turn (later rounds rotate it).
-CONTENDERS = ("direct", "nginx", "proxy")
+CONTENDERS = ("direct", "nginx", "twisted", "proxy")
 
 # Simulator knobs per proxy profile: zero delay measures the relay's cost; "slow" is the
 # realistic load (about 50 tokens/s per stream); "hold" keeps many streams open for a while.
@@ -62,7 +63,7 @@ CONTENDERS = ("direct", "nginx", "proxy")
 FAST = {"token_delay": 0, "tokens": 256, "token_turns": True}
 SLOW = {"token_delay": 0.02, "tokens": 256}
 
-# The proxy's profile for each kind of simulator (direct and nginx ignore the model name).
+# The proxy's profile for each kind of simulator (the other contenders ignore the model name).
 PROFILES = {"fast": "bench", "slow": "bench-slow", "hold": "bench-hold", "twin": "bench-twin"}
 
 
@@ -300,6 +301,9 @@ class Servers:
     directPids: dict[str, int] = field(default_factory=dict)
     nginxPorts: dict[str, int] = field(default_factory=dict)
     nginx: subprocess.Popen[bytes] | None = None
+    # Twisted's relay: one process in front of each direct simulator, by kind.
+    twistedPorts: dict[str, int] = field(default_factory=dict)
+    twisted: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     proxyPort: int = 0
     proxy: subprocess.Popen[bytes] | None = None
     # Each process's RSS at rest before its first burst of streams, by pid (see memory).
@@ -342,6 +346,26 @@ class Servers:
             waitForHealth(port, self.nginx, "nginx")
         return None
 
+    def startTwisted(self) -> None:
+        """
+        Start Twisted's own TCP relay (C{twistd portforward}) in front of each direct simulator:
+        the bytes of each client connection copied to a new connection upstream and back, with no
+        HTTP in between, on the proxy's reactor and interpreter.  No relay built on them can cost
+        less; what the proxy costs above it is the proxy's own code.
+        """
+        for kind, upstream in self.directPorts.items():
+            port = freePort()
+            command = [*twistdCommand(), "-n", "--pidfile=", f"--logfile={self.root / f'twisted-{kind}.log'}",
+                       "portforward", "--port", f"tcp:{port}:interface=127.0.0.1", "--host", "127.0.0.1",
+                       "--dest_port", str(upstream)]
+            with SIGTERM.handingOver():
+                process = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                self.processes.append(process)
+            self.twisted[kind], self.twistedPorts[kind] = process, port
+        for kind, port in self.twistedPorts.items():
+            waitForHealth(port, self.twisted[kind], f"Twisted's relay to the {kind} simulator")
+
     def startProxy(self, profiles: dict[str, dict[str, Any]], repo: Path = REPO, name: str = "proxy") -> int:
         """
         Start the proxy from the source tree C{repo} (bench/ab.py starts one per tree, each
@@ -381,6 +405,8 @@ class Servers:
             return self.directPorts[kind]
         if contender == "nginx":
             return self.nginxPorts[kind]
+        if contender == "twisted":
+            return self.twistedPorts[kind]
         return self.proxyPort
 
     def pid(self, contender: str, kind: str) -> int:
@@ -392,6 +418,8 @@ class Servers:
         if contender == "nginx":
             assert self.nginx is not None
             return self.nginx.pid
+        if contender == "twisted":
+            return self.twisted[kind].pid
         return self.proxyPid
 
     def use(self, profile: str) -> None:
@@ -584,19 +612,19 @@ class Figure:
         met = self.target.met(self.medians())
         return "n/a" if met is None else ("met" if met else "MISSED")
 
-    def compared(self, other: str) -> str:
+    def compared(self, other: str, subject: str = "proxy") -> str:
         medians = self.medians()
-        if self.kind == "plain" or "proxy" not in medians or other not in medians:
+        if self.kind == "plain" or subject not in medians or other not in medians:
             return "-"
-        proxy, base = medians["proxy"], medians[other]
+        proxy, base = medians[subject], medians[other]
         ratio = f"x{proxy / base:.2f}" if base else "x-"
         if self.kind == "time":
             return f"{proxy - base:+.2f} ms ({ratio})"
         return ratio
 
 
-ROW_HEADER = ("scenario", "load", "metric", "direct", "nginx", "proxy", "proxy vs direct", "proxy vs nginx",
-              "target", "")
+ROW_HEADER = ("scenario", "load", "metric", "direct", "nginx", "twisted", "proxy", "proxy vs direct",
+              "proxy vs nginx", "twisted vs nginx", "proxy vs twisted", "target", "")
 
 
 class Report:
@@ -626,7 +654,8 @@ class Report:
         medians = figure.medians()
         shown = tuple(figure.fmt.format(medians[name]) if name in medians else "-" for name in CONTENDERS)
         return (figure.scenario, figure.load, figure.metric, *shown, figure.compared("direct"),
-                figure.compared("nginx"), figure.target.text if figure.target else "", figure.verdict())
+                figure.compared("nginx"), figure.compared("nginx", "twisted"), figure.compared("twisted"),
+                figure.target.text if figure.target else "", figure.verdict())
 
     def render(self) -> str:
         table = [ROW_HEADER, *(self.cells(figure) for figure in self.figures.values())]
@@ -669,8 +698,8 @@ class Round:
 def coldStart(run: Round) -> None:
     """
     (d) The simulator's own start (spawn to first token, polling every 5 ms) against the proxy's
-    first request with no model loaded (request to first token).  nginx has no start of its own
-    to compare.
+    first request with no model loaded (request to first token).  The relays have no start of
+    their own to compare.
     """
     servers, report = run.servers, run.report
     body = json.dumps(chatBody("bench", True, 16)).encode()
@@ -820,7 +849,7 @@ def ollamaAvailable(servers: Servers) -> str | None:
 def ollama(run: Round, openaiChunks: dict[int, float]) -> None:
     """
     (c) The Ollama /api/chat translation path against the OpenAI path, both through the proxy
-    (nginx and direct have no such path: the ratio is to the proxy's own OpenAI figure of the
+    (the other contenders have no such path: the ratio is to the proxy's own OpenAI figure of the
     same round).
     """
     servers, report, settings = run.servers, run.report, run.settings
@@ -1005,7 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loadBefore = os.getloadavg()[0]
     SIGTERM.install()
     try:
-        print(f"bench: starting simulators, nginx and the proxy in {root}", file=sys.stderr)
+        print(f"bench: starting simulators, nginx, Twisted's relay and the proxy in {root}", file=sys.stderr)
         servers.startDirect("fast", FAST)
         servers.startDirect("slow", SLOW)
         servers.startDirect("hold", settings.holdKnobs)
@@ -1014,6 +1043,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if why is not None:
                 contenders.remove("nginx")
                 report.notes.append(f"nginx was not measured: {why}")
+        if "twisted" in contenders:
+            servers.startTwisted()
         servers.startProxy({PROFILES["fast"]: FAST, PROFILES["slow"]: SLOW, PROFILES["hold"]: settings.holdKnobs,
                             PROFILES["twin"]: FAST})
         servers.use(PROFILES["fast"])

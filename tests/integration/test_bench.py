@@ -47,8 +47,8 @@ class BenchSmokeTests(SynchronousTestCase):
     def test_quickRun(self) -> None:
         """
         C{bench/run.py --quick} exits 0 and prints a row for each scenario, with no failed
-        request noted, and nginx's figures where nginx is installed (a note saying why not where
-        it is not).
+        request noted, Twisted's relay's figures, and nginx's where nginx is installed (a note
+        saying why not where it is not).
         """
         result = subprocess.run(
             [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--quick"],
@@ -61,11 +61,15 @@ class BenchSmokeTests(SynchronousTestCase):
             self.assertIn(f"| {scenario}", table)
         self.assertIn("targets:", table)
         self.assertIn("| proxy vs nginx", table)
+        rows = [[cell.strip() for cell in line.split("|")] for line in table.splitlines() if line.startswith("| ")]
+        twisted = rows[0].index("twisted")
+        streamed = [row[twisted] for row in rows if row[1] == "a stream 256" and row[3] == "chunks/s"]
+        self.assertTrue(streamed and float(streamed[0].replace(",", "")) > 0, streamed)
         if not nginxInstalled():
             self.assertIn("nginx was not measured: nginx is not installed", table)
         else:
             self.assertNotIn("nginx was not measured", table)
-            self.assertIn("contenders: direct, nginx, proxy", table)
+            self.assertIn("contenders: direct, nginx, twisted, proxy", table)
         self.assertNotIn("failed", table)
         self.assertNotIn("errors", table)
 
