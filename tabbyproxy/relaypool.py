@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IConsumer, IConnector, IReactorTCP
+from twisted.internet.interfaces import IConsumer, IConnector, IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -319,6 +319,8 @@ class _Connection(Protocol):
         self._unclaimed = False
         self._paused = False
         self._first: tuple[bytes, bytes, Deferred[IResponse]] | None = None
+        # When the connection last became idle (the reactor's seconds).
+        self.idleSince = 0.0
 
     def connectionMade(self) -> None:
         first, self._first = self._first, None
@@ -598,8 +600,13 @@ class _Connecting(ClientFactory):
 class RelayAgent:
     """
     The proxy's client for the children's base URLs: keeps up to L{MAX_IDLE} idle connections
-    per origin for the next requests (TabbyAPI closes them after a few idle seconds, and a
-    closed one is dropped at once), and sends each request whole with its headers.
+    per origin for the next requests, for L{IDLE_TIMEOUT} seconds at most (one that TabbyAPI
+    closed is dropped at once), and sends each request whole with its headers.
+
+    TabbyAPI's server (uvicorn, with its defaults) closes a connection after 5 idle seconds.  A
+    request sent on it just then would meet the close on its way and fail with nothing answered,
+    and a request is not sent twice: so the agent closes an idle connection itself a second
+    before TabbyAPI would.
 
     Its requests fail as Twisted's agent's do: C{ConnectError} when nothing listens,
     C{ResponseNeverReceived} (or C{ResponseFailed}, once part of an answer came) when the
@@ -608,14 +615,21 @@ class RelayAgent:
     """
 
     MAX_IDLE = 256
+    IDLE_TIMEOUT = 4.0
     # Children come and go on new ports; the origins' cache is dropped when it holds this many.
     MAX_ORIGINS = 64
     CONNECT_TIMEOUT = 30.0
 
-    def __init__(self, reactor: IReactorTCP) -> None:
+    def __init__(self, reactor: Any) -> None:
+        """
+        @param reactor: an C{IReactorTCP} and C{IReactorTime}.
+        """
         self.reactor = reactor
         self._origins: dict[bytes, tuple[tuple[str, int], bytes]] = {}
+        # Each origin's idle connections, the longest idle first.
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        # Closes the connections that outstay IDLE_TIMEOUT; set while any connection is idle.
+        self._sweep: IDelayedCall | None = None
 
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
                 bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
@@ -650,7 +664,15 @@ class RelayAgent:
         data = b"".join(parts)
         idle = self._idle.get(key)
         while idle:
+            # The most recently used first: the others time out when they are not needed.
             connection = idle.pop()
+            if not idle:
+                del self._idle[key]
+            if self.reactor.seconds() - connection.idleSince >= self.IDLE_TIMEOUT:
+                # The sweep is late (a busy reactor): this one and the older ones have timed out.
+                self._close(connection)
+                self._sweepNow()
+                break
             if connection.state == "idle" and connection.transport is not None \
                     and not connection.transport.disconnecting:  # type: ignore[attr-defined]
                 answered: Deferred[IResponse] = Deferred(lambda d: connection.abort())
@@ -668,10 +690,12 @@ class RelayAgent:
         """
         idle = self._idle.setdefault(connection.key, [])
         if len(idle) >= self.MAX_IDLE:
-            connection.state = "closed"
-            connection.transport.loseConnection()  # type: ignore[union-attr]
-        else:
-            idle.append(connection)
+            self._close(connection)
+            return
+        connection.idleSince = self.reactor.seconds()
+        idle.append(connection)
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(self.IDLE_TIMEOUT, self._sweepNow)
 
     def forget(self, connection: _Connection) -> None:
         """
@@ -682,16 +706,48 @@ class RelayAgent:
             idle.remove(connection)
             if not idle:
                 del self._idle[connection.key]
+                if not self._idle:
+                    self._stopSweep()
+
+    def _close(self, connection: _Connection) -> None:
+        connection.state = "closed"
+        connection.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _sweepNow(self) -> None:
+        """
+        Close the connections idle for L{IDLE_TIMEOUT} or longer, and come back when the next
+        one will have been.
+        """
+        self._stopSweep()
+        now = self.reactor.seconds()
+        for key, idle in list(self._idle.items()):
+            expired = 0
+            while expired < len(idle) and now - idle[expired].idleSince >= self.IDLE_TIMEOUT:
+                expired += 1
+            for connection in idle[:expired]:
+                self._close(connection)
+            del idle[:expired]
+            if not idle:
+                del self._idle[key]
+        if self._idle:
+            oldest = min(idle[0].idleSince for idle in self._idle.values())
+            self._sweep = self.reactor.callLater(oldest + self.IDLE_TIMEOUT - now, self._sweepNow)
+
+    def _stopSweep(self) -> None:
+        if self._sweep is not None:
+            if self._sweep.active():
+                self._sweep.cancel()
+            self._sweep = None
 
     def closeCachedConnections(self) -> Deferred[None]:
         """
         Close the idle connections (the proxy stops); fires once they are closed.
         """
         closing = []
+        self._stopSweep()
         for idle in self._idle.values():
             for connection in idle:
-                connection.state = "closed"
                 closing.append(connection.closed)
-                connection.transport.loseConnection()  # type: ignore[union-attr]
+                self._close(connection)
         self._idle.clear()
         return DeferredList(closing).addCallback(lambda _: None)

@@ -314,6 +314,71 @@ class RelayAgentTests(SynchronousTestCase):
         self.ask()
         self.connect()
 
+    def test_closeCachedConnectionsStopsTheSweep(self) -> None:
+        """
+        Once the idle connections are closed, nothing is left to time them out.
+        """
+        self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.agent.closeCachedConnections()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_idleConnectionClosedBeforeTabbyAPIWould(self) -> None:
+        """
+        An idle connection is used again within L{RelayAgent.IDLE_TIMEOUT}, and closed by the
+        agent once it has been idle that long (under uvicorn's 5 s, so that no request meets
+        TabbyAPI's own close); the next request connects anew, and no timer is left.
+        """
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        _, _, connection, transport = self.exchange(answer)
+        self.reactor.advance(RelayAgent.IDLE_TIMEOUT - 0.5)
+        self.assertFalse(transport.disconnecting)
+        asked = self.ask()
+        self.assertEqual(self.reactor.tcpClients, [])
+        connection.dataReceived(answer)
+        self.successResultOf(asked)
+        self.reactor.advance(RelayAgent.IDLE_TIMEOUT - 0.5)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.5)
+        self.assertTrue(transport.disconnecting)
+        connection.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.ask()
+        self.connect()
+
+    def test_sweepClosesOnlyTheTimedOut(self) -> None:
+        """
+        Of two idle connections, the one idle for L{RelayAgent.IDLE_TIMEOUT} is closed and the
+        other kept, until its own time comes.
+        """
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        first, second = self.ask(), self.ask()
+        (older, olderTransport), (younger, youngerTransport) = self.connect(), self.connect()
+        older.dataReceived(answer)
+        self.reactor.advance(1)
+        younger.dataReceived(answer)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.reactor.advance(RelayAgent.IDLE_TIMEOUT - 1)
+        self.assertEqual((olderTransport.disconnecting, youngerTransport.disconnecting), (True, False))
+        self.reactor.advance(1)
+        self.assertTrue(youngerTransport.disconnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_timedOutWhileTheSweepIsLate(self) -> None:
+        """
+        A request never goes out on a connection idle for L{RelayAgent.IDLE_TIMEOUT}, even when
+        the reactor was too busy to run the sweep: that connection is closed, and the request
+        connects anew.
+        """
+        _, _, _, transport = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.reactor.rightNow += RelayAgent.IDLE_TIMEOUT
+        self.ask()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:5001\r\n\r\n")
+        self.connect()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_anExchangeLeavesNoCycle(self) -> None:
         """
         Once its body is read, nothing keeps an answer alive: reference counting frees it, with
