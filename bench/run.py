@@ -348,19 +348,17 @@ class Servers:
 
     def startTwisted(self) -> None:
         """
-        Start Twisted's own TCP relay (C{twistd portforward}) in front of each direct simulator:
-        the bytes of each client connection copied to a new connection upstream and back, with no
+        Start Twisted's own TCP relay (bench/floor.py) in front of each direct simulator: the
+        bytes of each client connection copied to a new connection upstream and back, with no
         HTTP in between, on the proxy's reactor and interpreter.  No relay built on them can cost
         less; what the proxy costs above it is the proxy's own code.
         """
         for kind, upstream in self.directPorts.items():
             port = freePort()
-            command = [*twistdCommand(), "-n", "--pidfile=", f"--logfile={self.root / f'twisted-{kind}.log'}",
-                       "portforward", "--port", f"tcp:{port}:interface=127.0.0.1", "--host", "127.0.0.1",
-                       "--dest_port", str(upstream)]
-            with SIGTERM.handingOver():
-                process = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            with open(self.root / f"twisted-{kind}.log", "wb") as log, SIGTERM.handingOver():
+                process = subprocess.Popen([sys.executable, str(HERE / "floor.py"), str(port), str(upstream)],
+                                           cwd=self.root, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT)
                 self.processes.append(process)
             self.twisted[kind], self.twistedPorts[kind] = process, port
         for kind, port in self.twistedPorts.items():
@@ -616,10 +614,10 @@ class Figure:
         medians = self.medians()
         if self.kind == "plain" or subject not in medians or other not in medians:
             return "-"
-        proxy, base = medians[subject], medians[other]
-        ratio = f"x{proxy / base:.2f}" if base else "x-"
+        value, base = medians[subject], medians[other]
+        ratio = f"x{value / base:.2f}" if base else "x-"
         if self.kind == "time":
-            return f"{proxy - base:+.2f} ms ({ratio})"
+            return f"{value - base:+.2f} ms ({ratio})"
         return ratio
 
 
