@@ -628,7 +628,9 @@ class RelayAgent:
         self._origins: dict[bytes, tuple[tuple[str, int], bytes]] = {}
         # Each origin's idle connections, the longest idle first.
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        # Closes the connections that outstay IDLE_TIMEOUT; set while any connection is idle.
+        # Closes the connections that outstay IDLE_TIMEOUT. Armed when one becomes idle with none
+        # armed; a request that takes the last idle one leaves it armed (it then finds nothing),
+        # so that a steady load does not arm and cancel it per request.
         self._sweep: IDelayedCall | None = None
 
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
